@@ -1,0 +1,70 @@
+"""
+The public kernel API, and the one switch between Triton and PyTorch.
+
+Every model and stage calls these functions and nothing below them:
+
+    attention(q, k, v, causal=True, sm_scale=None, kv_start=None)   # [B, H, Tq, D]
+    token_logprobs(logits, targets, temperature=1.0)                 # [...]
+    fused_linear_logprobs(hidden, weight, targets, temperature=1.0)  # [...]
+    kl_div(logits_p, logits_q)                                       # [...]
+    entropy(logits)                                                  # [...]
+
+Dispatch (the Triton kernels arrive op by op; until an op has one, it runs its reference everywhere):
+tensors on a CUDA device run the Triton kernels, anything else runs the PyTorch
+reference that sits beside each kernel (and that the kernels are tested against). The environment
+variable RLHF_KERNELS forces a path: RLHF_KERNELS=torch always runs the reference, RLHF_KERNELS=triton
+always runs Triton (on CPU tensors that needs TRITON_INTERPRET=1, which is how the tests run the
+kernels without a GPU). It is read at every call, so a test can flip it.
+"""
+
+import os
+
+from kernels import attention as _attention
+from kernels import logprob as _logprob
+
+IGNORE_INDEX = _logprob.IGNORE_INDEX
+
+
+def use_triton(x):
+    """True when the op on tensor x should run the Triton kernel."""
+    mode = os.environ.get("RLHF_KERNELS", "auto")
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"RLHF_KERNELS must be auto, triton or torch, not {mode!r}")
+    if mode == "auto":
+        return x.is_cuda
+    return mode == "triton"
+
+
+def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
+    """Scaled dot-product attention, q [B, H, Tq, D], k and v [B, H, Tk, D] -> [B, H, Tq, D].
+
+    causal: with Tq < Tk (decoding with a KV cache) the mask is aligned to the end, so query i
+        sees keys up to Tk - Tq + i.
+    sm_scale: defaults to 1/sqrt(D).
+    kv_start: optional int tensor [B]; row b ignores its first kv_start[b] keys (left padding).
+        A query that sees no key at all (a padding position) gets an output of zeros.
+    """
+    return _attention.attention_ref(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / temperature) at targets: logits [..., V], targets [...] -> float32 [...].
+    Targets equal to IGNORE_INDEX (-100) give 0 and no gradient."""
+    return _logprob.token_logprobs_ref(logits, targets, temperature)
+
+
+def fused_linear_logprobs(hidden, weight, targets, temperature=1.0):
+    """token_logprobs(hidden @ weight.T, targets, temperature) without the full logits:
+    hidden [..., C], weight [V, C] (the lm_head), targets [...] -> float32 [...]."""
+    return _logprob.fused_linear_logprobs_ref(hidden, weight, targets, temperature)
+
+
+def kl_div(logits_p, logits_q):
+    """Full-vocabulary KL(softmax(logits_p) || softmax(logits_q)) per position: [..., V] -> float32 [...].
+    Differentiable with respect to logits_p only; logits_q is treated as a constant."""
+    return _logprob.kl_div_ref(logits_p, logits_q)
+
+
+def entropy(logits):
+    """Entropy of softmax(logits) per position: [..., V] -> float32 [...]."""
+    return _logprob.entropy_ref(logits)
