@@ -1,0 +1,152 @@
+"""
+Tokenizers, all of them `tiktoken` encodings behind one small class.
+
+- "builtin": a byte-level BPE trained by `train_bpe` below on the built-in corpus and stored in
+  data/builtin.tiktoken (tiktoken's own format: one "base64(token bytes) rank" line per token).
+  Every byte is a token, so any Unicode text round-trips. Rebuild it with
+      python -m data.tokenizer
+- "gpt2": GPT-2's BPE through tiktoken. It is never downloaded here: tiktoken must find its files in
+  its cache (TIKTOKEN_CACHE_DIR), or the error says how to put them there.
+
+Special tokens: <|endoftext|> ends every document and every response; <|pad|> (builtin only) fills
+padding. GPT-2 has no padding token, so it pads with <|endoftext|>; the code never relies on the pad
+id to tell padding apart (it keeps lengths and masks).
+
+BPE training (Sennrich et al. 2016, on bytes as in GPT-2): split the text into pieces with the
+regex below (never merging across them), start from the 256 bytes, and repeatedly merge the most
+frequent adjacent pair into a new token. tiktoken encodes by applying merges in rank order, which
+reproduces the segmentation of training.
+"""
+
+import base64
+import hashlib
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import regex
+import tiktoken
+
+# GPT-2's split, except that digits stand alone, so that numbers are spelled digit by digit.
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+BUILTIN_PATH = Path(__file__).parent / "builtin.tiktoken"
+BUILTIN_VOCAB_SIZE = 2048  # an upper bound: training stops early when no pair occurs twice
+GPT2_FILES = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+
+
+class Tokenizer:
+    """A tiktoken encoding plus the ids this project needs. encode() treats special-token strings
+    in user text as plain text, so no text can inject an <|endoftext|>."""
+
+    def __init__(self, name, encoding, pad_token):
+        self.name = name
+        self.encoding = encoding
+        self.eot_id = encoding.encode_single_token(EOT)
+        self.pad_id = encoding.encode_single_token(pad_token)
+        self.n_vocab = encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.encoding.decode(list(ids))
+
+
+def get_tokenizer(name):
+    if name == "builtin":
+        if not BUILTIN_PATH.exists():
+            raise FileNotFoundError(f"{BUILTIN_PATH} is missing: rebuild it with `python -m data.tokenizer`")
+        ranks = load_ranks(BUILTIN_PATH)
+        enc = tiktoken.Encoding("builtin", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                                special_tokens={EOT: len(ranks), PAD: len(ranks) + 1})
+        return Tokenizer("builtin", enc, PAD)
+    if name == "gpt2":
+        check_tiktoken_cache(GPT2_FILES, name)
+        return Tokenizer("gpt2", tiktoken.get_encoding("gpt2"), EOT)
+    raise ValueError(f"unknown tokenizer {name!r}: use 'builtin' or 'gpt2'")
+
+
+def check_tiktoken_cache(urls, name):
+    """tiktoken downloads a missing file on first use; we refuse instead of touching the network."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache is None:
+        import tempfile
+        cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    missing = [u for u in urls if not os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))]
+    if missing:
+        raise FileNotFoundError(
+            f"the {name} tokenizer is not in tiktoken's cache ({cache}) and nothing is downloaded at run "
+            f"time: on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
+            f"tiktoken.get_encoding('{name}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR")
+
+
+def load_ranks(path):
+    ranks = {}
+    for line in Path(path).read_text().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def save_ranks(ranks, path):
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+# -----------------------------------------------------------------------------
+# byte-level BPE training
+
+
+def train_bpe(text, vocab_size):
+    """Mergeable ranks {token bytes: rank} of at most vocab_size tokens, the 256 bytes first."""
+    ranks = {bytes([b]): b for b in range(256)}
+    # each distinct piece of the text, as a list of token byte strings, with its count
+    counts = Counter(regex.findall(SPLIT_PATTERN, text))
+    words = [[bytes([b]) for b in piece.encode("utf-8")] for piece in counts]
+    freqs = list(counts.values())
+    pair_counts = Counter()  # pair -> occurrences in the text
+    where = defaultdict(set)  # pair -> indices of the words that contain it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+
+    while len(ranks) < vocab_size and pair_counts:
+        best = max(pair_counts, key=lambda p: (pair_counts[p], p))  # ties broken by bytes: deterministic
+        if pair_counts[best] < 2:
+            break
+        merged = best[0] + best[1]
+        if merged not in ranks:  # the same bytes can arise from two different pairs
+            ranks[merged] = len(ranks)
+        for i in where.pop(best):
+            w, f = words[i], freqs[i]
+            for pair in zip(w, w[1:]):  # forget this word's pairs, merge, count them again
+                pair_counts[pair] -= f
+                if pair_counts[pair] == 0:
+                    del pair_counts[pair]
+            j, new = 0, []
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    new.append(merged)
+                    j += 2
+                else:
+                    new.append(w[j])
+                    j += 1
+            words[i] = new
+            for pair in zip(new, new[1:]):
+                pair_counts[pair] += f
+                where[pair].add(i)
+    return ranks
+
+
+def builtin_training_text():
+    from data.world import make_corpus, make_world
+    return "\n\n".join(make_corpus(make_world(), n_docs=20_000, seed=0))
+
+
+if __name__ == "__main__":
+    ranks = train_bpe(builtin_training_text(), BUILTIN_VOCAB_SIZE - 2)  # two ids for the special tokens
+    save_ranks(ranks, BUILTIN_PATH)
+    print(f"wrote {BUILTIN_PATH}: {len(ranks)} tokens + 2 special")

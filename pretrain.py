@@ -1,0 +1,213 @@
+"""
+Pre-training: a small GPT learns the built-in world from its corpus, offline, in a few minutes.
+
+    python pretrain.py                          # built-in corpus -> out/base (about 4 minutes on 2 CPU cores)
+    python pretrain.py --data my_text.txt       # any UTF-8 text file instead
+    python pretrain.py --max_steps 50 --out_dir out/tiny   # a quick smoke run
+
+Next-token prediction on random windows of the token stream (documents joined by <|endoftext|>),
+AdamW with linear warm-up and cosine decay, as in GPT-2 / nanoGPT. At the end, on the built-in
+world, it measures what the base model learned:
+- fact completion: "The suho lives in" -> the right town, over every entity and attribute;
+- question continuation: given a bare question ("What does the suho eat?\\n"), how often the model
+  goes on with another question instead of answering: the gap that sft.py closes.
+Left out on purpose: data-parallel training, resuming, and GPT-2 weights as a starting point.
+"""
+
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import common
+from data.tokenizer import get_tokenizer
+from data.world import ATTRIBUTES, make_corpus, make_world
+from model import GPT, GPTConfig, left_pad, save_checkpoint
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/base"
+    """where the base model's checkpoint is written"""
+    data: str = ""
+    """a UTF-8 text file to train on; empty: the built-in corpus"""
+    tokenizer: str = "builtin"
+    """builtin (trained on the built-in corpus) or gpt2 (needs tiktoken's cache)"""
+    n_docs: int = 20_000
+    """built-in corpus size in documents (about 63 tokens each)"""
+    n_layer: int = 4
+    """transformer blocks"""
+    n_head: int = 4
+    """attention heads per block"""
+    n_embd: int = 128
+    """width of the residual stream"""
+    block_size: int = 128
+    """context length in tokens"""
+    dropout: float = 0.0
+    """dropout on embeddings and residual branches"""
+    batch_size: int = 32
+    """sequences per step"""
+    max_steps: int = 1000
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate"""
+    min_lr: float = 3e-4
+    """learning rate at the end of the cosine decay"""
+    warmup_steps: int = 100
+    """steps of linear learning-rate warm-up"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases, LayerNorms)"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    log_every: int = 50
+    """steps between log lines"""
+    eval_every: int = 300
+    """steps between validation losses"""
+    eval_batches: int = 8
+    """batches per validation loss"""
+    seed: int = 0
+    """seed of initialisation and batch sampling"""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+
+def load_tokens(cfg, tok):
+    """(train, val) 1-D token tensors: documents joined by <|endoftext|>."""
+    if cfg.data:
+        try:
+            with open(cfg.data, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise common.UserError(f"--data {cfg.data}: cannot read it as UTF-8 text ({e})") from None
+        ids = torch.tensor(tok.encode(text) + [tok.eot_id])
+        n_val = max(len(ids) // 10, cfg.block_size + 1)  # last 10% for validation
+        if len(ids) < n_val + cfg.block_size + 1:
+            raise common.UserError(f"--data {cfg.data}: {len(ids)} tokens is too short for --block_size {cfg.block_size}")
+        return ids[:-n_val], ids[-n_val:]
+    world = make_world()
+
+    def stream(docs):
+        return torch.tensor([t for d in docs for t in tok.encode(d) + [tok.eot_id]])
+    return stream(make_corpus(world, cfg.n_docs, seed=0)), stream(make_corpus(world, 500, seed=1))
+
+
+def get_batch(tokens, cfg, generator, device):
+    ix = torch.randint(len(tokens) - cfg.block_size - 1, (cfg.batch_size,), generator=generator)
+    x = torch.stack([tokens[i:i + cfg.block_size] for i in ix])
+    y = torch.stack([tokens[i + 1:i + 1 + cfg.block_size] for i in ix])
+    return x.to(device), y.to(device)
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+
+@torch.no_grad()
+def complete(model, tok, prompts, max_new_tokens, device):
+    """Greedy continuations (strings) of a list of prompts, in one left-padded batch."""
+    idx, start = left_pad([tok.encode(p) for p in prompts], tok.pad_id, device)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    out = model.generate(idx, max_new_tokens, start=start, temperature=0, eos_id=tok.eot_id, pad_id=tok.pad_id)
+    responses = [row[idx.size(1):].tolist() for row in out]
+    return [tok.decode(r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in responses]
+
+
+def probe_world(model, tok, device):
+    """Fact-completion and question-continuation rates of a base model on the built-in world."""
+    world = make_world()
+    prompts, answers = [], []
+    for e in world.entities:
+        for attr, a in ATTRIBUTES.items():
+            prompts.append(a.completion.format(name=e.name))
+            answers.append(str(getattr(e, attr)))
+    firsts = [re.match(r"\s*(\w*)", c).group(1) for c in complete(model, tok, prompts, 4, device)]
+    fact_rate = sum(f == a for f, a in zip(firsts, answers)) / len(answers)
+
+    rng = random.Random(0)
+    questions = [ATTRIBUTES[rng.choice(list(ATTRIBUTES))].question.format(name=e.name) for e in world.entities]
+    continuations = complete(model, tok, [q + "\n" for q in questions], 16, device)
+    first_lines = [c.strip().split("\n")[0] for c in continuations]
+    question_rate = sum(line.endswith("?") for line in first_lines) / len(first_lines)
+    return fact_rate, question_rate, list(zip(prompts[:4] + questions[:2], firsts[:4] + first_lines[:2]))
+
+
+def main(cfg):
+    common.seed_everything(cfg.seed)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    tok = get_tokenizer(cfg.tokenizer)
+    train_tokens, val_tokens = load_tokens(cfg, tok)
+    print(f"train {len(train_tokens):,} tokens, val {len(val_tokens):,} tokens, vocabulary {tok.n_vocab}")
+
+    mcfg = GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    model = GPT(mcfg).to(device)
+    print(f"model: {model.num_params():,} parameters")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val_gen = torch.Generator()
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        val_gen.manual_seed(0)  # the same validation batches every time
+        losses = [model(*get_batch(val_tokens, cfg, val_gen, device))[1].item() for _ in range(cfg.eval_batches)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    logger = common.Logger()
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    t_last = time.time()
+    for step in range(cfg.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = get_batch(train_tokens, cfg, gen, device)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        last = step == cfg.max_steps - 1
+        if step % cfg.log_every == 0 or last:
+            dt = time.time() - t_last
+            t_last = time.time()
+            steps = 1 if step == 0 else min(cfg.log_every, step % cfg.log_every or cfg.log_every)
+            elapsed = time.time() - logger.t0
+            row = dict(step=step, loss=loss.item(), lr=lr_at(step, cfg), tok_per_s=round(steps * tokens_per_step / dt),
+                       eta_s=round(elapsed / (step + 1) * (cfg.max_steps - step - 1)))
+            if step % cfg.eval_every == 0 or last:
+                row["val_loss"] = val_loss()
+            logger.log(**row)
+
+    model.eval()
+    metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "tokens_seen": cfg.max_steps * tokens_per_step,
+               "wall_s": round(time.time() - logger.t0, 1)}
+    if not cfg.data:
+        fact_rate, question_rate, examples = probe_world(model, tok, device)
+        metrics.update(fact_completion=fact_rate, question_continuation=question_rate)
+        print(f"fact completion {fact_rate:.1%} | bare questions continued with a question {question_rate:.1%}")
+        for prompt, cont in examples:
+            print(f"  {prompt!r} -> {cont!r}")
+    print("samples:")
+    for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, device):
+        print("  ", repr(s))
+    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "pretrain", "parent": None,
+                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    print(f"wrote {cfg.out_dir}: {metrics}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

@@ -1,0 +1,105 @@
+"""Checkpoints: bit-exact round trip, atomic writes, strict loading with clear refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import model as model_module
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
+
+CFG = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+META = {"tokenizer": "builtin", "stage": "test", "parent": None, "args": {"lr": 0.1}, "metrics": {"loss": 1.5}}
+
+
+def tiny(head="lm", seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**CFG.__dict__, "head": head}))
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_round_trip_is_bit_exact(tmp_path, head):
+    m = tiny(head)
+    rows = [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.0}]
+    save_checkpoint(tmp_path / "ck", m, META, rows)
+    loaded, info = load_checkpoint(tmp_path / "ck")
+    assert_same_weights(m, loaded)
+    assert loaded.config == m.config
+    assert {k: info[k] for k in META} == META
+    lines = (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directory left behind
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ck"
+    old = tiny(seed=0)
+    save_checkpoint(path, old, META)
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+
+    def crash(state, filename):  # write half a file, then die, as a full disk or a kill would
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(model_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, tiny(seed=1), META)
+    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    assert_same_weights(old, load_checkpoint(path)[0])
+
+
+def test_overwrite_replaces_every_file(tmp_path):
+    save_checkpoint(tmp_path / "ck", tiny(seed=0), META, [{"step": 0}])
+    new = tiny(seed=1)
+    save_checkpoint(tmp_path / "ck", new, {**META, "stage": "second"})
+    loaded, info = load_checkpoint(tmp_path / "ck")
+    assert_same_weights(new, loaded)
+    assert info["stage"] == "second" and (tmp_path / "ck" / "metrics.jsonl").read_text() == ""
+
+
+def test_refuses_a_mismatched_tokenizer(tmp_path):
+    save_checkpoint(tmp_path / "ck", tiny(), META)
+    with pytest.raises(CheckpointError, match=r"tokenizer 'builtin', but this run uses 'gpt2'"):
+        load_checkpoint(tmp_path / "ck", tokenizer="gpt2")
+
+
+def test_refuses_the_wrong_head(tmp_path):
+    save_checkpoint(tmp_path / "rm", tiny("scalar"), META)
+    with pytest.raises(CheckpointError, match="has a scalar head, but a lm head is needed"):
+        load_checkpoint(tmp_path / "rm", head="lm")
+
+
+def test_refuses_weights_whose_shape_disagrees_with_the_config(tmp_path):
+    path = tmp_path / "ck"
+    save_checkpoint(path, tiny(), META)
+    info = json.loads((path / "config.json").read_text())
+    info["model"]["vocab_size"] = 60
+    (path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"transformer.wte.weight has shape \(50, 16\), the model expects \(60, 16\)"):
+        load_checkpoint(path)
+
+
+def test_refuses_missing_or_extra_tensors(tmp_path):
+    path = tmp_path / "ck"
+    save_checkpoint(path, tiny("scalar"), META)
+    info = json.loads((path / "config.json").read_text())
+    info["model"]["head"] = "lm"  # the weights still hold score.weight
+    (path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"unexpected \['score.weight'\]"):
+        load_checkpoint(path)
+
+
+def test_refuses_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is not a checkpoint: it has no config.json"):
+        load_checkpoint(tmp_path / "empty")

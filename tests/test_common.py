@@ -1,0 +1,66 @@
+"""The command line from a config dataclass, and atomic directory writes."""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from common import UserError, atomic_directory, parse_args
+
+
+@dataclass
+class Args:
+    lr: float = 0.1
+    """the learning rate"""
+    steps: int = 10
+    """how many steps"""
+    name: str = "run"
+    """a name"""
+    fast: bool = False
+    """go fast"""
+
+
+def test_both_spellings_and_types():
+    args = parse_args(Args, ["--lr", "0.5", "--steps=3", "--name", "x=y", "--fast"])
+    assert args == Args(lr=0.5, steps=3, name="x=y", fast=True)
+    assert parse_args(Args, ["--fast", "false", "--lr=1e-3"]) == Args(lr=1e-3, fast=False)
+    assert parse_args(Args, []) == Args()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "abc"], "--lr: expected float, got 'abc'"),
+    (["--steps", "2.5"], "--steps: expected int, got '2.5'"),
+    (["--fast", "maybe"], "--fast: expected true or false, got 'maybe'"),
+    (["--epochs", "3"], "unknown argument --epochs"),
+    (["--lr"], "--lr needs a value"),
+    (["lr=3"], "unexpected argument 'lr=3'"),
+])
+def test_bad_arguments_name_the_argument(argv, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("-", r"\-")):
+        parse_args(Args, argv)
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in ["--lr float (default 0.1)", "the learning rate", "--steps int", "how many steps",
+                 "--fast bool (default False)", "go fast"]:
+        assert line in out
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    path = tmp_path / "out"
+    with atomic_directory(path) as tmp:
+        open(os.path.join(tmp, "a"), "w").write("first")
+    assert (path / "a").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(path) as tmp:
+            open(os.path.join(tmp, "a"), "w").write("second")
+            raise RuntimeError("crash")
+    assert (path / "a").read_text() == "first"
+    with atomic_directory(path) as tmp:
+        open(os.path.join(tmp, "b"), "w").write("third")
+    assert os.listdir(path) == ["b"]
+    assert os.listdir(tmp_path) == ["out"]  # no temporary or old directory left behind

@@ -1,0 +1,169 @@
+"""The GPT: GPT-2's forward math, the loss, the scalar head, left padding and KV-cache generation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache, last_token_index, left_pad, sample
+
+CFG = GPTConfig(block_size=48, vocab_size=67, n_layer=2, n_head=2, n_embd=32)
+
+
+def make_model(dtype=torch.float32, head="lm", seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**CFG.__dict__, "head": head}))
+    with torch.no_grad():  # larger weights than the init, so greedy outputs vary from step to step
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.to(dtype).eval()
+
+
+def gpt2_reference_logits(model, idx):
+    """GPT-2's forward written out from the weights, independently of model.py."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    C, nh = model.config.n_embd, model.config.n_head
+    T = idx.size(1)
+
+    def layer_norm(x, p):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def gelu(x):  # the tanh approximation GPT-2 uses
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    for i in range(model.config.n_layer):
+        p = f"transformer.h.{i}."
+        h = layer_norm(x, p + "ln_1") @ sd[p + "attn.c_attn.weight"].T + sd[p + "attn.c_attn.bias"]
+        q, k, v = (t.view(-1, T, nh, C // nh).transpose(1, 2) for t in h.split(C, dim=-1))
+        att = q @ k.transpose(-1, -2) / math.sqrt(C // nh)
+        att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(-1, T, C)
+        x = x + y @ sd[p + "attn.c_proj.weight"].T + sd[p + "attn.c_proj.bias"]
+        h = gelu(layer_norm(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
+        x = x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+    return layer_norm(x, "transformer.ln_f") @ sd["transformer.wte.weight"].T  # tied head
+
+
+def test_forward_matches_gpt2_math():
+    model = make_model(torch.float64)
+    idx = torch.randint(0, CFG.vocab_size, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, CFG.vocab_size) and loss is None
+    torch.testing.assert_close(logits, gpt2_reference_logits(model, idx), rtol=1e-10, atol=1e-10)
+
+
+def test_loss_is_mean_cross_entropy_over_kept_targets():
+    model = make_model(torch.float64)
+    idx = torch.randint(0, CFG.vocab_size, (2, 9))
+    targets = torch.randint(0, CFG.vocab_size, (2, 9))
+    targets[0, :4] = -100
+    logits, loss = model(idx, targets)
+    logp = logits.log_softmax(-1)
+    kept = [(b, t) for b in range(2) for t in range(9) if targets[b, t] != -100]
+    expected = -sum(logp[b, t, targets[b, t]] for b, t in kept) / len(kept)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_fresh_model_predicts_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx, targets = torch.randint(0, CFG.vocab_size, (2, 4, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.1
+
+
+def test_scalar_head_gives_one_number_per_position():
+    model = make_model(head="scalar")
+    values, loss = model(torch.randint(0, CFG.vocab_size, (3, 11)))
+    assert values.shape == (3, 11) and loss is None
+    assert "score.weight" in model.state_dict()
+    assert not any("score" in k for k in make_model().state_dict())
+
+
+def test_last_token_index_left_right_and_both_padded():
+    mask = torch.tensor([[0, 0, 1, 1, 1],    # left padded
+                         [1, 1, 1, 0, 0],    # right padded
+                         [0, 1, 1, 0, 0],    # both
+                         [1, 1, 1, 1, 1]]).bool()
+    assert last_token_index(mask).tolist() == [4, 2, 2, 4]
+
+
+def test_left_padding_does_not_change_a_row():
+    model = make_model(torch.float64)
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [4]]
+    idx, start = left_pad(seqs, pad_id=0)
+    assert start.tolist() == [0, 4, 6]
+    logits, _ = model(idx, start=start)
+    for b, s in enumerate(seqs):
+        alone, _ = model(torch.tensor([s]))
+        torch.testing.assert_close(logits[b, start[b]:], alone[0], rtol=1e-9, atol=1e-9)
+    assert torch.isfinite(logits).all()  # padding positions see no key, yet nothing is NaN
+
+
+def test_kv_cache_forward_matches_full_forward():
+    model = make_model(torch.float64)
+    idx, start = left_pad([[3, 4, 5, 6, 7, 8], [9, 10, 11]], pad_id=0)
+    full, _ = model(idx, start=start)
+    cache = KVCache(model.config, 2, idx.size(1), "cpu", torch.float64)
+    first, _ = model(idx[:, :4], start=start, cache=cache)  # a prefill, then one token at a time
+    rest = [model(idx[:, t:t + 1], start=start, cache=cache)[0] for t in range(4, idx.size(1))]
+    torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_with_cache_equals_recompute(temperature):
+    model = make_model(torch.float64)
+    idx, start = left_pad([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]], pad_id=0)
+    outs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(123)
+        outs.append(model.generate(idx, 20, start=start, temperature=temperature, generator=gen, use_cache=use_cache))
+    assert outs[0].shape == (3, 6 + 20)
+    assert torch.equal(outs[0], outs[1])
+    assert len(set(outs[0][0, 6:].tolist())) > 3  # a non-trivial sequence, not one token repeated
+
+
+def test_generate_ragged_batch_equals_each_row_alone():
+    model = make_model(torch.float64)
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    idx, start = left_pad(seqs, pad_id=0)
+    batch = model.generate(idx, 15, start=start, temperature=0)
+    for b, s in enumerate(seqs):
+        alone = model.generate(torch.tensor([s]), 15, temperature=0)
+        assert batch[b, idx.size(1):].tolist() == alone[0, len(s):].tolist()
+
+
+def test_generate_stops_each_row_at_eos():
+    model = make_model(torch.float64)
+    idx, start = left_pad([[1, 2, 3], [4, 5], [6, 7, 8]], pad_id=0)
+    free = model.generate(idx, 12, start=start, temperature=0)[:, 3:]
+    eos = free[0, 2].item()  # pick as EOS a token that row 0 emits at its third step
+    out = model.generate(idx, 12, start=start, temperature=0, eos_id=eos, pad_id=66)[:, 3:]
+    for b in range(3):
+        row, ref = out[b].tolist(), free[b].tolist()
+        n = ref.index(eos) + 1 if eos in ref[:out.size(1)] else out.size(1)
+        assert row[:n] == ref[:n] and all(t == 66 for t in row[n:])
+    if all(eos in r for r in free.tolist()):  # every row finished: generation stopped early
+        assert out.size(1) == max(r.index(eos) + 1 for r in free.tolist())
+
+
+def test_generate_refuses_sequences_longer_than_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        make_model().generate(torch.zeros(1, 40, dtype=torch.long), 9)
+
+
+def test_sample_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert (sample(logits, temperature=0) == 0).all()
+    assert set(sample(logits, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(sample(logits, top_p=0.8, generator=gen).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert set(sample(logits, top_p=0.81, generator=gen).tolist()) == {0, 1, 2}
+    freq = torch.bincount(sample(logits, generator=gen), minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+    hot = torch.bincount(sample(logits, temperature=2.0, generator=gen), minlength=4) / 4000
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    torch.testing.assert_close(hot, expected / expected.sum(), atol=0.03, rtol=0)

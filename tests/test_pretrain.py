@@ -1,0 +1,51 @@
+"""pretrain.py end to end on a minute-sized config, from Python and from the command line."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import pretrain
+from model import load_checkpoint
+
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8, n_docs=200,
+            warmup_steps=5, log_every=10, eval_every=20, eval_batches=2, device="cpu")
+
+
+def test_pretrain_learns_and_writes_a_checkpoint(tmp_path, capsys):
+    cfg = pretrain.Config(out_dir=str(tmp_path / "base"), max_steps=60, **TINY)
+    pretrain.main(cfg)
+    model, info = load_checkpoint(tmp_path / "base", head="lm", tokenizer="builtin")
+    assert info["stage"] == "pretrain" and info["parent"] is None and info["args"]["max_steps"] == 60
+    m = info["metrics"]
+    assert m["val_loss"] < math.log(model.config.vocab_size) - 2  # far below uniform guessing
+    assert 0 <= m["fact_completion"] <= 1 and 0 <= m["question_continuation"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40, 50, 59]
+    assert {"loss", "tok_per_s", "eta_s", "elapsed"} <= rows[1].keys() and "val_loss" in rows[2]
+    assert "fact completion" in capsys.readouterr().out
+
+
+def test_pretrain_on_a_text_file(tmp_path):
+    text = tmp_path / "shakespeare.txt"
+    text.write_text("To be, or not to be, that is the question. " * 300 + "Ünïcode is fine. ")
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "base"), data=str(text), max_steps=30, **TINY))
+    _, info = load_checkpoint(tmp_path / "base")
+    first = json.loads((tmp_path / "base" / "metrics.jsonl").read_text().splitlines()[0])
+    assert info["args"]["data"] == str(text) and info["metrics"]["val_loss"] < first["val_loss"] - 2
+    assert "fact_completion" not in info["metrics"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_step", "3"], "error: unknown argument --max_step"),
+    (["--lr", "fast"], "error: --lr: expected float, got 'fast'"),
+    (["--data", "no/such/file.txt"], "error: --data no/such/file.txt: cannot read it"),
+])
+def test_bad_command_line_exits_with_one_line(tmp_path, argv, message):
+    out = tmp_path / "base"
+    r = subprocess.run([sys.executable, "pretrain.py", "--out_dir", str(out), *argv], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
