@@ -81,7 +81,7 @@ LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
-               for block, warps in [(2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+               for block, warps in [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
 else:
     CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
 
