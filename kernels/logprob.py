@@ -11,9 +11,9 @@ The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes 
   temperature and the float32 log-softmax (kept for the backward: 4*N*V bytes, 3.3 GB at N=16k,
   V=50257), each read back at least once: about 30 bytes an entry forward, as many backward.
 - The kernel streams each row once in blocks of BLOCK_V, keeping a running maximum m and a running
-  sum s of exp(x - m) (the online log-sum-exp), and writes three floats a row: 2 bytes an entry.
-  It keeps two of those floats for the backward, which reads the logits once more, recomputes the
-  softmax and writes the gradient in the logits' dtype: 4 bytes an entry. Both are memory-bound,
+  sum s of exp(x - m) (the online log-sum-exp): it reads 2 bytes an entry and writes three floats a
+  row. It keeps two of those floats for the backward, which reads the logits once more, recomputes
+  the softmax and writes the gradient in the logits' dtype: 4 bytes an entry. Both are memory-bound,
   so they are measured in GB/s against the card's copy bandwidth (bench/bench_logprob.py).
 - kl_div and entropy do the same with more running sums (below), one read of each logits tensor
   forward; their backward reads them again and writes one gradient.
@@ -25,8 +25,8 @@ row maximum m and log s, not as their sum: with logits near 1e4, m + log s round
 about 1e-3, while x - m is exact for the entries that matter, so p = exp((x - m) - log s) keeps
 float32 accuracy however large the logits.
 
-Left out on purpose: targets outside [0, V) other than IGNORE_INDEX are not checked (they read a
-wrong logit, the reference raises); ignored rows are computed like the others and then zeroed
+Left out on purpose: targets outside [0, V) other than IGNORE_INDEX are not checked (the kernel
+reads outside the row, where the reference raises); ignored rows are computed like the others and then zeroed
 (a batch that is mostly padding still pays for its padding); a logits tensor whose leading dims
 cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied once by
 reshape: slice the hidden states before the lm_head, or set the last target to IGNORE_INDEX.
