@@ -375,7 +375,7 @@ class _TokenLogprobs(torch.autograd.Function):
         x, t, row_max, log_sum = ctx.saved_tensors
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _logprob_bwd(x, t, row_max, log_sum, _upstream(grad_out), ctx.temperature, grad)
-        return grad.view(*grad_out.shape, -1), None, None
+        return grad.view(*grad_out.shape, x.size(1)), None, None
 
 
 class _Entropy(torch.autograd.Function):
@@ -394,7 +394,7 @@ class _Entropy(torch.autograd.Function):
         _entropy_bwd_kernel[(x.size(0),)](
             x, x.stride(0), grad, grad.stride(0), H, row_max, log_sum, _upstream(grad_out),
             x.size(1))
-        return grad.view(*grad_out.shape, -1)
+        return grad.view(*grad_out.shape, x.size(1))
 
 
 class _KLDiv(torch.autograd.Function):
@@ -414,7 +414,7 @@ class _KLDiv(torch.autograd.Function):
         _kl_bwd_kernel[(p.size(0),)](
             p, p.stride(0), q, q.stride(0), grad, grad.stride(0), kl, p_max, p_log_sum, q_max,
             q_log_sum, _upstream(grad_out), p.size(1))
-        return grad.view(*grad_out.shape, -1), None
+        return grad.view(*grad_out.shape, p.size(1)), None
 
 
 # fused_linear_logprobs computes the logits of CHUNK_BYTES worth of rows at a time
@@ -468,7 +468,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t(), h[rows])
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.view(*grad_out.shape, -1)
+            grad_hidden = grad_hidden.view(*grad_out.shape, h.size(1))
         return grad_hidden, grad_weight, None, None
 
 

@@ -157,6 +157,14 @@ def test_strided_rows():
     check(logprob.entropy, entropy64, logits)
 
 
+def test_empty_batch_and_single_position():
+    """N = 0 rows, and logits [V] with a 0-d target."""
+    check(logprob.token_logprobs, logprobs64, torch.randn(0, 7, 100), torch.zeros(0, 7).long())
+    check(logprob.kl_div, kl64, torch.randn(0, 100), torch.randn(0, 100))
+    check(logprob.token_logprobs, logprobs64, torch.randn(100), torch.tensor(3))
+    check(logprob.entropy, entropy64, torch.randn(100))
+
+
 def test_upstream_gradient_from_sum():
     """Autograd hands .sum()'s gradient over as an expanded tensor with stride 0."""
     logits = torch.randn(6, 300)
