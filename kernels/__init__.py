@@ -50,21 +50,25 @@ def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
 def token_logprobs(logits, targets, temperature=1.0):
     """log softmax(logits / temperature) at targets: logits [..., V], targets [...] -> float32 [...].
     Targets equal to IGNORE_INDEX (-100) give 0 and no gradient."""
-    return _logprob.token_logprobs_ref(logits, targets, temperature)
+    op = _logprob.token_logprobs if use_triton(logits) else _logprob.token_logprobs_ref
+    return op(logits, targets, temperature)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0):
     """token_logprobs(hidden @ weight.T, targets, temperature) without the full logits:
     hidden [..., C], weight [V, C] (the lm_head), targets [...] -> float32 [...]."""
-    return _logprob.fused_linear_logprobs_ref(hidden, weight, targets, temperature)
+    op = _logprob.fused_linear_logprobs if use_triton(hidden) else _logprob.fused_linear_logprobs_ref
+    return op(hidden, weight, targets, temperature)
 
 
 def kl_div(logits_p, logits_q):
     """Full-vocabulary KL(softmax(logits_p) || softmax(logits_q)) per position: [..., V] -> float32 [...].
     Differentiable with respect to logits_p only; logits_q is treated as a constant."""
-    return _logprob.kl_div_ref(logits_p, logits_q)
+    op = _logprob.kl_div if use_triton(logits_p) else _logprob.kl_div_ref
+    return op(logits_p, logits_q)
 
 
 def entropy(logits):
     """Entropy of softmax(logits) per position: [..., V] -> float32 [...]."""
-    return _logprob.entropy_ref(logits)
+    op = _logprob.entropy if use_triton(logits) else _logprob.entropy_ref
+    return op(logits)

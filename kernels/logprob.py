@@ -1,15 +1,43 @@
 """
-Log-probabilities, KL and entropy over the vocabulary: the PyTorch references (the Triton kernels
-join them here).
+Log-probabilities, KL and entropy over the vocabulary: PyTorch references and Triton kernels.
 
 Every RLHF stage needs, per position, one number from a softmax over the whole vocabulary: the
 log-prob of the target token (SFT loss, PPO ratios, DPO), the KL between policy and reference, the
 entropy. The references below are written for clarity and accumulate in float32 whatever the input
 dtype; they materialise float32 [N, V] tensors, which is exactly the memory the kernels remove.
+
+The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes an entry):
+- token_logprobs_ref reads the logits, writes a float32 copy, a float32 copy divided by the
+  temperature and the float32 log-softmax (kept for the backward: 4*N*V bytes, 3.3 GB at N=16k,
+  V=50257), each read back at least once: about 30 bytes an entry forward, as many backward.
+- The kernel streams each row once in blocks of BLOCK_V, keeping a running maximum m and a running
+  sum s of exp(x - m) (the online log-sum-exp): it reads 2 bytes an entry and writes three floats a
+  row. It keeps two of those floats for the backward, which reads the logits once more, recomputes
+  the softmax and writes the gradient in the logits' dtype: 4 bytes an entry. Both are memory-bound,
+  so they are measured in GB/s against the card's copy bandwidth (bench/bench_logprob.py).
+- kl_div and entropy do the same with more running sums (below), one read of each logits tensor
+  forward; their backward reads them again and writes one gradient.
+- fused_linear_logprobs never holds the [N, V] logits at all: it computes them chunk of rows by
+  chunk of rows with a matmul, and runs the kernels on each chunk.
+
+Numerics: every kernel accumulates in float32. The log-sum-exp is kept as two float32 numbers, the
+row maximum m and log s, not as their sum: with logits near 1e4, m + log s rounds to a multiple of
+about 1e-3, while x - m is exact for the entries that matter, so p = exp((x - m) - log s) keeps
+float32 accuracy however large the logits.
+
+Left out on purpose: targets outside [0, V) other than IGNORE_INDEX are not checked (the kernel
+reads outside the row, where the reference raises); ignored rows are computed like the others and then zeroed
+(a batch that is mostly padding still pays for its padding); a logits tensor whose leading dims
+cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied once by
+reshape: slice the hidden states before the lm_head, or set the last target to IGNORE_INDEX.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 IGNORE_INDEX = -100  # a target equal to this gives log-prob 0 and no gradient
 
@@ -39,3 +67,440 @@ def entropy_ref(logits):
     """H(p) = -sum_v p_v log p_v per position, [..., V] -> float32 [...]."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Triton kernels. One program per row; it walks the row in blocks of BLOCK_V entries.
+# The running maximum starts at the lowest float32 rather than -inf, so that m - m_new is never
+# -inf - (-inf) = nan, even when a whole block is padding or masked with -inf.
+# On a GPU each kernel is autotuned over a few block sizes, keyed on V (Triton adds the dtypes to
+# the key). Anywhere else (TRITON_INTERPRET=1 on a CPU) one fixed config runs, with a large block:
+# the interpreter's cost is per block step.
+
+LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
+               for block, warps in [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+else:
+    CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
+
+
+@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.jit
+def _logprob_fwd_kernel(
+    logits_ptr,  # [N, V] logits, any float dtype; entries of a row contiguous
+    stride_logits,  # elements from one row of logits to the next
+    targets_ptr,  # [N] int: target token of each row, or IGNORE_INDEX
+    logprob_ptr,  # [N] fp32 out: log softmax(logits / T)[target], 0 where ignored
+    row_max_ptr,  # [N] fp32 out: m = max_v logits / T, for the backward
+    log_sum_ptr,  # [N] fp32 out: log s, s = sum_v exp(logits / T - m); the LSE is m + log s
+    V,  # vocabulary size, any positive int
+    inv_temperature,  # 1 / T
+    IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride_logits
+    target = tl.load(targets_ptr + row)
+
+    # online log-sum-exp: rescale the running sum whenever the running max grows
+    m = tl.full([], LOWEST, tl.float32)
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(logits_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = x * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    log_s = tl.log(s)
+
+    ignore = target == IGNORE_INDEX
+    x_target = tl.load(logits_ptr + tl.where(ignore, 0, target)).to(tl.float32) * inv_temperature
+    tl.store(logprob_ptr + row, tl.where(ignore, 0.0, (x_target - m) - log_s))
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_s)
+
+
+# restore_value: fused_linear_logprobs writes the gradient over the logits it reads, so each
+# config tried by the autotuner must start from the same logits
+@triton.autotune(configs=CONFIGS, key=["V"], restore_value=["grad_logits_ptr"])
+@triton.jit
+def _logprob_bwd_kernel(
+    logits_ptr,  # [N, V] logits, as in the forward
+    stride_logits,  # elements from one row of logits to the next
+    grad_logits_ptr,  # [N, V] out, dtype of the logits: d loss / d logits (may be logits_ptr)
+    stride_grad,  # elements from one row of grad_logits to the next
+    targets_ptr,  # [N] int: target token of each row, or IGNORE_INDEX
+    row_max_ptr,  # [N] fp32: m from the forward
+    log_sum_ptr,  # [N] fp32: log s from the forward
+    grad_out_ptr,  # [N] fp32: d loss / d logprob, the upstream gradient
+    V,  # vocabulary size
+    inv_temperature,  # 1 / T
+    IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride_logits
+    grad_logits_ptr += row * stride_grad
+    target = tl.load(targets_ptr + row)
+    m = tl.load(row_max_ptr + row)
+    log_s = tl.load(log_sum_ptr + row)
+    # d logprob / d logits = (onehot(target) - softmax(logits / T)) / T; an ignored row gets 0
+    g = tl.where(target == IGNORE_INDEX, 0.0, tl.load(grad_out_ptr + row) * inv_temperature)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+        p = tl.exp((x - m) - log_s)
+        grad = (tl.where(cols == target, 1.0, 0.0) - p) * g
+        tl.store(grad_logits_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.jit
+def _entropy_fwd_kernel(
+    logits_ptr,  # [N, V] logits, any float dtype; entries of a row contiguous
+    stride_logits,  # elements from one row of logits to the next
+    entropy_ptr,  # [N] fp32 out: H = -sum_v p_v log p_v
+    row_max_ptr,  # [N] fp32 out: m = max_v logits, for the backward
+    log_sum_ptr,  # [N] fp32 out: log s, s = sum_v exp(logits - m)
+    V,  # vocabulary size
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride_logits
+
+    # with log p = (x - m) - log s: H = log s - t / s, where t = sum_v exp(x - m) (x - m).
+    # t is kept relative to the running max (each term is bounded), so large logits do not cancel.
+    m = tl.full([], LOWEST, tl.float32)
+    s = 0.0
+    t = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(logits_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        # moving t from m to m_new adds (m - m_new) to every (x - m); 0 * -inf is skipped
+        t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+
+    tl.store(entropy_ptr + row, log_s - t / s)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_s)
+
+
+@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.jit
+def _entropy_bwd_kernel(
+    logits_ptr,  # [N, V] logits, as in the forward
+    stride_logits,  # elements from one row of logits to the next
+    grad_logits_ptr,  # [N, V] out, dtype of the logits: d loss / d logits
+    stride_grad,  # elements from one row of grad_logits to the next
+    entropy_ptr,  # [N] fp32: H from the forward
+    row_max_ptr,  # [N] fp32: m from the forward
+    log_sum_ptr,  # [N] fp32: log s from the forward
+    grad_out_ptr,  # [N] fp32: d loss / d H
+    V,  # vocabulary size
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride_logits
+    grad_logits_ptr += row * stride_grad
+    H = tl.load(entropy_ptr + row)
+    m = tl.load(row_max_ptr + row)
+    log_s = tl.load(log_sum_ptr + row)
+    g = tl.load(grad_out_ptr + row)
+
+    # dH / dx_v = -p_v (log p_v + H)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        logp = (x - m) - log_s
+        p = tl.exp(logp)
+        grad = tl.where(p > 0, -p * (logp + H) * g, 0.0)
+        tl.store(grad_logits_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.jit
+def _kl_fwd_kernel(
+    p_ptr,  # [N, V] logits of p (the policy), any float dtype; entries of a row contiguous
+    stride_p,  # elements from one row of p to the next
+    q_ptr,  # [N, V] logits of q (the reference)
+    stride_q,  # elements from one row of q to the next
+    kl_ptr,  # [N] fp32 out: KL(p || q) = sum_v p_v (log p_v - log q_v)
+    p_max_ptr,  # [N] fp32 out: m_p = max_v logits_p, for the backward
+    p_log_sum_ptr,  # [N] fp32 out: log s_p, s_p = sum_v exp(logits_p - m_p)
+    q_max_ptr,  # [N] fp32 out: m_q
+    q_log_sum_ptr,  # [N] fp32 out: log s_q
+    V,  # vocabulary size
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_ptr += row * stride_p
+    q_ptr += row * stride_q
+
+    # both log-sum-exps online, and u = sum_v exp(xp - m_p) ((xp - m_p) - (xq - m_q)), so that
+    # KL = u / s_p - log s_p + log s_q, every term relative to its running max
+    m_p = tl.full([], LOWEST, tl.float32)
+    s_p = 0.0
+    m_q = tl.full([], LOWEST, tl.float32)
+    s_q = 0.0
+    u = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        xp = tl.load(p_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        xq = tl.load(q_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_p_new = tl.maximum(m_p, tl.max(xp, axis=0))
+        m_q_new = tl.maximum(m_q, tl.max(xq, axis=0))
+        alpha_p = tl.exp(m_p - m_p_new)
+        e_p = tl.exp(xp - m_p_new)
+        d = (xp - m_p_new) - (xq - m_q_new)
+        shift = (m_p - m_p_new) - (m_q - m_q_new)
+        u = alpha_p * (u + shift * s_p) + tl.sum(tl.where(e_p > 0, e_p * d, 0.0), axis=0)
+        s_p = alpha_p * s_p + tl.sum(e_p, axis=0)
+        s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(xq - m_q_new), axis=0)
+        m_p = m_p_new
+        m_q = m_q_new
+    log_s_p = tl.log(s_p)
+    log_s_q = tl.log(s_q)
+
+    tl.store(kl_ptr + row, u / s_p - log_s_p + log_s_q)
+    tl.store(p_max_ptr + row, m_p)
+    tl.store(p_log_sum_ptr + row, log_s_p)
+    tl.store(q_max_ptr + row, m_q)
+    tl.store(q_log_sum_ptr + row, log_s_q)
+
+
+@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.jit
+def _kl_bwd_kernel(
+    p_ptr,  # [N, V] logits of p, as in the forward
+    stride_p,  # elements from one row of p to the next
+    q_ptr,  # [N, V] logits of q
+    stride_q,  # elements from one row of q to the next
+    grad_p_ptr,  # [N, V] out, dtype of logits_p: d loss / d logits_p
+    stride_grad,  # elements from one row of grad_p to the next
+    kl_ptr,  # [N] fp32: KL from the forward
+    p_max_ptr,  # [N] fp32: m_p from the forward
+    p_log_sum_ptr,  # [N] fp32: log s_p
+    q_max_ptr,  # [N] fp32: m_q
+    q_log_sum_ptr,  # [N] fp32: log s_q
+    grad_out_ptr,  # [N] fp32: d loss / d KL
+    V,  # vocabulary size
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_ptr += row * stride_p
+    q_ptr += row * stride_q
+    grad_p_ptr += row * stride_grad
+    kl = tl.load(kl_ptr + row)
+    m_p = tl.load(p_max_ptr + row)
+    log_s_p = tl.load(p_log_sum_ptr + row)
+    m_q = tl.load(q_max_ptr + row)
+    log_s_q = tl.load(q_log_sum_ptr + row)
+    g = tl.load(grad_out_ptr + row)
+
+    # dKL / dxp_v = p_v (log p_v - log q_v - KL)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        xp = tl.load(p_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        xq = tl.load(q_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        logp = (xp - m_p) - log_s_p
+        logq = (xq - m_q) - log_s_q
+        p = tl.exp(logp)
+        grad = tl.where(p > 0, p * (logp - logq - kl) * g, 0.0)
+        tl.store(grad_p_ptr + cols, grad.to(grad_p_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------------------------
+# Launchers: flatten [..., V] to [N, V] rows, allocate the outputs, one program per row.
+
+def _rows(x):
+    """x [..., V] as an [N, V] matrix with contiguous rows: a view when the leading dims allow it,
+    else a copy (one extra read and write of x)."""
+    x = x.reshape(-1, x.size(-1))
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_floats(x, count):
+    """count fresh float32 [N] tensors, one number per row of x."""
+    return [torch.empty(x.size(0), dtype=torch.float32, device=x.device) for _ in range(count)]
+
+
+def _logprob_fwd(x, targets, temperature, logprob, row_max, log_sum):
+    """x [N, V], targets [N]; write logprob, row_max and log_sum, each float32 [N]."""
+    _logprob_fwd_kernel[(x.size(0),)](
+        x, x.stride(0), targets, logprob, row_max, log_sum, x.size(1), 1.0 / temperature,
+        IGNORE_INDEX=IGNORE_INDEX)
+
+
+def _logprob_bwd(x, targets, row_max, log_sum, grad_out, temperature, grad):
+    """Write d loss / d x [N, V] into grad, which may be x itself."""
+    _logprob_bwd_kernel[(x.size(0),)](
+        x, x.stride(0), grad, grad.stride(0), targets, row_max, log_sum, grad_out, x.size(1),
+        1.0 / temperature, IGNORE_INDEX=IGNORE_INDEX)
+
+
+def _upstream(grad_out):
+    """The upstream gradient [...] as a contiguous float32 [N] (autograd may hand over an
+    expanded tensor with stride 0)."""
+    return grad_out.reshape(-1).float().contiguous()
+
+
+# -----------------------------------------------------------------------------------------------
+# Autograd functions
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        x, t = _rows(logits), targets.reshape(-1).contiguous()
+        logprob, row_max, log_sum = _row_floats(x, 3)
+        _logprob_fwd(x, t, temperature, logprob, row_max, log_sum)
+        ctx.save_for_backward(x, t, row_max, log_sum)
+        ctx.temperature = temperature
+        return logprob.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, t, row_max, log_sum = ctx.saved_tensors
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _logprob_bwd(x, t, row_max, log_sum, _upstream(grad_out), ctx.temperature, grad)
+        return grad.view(*grad_out.shape, x.size(1)), None, None
+
+
+class _Entropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        x = _rows(logits)
+        H, row_max, log_sum = _row_floats(x, 3)
+        _entropy_fwd_kernel[(x.size(0),)](x, x.stride(0), H, row_max, log_sum, x.size(1))
+        ctx.save_for_backward(x, H, row_max, log_sum)
+        return H.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, H, row_max, log_sum = ctx.saved_tensors
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _entropy_bwd_kernel[(x.size(0),)](
+            x, x.stride(0), grad, grad.stride(0), H, row_max, log_sum, _upstream(grad_out),
+            x.size(1))
+        return grad.view(*grad_out.shape, x.size(1))
+
+
+class _KLDiv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_p, logits_q):
+        p, q = _rows(logits_p), _rows(logits_q)
+        kl, p_max, p_log_sum, q_max, q_log_sum = _row_floats(p, 5)
+        _kl_fwd_kernel[(p.size(0),)](
+            p, p.stride(0), q, q.stride(0), kl, p_max, p_log_sum, q_max, q_log_sum, p.size(1))
+        ctx.save_for_backward(p, q, kl, p_max, p_log_sum, q_max, q_log_sum)
+        return kl.view(logits_p.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, q, kl, p_max, p_log_sum, q_max, q_log_sum = ctx.saved_tensors
+        grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        _kl_bwd_kernel[(p.size(0),)](
+            p, p.stride(0), q, q.stride(0), grad, grad.stride(0), kl, p_max, p_log_sum, q_max,
+            q_log_sum, _upstream(grad_out), p.size(1))
+        return grad.view(*grad_out.shape, p.size(1)), None
+
+
+# fused_linear_logprobs computes the logits of CHUNK_BYTES worth of rows at a time
+CHUNK_BYTES = 256 * 2**20
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Forward: per chunk of rows, logits = hidden @ weight.T (cuBLAS), then the log-prob kernel;
+    only the per-row m and log s are kept. Backward: per chunk, the same matmul again, the backward
+    kernel overwrites those logits with their gradient (scaled row by row by grad_out, so any
+    upstream gradient is exact), then grad_hidden = grad_logits @ weight and
+    grad_weight += grad_logits.T @ hidden.
+
+    Memory: one [chunk, V] logits buffer in the compute dtype, plus grad_weight [V, C]; nothing of
+    size N * V. Cost: 8 N V C FLOPs against the naive 6 (the backward recomputes the logits).
+    Computing the gradient during the forward instead (Liger's trick) saves that matmul, but is
+    exact only when every row's upstream gradient is the same number, as for a mean loss; PPO and
+    DPO weight each token differently, and a forward under no_grad would pay for a gradient no one
+    uses. grad_weight accumulates in weight's dtype: each chunk's product is summed in float32 by
+    cuBLAS and rounded once when added (exact for float32 weights, one bf16 rounding per chunk
+    otherwise)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1).contiguous()
+        N, V = h.size(0), weight.size(0)
+        chunk = max(1, CHUNK_BYTES // (V * h.element_size()))
+        logprob, row_max, log_sum = _row_floats(h, 3)
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            logits = h[rows] @ weight.t()  # [chunk, V]: the only vocabulary-sized tensor
+            _logprob_fwd(logits, t[rows], temperature, logprob[rows], row_max[rows], log_sum[rows])
+        ctx.save_for_backward(h, weight, t, row_max, log_sum)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprob.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, t, row_max, log_sum = ctx.saved_tensors
+        g = _upstream(grad_out)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        for start in range(0, h.size(0), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = h[rows] @ weight.t()
+            _logprob_bwd(logits, t[rows], row_max[rows], log_sum[rows], g[rows], ctx.temperature,
+                         grad=logits)
+            if grad_hidden is not None:
+                torch.mm(logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(logits.t(), h[rows])
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.view(*grad_out.shape, h.size(1))
+        return grad_hidden, grad_weight, None, None
+
+
+# -----------------------------------------------------------------------------------------------
+# Public functions: the references' signatures and semantics
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / temperature) at targets: logits [..., V], targets [...] -> float32
+    [...]. Targets equal to IGNORE_INDEX give 0 and no gradient."""
+    assert logits.shape[:-1] == targets.shape, f"{tuple(logits.shape)} vs {tuple(targets.shape)}"
+    return _TokenLogprobs.apply(logits, targets, temperature)
+
+
+def fused_linear_logprobs(hidden, weight, targets, temperature=1.0):
+    """token_logprobs(hidden @ weight.T, targets, temperature) without the [N, V] logits:
+    hidden [..., C], weight [V, C] (the lm_head), targets [...] -> float32 [...]."""
+    assert hidden.shape[:-1] == targets.shape, f"{tuple(hidden.shape)} vs {tuple(targets.shape)}"
+    if torch.is_autocast_enabled(hidden.device.type):
+        # the cast autocast gives the reference's matmul, made here so that the backward (which
+        # runs outside autocast) recomputes the very logits of the forward
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return _FusedLinearLogprobs.apply(hidden, weight, targets, temperature)
+
+
+def kl_div(logits_p, logits_q):
+    """Full-vocabulary KL(softmax(logits_p) || softmax(logits_q)) per position: [..., V] -> float32
+    [...]. Differentiable with respect to logits_p only; logits_q is treated as a constant."""
+    assert logits_p.shape == logits_q.shape, f"{tuple(logits_p.shape)} vs {tuple(logits_q.shape)}"
+    return _KLDiv.apply(logits_p, logits_q)
+
+
+def entropy(logits):
+    """Entropy of softmax(logits) per position: [..., V] -> float32 [...]."""
+    return _Entropy.apply(logits)

@@ -1,0 +1,298 @@
+"""
+Benchmark of kernels/logprob.py on a GPU, in one call: correctness first (PASS/FAIL per case, the
+kernels against the float32 references), then speed and memory.
+
+    python -m pytest bench/bench_logprob.py -s
+
+- token_logprobs, entropy, kl_div in bf16, N in {4096, 16384, 32768} tokens, V in {50257, 128256}:
+  time forward and forward+backward, the bandwidth they achieve, as a share of the card's copy
+  bandwidth measured in the same run, and the peak memory of forward+backward, for the Triton
+  kernel, the naive PyTorch reference and torch.compile of the reference.
+  GB/s counts the bytes the ideal fused kernel must move, the same for every implementation:
+  the forward reads the logits once (KL reads p and q), the backward reads them once more and
+  writes the gradient.
+- fused_linear_logprobs in bf16 with C in {768, 4096}: time, model TFLOP/s (2NVC forward, 6NVC
+  forward+backward, whatever the implementation recomputes) and peak memory, against the naive
+  matmul + log-softmax.
+Peak memory is what forward+backward allocates above its inputs, the gradient included. OOM marks a
+case that did not fit on the card, n/a a torch.compile that failed. Runs in about 3 minutes on an
+H100; on a CPU it is skipped.
+"""
+
+import os
+
+import pytest
+import torch
+import triton
+
+from kernels import logprob as L
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="benchmarks need a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
+
+DEV = "cuda"
+TOKENS = [4096, 16384, 32768]
+VOCABS = [50257, 128256]
+RESULTS = {}  # (op, impl, N, V[, C]) -> dict of measurements, for the summary lines
+
+
+def bench_ms(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=5, rep=30, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def peak_gb(fn):
+    """Memory fn allocates above what is allocated before it, at its peak, in GB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def fmt(value, spec):
+    return value if isinstance(value, str) else format(value, spec)
+
+
+def free():
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------------------------
+# Correctness on the GPU
+
+def close(out, ref, rtol, atol):
+    """(ok, max abs error) of out against ref."""
+    out, ref = out.double(), ref.double()
+    err = (out - ref).abs()
+    ok = bool(torch.isfinite(out).all()) and bool((err <= atol + rtol * ref.abs()).all())
+    return ok, err.max().item()
+
+
+def check(label, op, ref, x, args, tol_value, tol_grad):
+    """op against ref on the same inputs: value and gradient wrt x, upstream gradient random."""
+    g = torch.randn(x.shape[:-1], device=DEV)
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, out_ref = op(xk, *args), ref(xr, *args)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    ok_v, err_v = close(out, out_ref, *tol_value)
+    ok_g, err_g = close(xk.grad, xr.grad, *tol_grad)
+    ok = ok_v and ok_g and out.dtype == torch.float32 and xk.grad.dtype == x.dtype
+    print(f"{'PASS' if ok else 'FAIL'}  {label:<52} value err {err_v:.2e}  grad err {err_g:.2e}")
+    return ok
+
+
+def check_fused(label, dtype, N, C, V, tol, chunk_bytes):
+    torch.manual_seed(0)
+    hidden = (torch.randn(N, C, device=DEV) / C**0.5).to(dtype)
+    weight = torch.randn(V, C, device=DEV).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEV)
+    targets[::7] = L.IGNORE_INDEX
+    g = torch.randn(N, device=DEV)
+    grads = []
+    saved, L.CHUNK_BYTES = L.CHUNK_BYTES, chunk_bytes
+    try:
+        for op in (L.fused_linear_logprobs, L.fused_linear_logprobs_ref):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            out = op(h, w, targets, 0.8)
+            (out * g).sum().backward()
+            grads.append((out, h.grad, w.grad))
+    finally:
+        L.CHUNK_BYTES = saved
+    chunks = -(-N // max(1, chunk_bytes // (V * hidden.element_size())))
+    results = [close(a, b, *tol) for a, b in zip(*grads)]
+    ok = all(r[0] for r in results)
+    errs = "  ".join(f"{name} err {r[1]:.2e}"
+                     for name, r in zip(("value", "hidden", "weight"), results))
+    print(f"{'PASS' if ok else 'FAIL'}  {label + f' ({chunks} chunks)':<52} {errs}")
+    return ok
+
+
+def test_correctness():
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}")
+    print("correctness: Triton kernels against the float32 PyTorch references")
+    tols = {torch.float32: ((1e-5, 1e-5), (1e-5, 1e-5)),  # (rtol, atol) of values, of gradients
+            torch.bfloat16: ((1e-4, 1e-4), (2e-2, 1e-4))}  # gradients are rounded to bf16
+    ok = True
+    for dtype, N, vocabs in [(torch.float32, 1024, [1000, 50257]),
+                             (torch.bfloat16, 4096, VOCABS)]:  # the bench's keys: tunes at N=4096
+        for V in vocabs:
+            torch.manual_seed(0)
+            p = (torch.randn(N, V, device=DEV) * 4).to(dtype)
+            q = (p.float() + torch.randn(N, V, device=DEV)).to(dtype)
+            targets = torch.randint(0, V, (N,), device=DEV)
+            targets[::5] = L.IGNORE_INDEX
+            name = f"{str(dtype)[6:]} N={N} V={V}"
+            for label, op, ref, x, args in [
+                    ("token_logprobs T=0.7", L.token_logprobs, L.token_logprobs_ref, p,
+                     (targets, 0.7)),
+                    ("entropy", L.entropy, L.entropy_ref, p, ()),
+                    ("kl_div", L.kl_div, L.kl_div_ref, p, (q,))]:
+                ok &= check(f"{label} {name}", op, ref, x, args, *tols[dtype])
+            free()
+    huge = torch.randn(256, 50257, device=DEV) * 1e4
+    targets = huge.argsort(-1)[:, -2].contiguous()
+    ok &= check("token_logprobs |x|~1e4 float32 N=256 V=50257", L.token_logprobs,
+                L.token_logprobs_ref, huge, (targets,), *tols[torch.float32])
+    ok &= check("entropy |x|~1e4 float32 N=256 V=50257", L.entropy, L.entropy_ref, huge, (),
+                *tols[torch.float32])
+    ok &= check_fused("fused_linear float32 N=1024 C=256 V=50257", torch.float32, 1024, 256, 50257,
+                      (1e-4, 1e-4), chunk_bytes=64 * 2**20)
+    ok &= check_fused("fused_linear bf16 N=4096 C=768 V=50257", torch.bfloat16, 4096, 768, 50257,
+                      (2e-2, 2e-2), chunk_bytes=L.CHUNK_BYTES)
+    free()
+    assert ok, "some kernels disagree with their reference: see the FAIL lines above"
+
+
+# -----------------------------------------------------------------------------------------------
+# Memory-bound kernels: token_logprobs, entropy, kl_div
+
+def copy_bandwidth():
+    """GB/s of a large device-to-device copy, counting the bytes read and written."""
+    src = torch.empty(2**31, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    free()
+    return 2 * 2**31 / ms / 1e6
+
+
+def ideal_bytes(op, N, V):
+    """(forward, forward+backward) bytes of bf16 logits [N, V] read and written by a fused op."""
+    reads = 2 if op == "kl_div" else 1  # logits tensors read by the forward
+    return reads * N * V * 2, (2 * reads + 1) * N * V * 2
+
+
+def measure(fn, x, g):
+    """(fwd ms, fwd+bwd ms, peak GB) of fn(x), or 'OOM' for what did not fit."""
+    def step():
+        fn(x).backward(g)
+
+    out = []
+    try:
+        step()  # compiles, autotunes, and warms the allocator
+        x.grad = None
+        peak = peak_gb(step)
+        x.grad = None
+        out = [bench_ms(lambda: fn(x)), bench_ms(step, grad_to_none=[x]), peak]
+    except torch.cuda.OutOfMemoryError:
+        out = ["OOM"] * 3
+    x.grad = None
+    free()
+    return out
+
+
+def test_memory_bound():
+    copy = copy_bandwidth()
+    print(f"\ncopy bandwidth (device to device, read + write): {copy:.0f} GB/s")
+    naive = {"token_logprobs": L.token_logprobs_ref, "entropy": L.entropy_ref,
+             "kl_div": L.kl_div_ref}
+    kernel = {"token_logprobs": L.token_logprobs, "entropy": L.entropy, "kl_div": L.kl_div}
+    compiled = {op: torch.compile(fn, dynamic=True) for op, fn in naive.items()}
+    head = (f"{'op':<15}{'impl':<9}{'N':>6}{'V':>7} | {'fwd ms':>8}{'GB/s':>7}{'%copy':>6} | "
+            f"{'f+b ms':>8}{'GB/s':>7}{'%copy':>6} | {'peak GB':>8}")
+    print(head)
+    print("-" * len(head))
+    for op in naive:
+        for V in VOCABS:
+            for N in TOKENS:
+                torch.manual_seed(0)
+                x = torch.randn(N, V, device=DEV, dtype=torch.bfloat16).requires_grad_()
+                targets = torch.randint(0, V, (N,), device=DEV)
+                g = torch.randn(N, device=DEV)
+                args = {"token_logprobs": (targets,), "entropy": (),
+                        "kl_div": (torch.randn(N, V, device=DEV, dtype=torch.bfloat16),)}[op]
+                fwd_bytes, both_bytes = ideal_bytes(op, N, V)
+                for impl, fn in [("triton", kernel[op]), ("naive", naive[op]),
+                                 ("compile", compiled[op])]:
+                    try:
+                        fwd, both, peak = measure(lambda x_: fn(x_, *args), x, g)
+                    except Exception as e:  # torch.compile could not build it
+                        if impl != "compile":
+                            raise
+                        print(f"    (compile failed: {type(e).__name__}: {str(e)[:100]})")
+                        fwd = both = peak = "n/a"
+                    RESULTS[op, impl, N, V] = dict(fwd=fwd, both=both, peak=peak)
+                    cols = []
+                    for ms, nb in ((fwd, fwd_bytes), (both, both_bytes)):
+                        gbs = nb / ms / 1e6 if not isinstance(ms, str) else ms
+                        pct = 100 * gbs / copy if not isinstance(gbs, str) else ""
+                        cols.append(f"{fmt(ms, '8.3f'):>8}{fmt(gbs, '7.0f'):>7}"
+                                    f"{fmt(pct, '5.0f'):>6}")
+                    print(f"{op:<15}{impl:<9}{N:>6}{V:>7} | {cols[0]} | {cols[1]} | "
+                          f"{fmt(peak, '8.2f'):>8}")
+                del x, targets, g, args
+                free()
+    print("\ngoal: token_logprobs and kl_div at >= 85% of the copy bandwidth (N=16384, bf16)")
+    for op in ("token_logprobs", "kl_div", "entropy"):
+        for V in VOCABS:
+            r = RESULTS[op, "triton", 16384, V]
+            if isinstance(r["fwd"], str):
+                continue
+            fwd_bytes, both_bytes = ideal_bytes(op, 16384, V)
+            fwd_pct = 100 * fwd_bytes / r["fwd"] / 1e6 / copy
+            both_pct = 100 * both_bytes / r["both"] / 1e6 / copy
+            print(f"  {op:<15} V={V:<7} fwd {fwd_pct:.0f}%  fwd+bwd {both_pct:.0f}%")
+    print("autotuned configs (bf16), by V:")
+    for kernel_fn in (L._logprob_fwd_kernel, L._logprob_bwd_kernel, L._entropy_fwd_kernel,
+                      L._entropy_bwd_kernel, L._kl_fwd_kernel, L._kl_bwd_kernel):
+        tuned = {key[0]: str(cfg) for key, cfg in kernel_fn.cache.items()
+                 if any("bfloat16" in str(k) for k in key)}
+        print(f"  {kernel_fn.base_fn.__name__}: {tuned}")
+
+
+# -----------------------------------------------------------------------------------------------
+# fused_linear_logprobs against matmul + log-softmax
+
+def test_fused_linear():
+    head = (f"{'impl':<8}{'N':>6}{'C':>6}{'V':>7} | {'fwd ms':>8}{'TFLOP/s':>8} | "
+            f"{'f+b ms':>8}{'TFLOP/s':>8} | {'peak GB':>8}")
+    print("\nfused_linear_logprobs, bf16 (model FLOPs: 2NVC forward, 6NVC forward+backward)")
+    print(head)
+    print("-" * len(head))
+    for V in VOCABS:
+        for C in (768, 4096):
+            for N in (4096, 16384):
+                torch.manual_seed(0)
+                hidden = (torch.randn(N, C, device=DEV) / C**0.5).bfloat16().requires_grad_()
+                weight = (torch.randn(V, C, device=DEV) * 0.02).bfloat16().requires_grad_()
+                targets = torch.randint(0, V, (N,), device=DEV)
+                g = torch.randn(N, device=DEV)
+                flops = 2 * N * V * C
+                for impl, fn in [("fused", L.fused_linear_logprobs),
+                                 ("naive", L.fused_linear_logprobs_ref)]:
+                    def step():
+                        fn(hidden, weight, targets).backward(g)
+
+                    try:
+                        step()
+                        hidden.grad = weight.grad = None
+                        peak = peak_gb(step)
+                        hidden.grad = weight.grad = None
+                        fwd = bench_ms(lambda: fn(hidden, weight, targets))
+                        both = bench_ms(step, grad_to_none=[hidden, weight])
+                    except torch.cuda.OutOfMemoryError:
+                        fwd = both = peak = "OOM"
+                    hidden.grad = weight.grad = None
+                    free()
+                    RESULTS["fused", impl, N, V, C] = dict(fwd=fwd, both=both, peak=peak)
+                    tf_fwd = flops / fwd / 1e9 if not isinstance(fwd, str) else fwd
+                    tf_both = 3 * flops / both / 1e9 if not isinstance(both, str) else both
+                    print(f"{impl:<8}{N:>6}{C:>6}{V:>7} | {fmt(fwd, '8.2f'):>8}"
+                          f"{fmt(tf_fwd, '8.0f'):>8} | {fmt(both, '8.2f'):>8}"
+                          f"{fmt(tf_both, '8.0f'):>8} | {fmt(peak, '8.2f'):>8}")
+                del hidden, weight, targets, g
+                free()
+    print("\ngoal: fused at least as fast as naive at C=768, at most 1/8 of its peak memory at "
+          "N=16384, V=50257")
+    fused = RESULTS["fused", "fused", 16384, 50257, 768]
+    naive = RESULTS["fused", "naive", 16384, 50257, 768]
+    if not any(isinstance(v, str) for v in (*fused.values(), *naive.values())):
+        print(f"  fwd+bwd speed-up {naive['both'] / fused['both']:.2f}x, "
+              f"peak memory {fused['peak']:.2f} GB vs {naive['peak']:.2f} GB "
+              f"(1/{naive['peak'] / fused['peak']:.0f})")

@@ -1,0 +1,270 @@
+"""
+Tests of kernels/logprob.py: the Triton kernels against float64 references, values and gradients.
+
+    python -m pytest tests/test_logprob.py -q
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it), so the shapes stay
+small. The one CUDA test (bf16 at a realistic shape) needs the interpreter off:
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_logprob.py -q -k cuda
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import logprob
+from kernels.logprob import IGNORE_INDEX
+
+# the interpreter evaluates both sides of tl.where, so the kernels' guarded 0 * -inf warn in numpy
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+TOL = {  # (rtol, atol) by input dtype; outputs are float32, gradients are in the input dtype
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1e-2, 1e-4),
+}
+
+
+# float64 references, written independently of kernels/logprob.py; 0 * log 0 counts as 0
+
+def logprobs64(logits, targets, temperature=1.0):
+    logp = F.log_softmax(logits / temperature, dim=-1)
+    ignored = targets == IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(ignored, 0.0)
+
+
+def entropy64(logits):
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(-1)
+
+
+def kl64(logits_p, logits_q):
+    logp, logq = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
+    return (logp.exp() * (logp - logq).masked_fill(logp == float("-inf"), 0.0)).sum(-1)
+
+
+def check(op, ref, x, *args, grad_out=None, tol=None):
+    """op(x, *args) against ref(x in float64, *args in float64): value and gradient wrt x."""
+    rtol, atol = tol or TOL[x.dtype]
+    x = x.clone().requires_grad_()
+    out = op(x, *args)
+    x64 = x.detach().double().requires_grad_()
+    args64 = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    out64 = ref(x64, *args64)
+    g = torch.randn(out.shape) if grad_out is None else grad_out
+    (out * g).sum().backward()
+    (out64 * g.double()).sum().backward()
+    assert out.dtype == torch.float32 and out.shape == out64.shape
+    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out.double(), out64, rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=atol)
+    return x.grad
+
+
+def random_targets(shape, V, n_ignored=3):
+    targets = torch.randint(0, V, shape)
+    targets.view(-1)[torch.randperm(targets.numel())[:n_ignored]] = IGNORE_INDEX
+    return targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37,), (3, 7)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs(dtype, shape, temperature):
+    torch.manual_seed(0)
+    V = 1000
+    logits = (torch.randn(*shape, V) * 3).to(dtype)
+    targets = random_targets(shape, V)
+    grad = check(logprob.token_logprobs, logprobs64, logits, targets, temperature)
+    assert (grad[targets == IGNORE_INDEX] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37,), (3, 7)])
+def test_entropy_and_kl(dtype, shape):
+    torch.manual_seed(0)
+    V = 1000
+    logits_p = (torch.randn(*shape, V) * 3).to(dtype)
+    logits_q = (logits_p.float() + torch.randn(*shape, V)).to(dtype)
+    check(logprob.entropy, entropy64, logits_p)
+    check(logprob.kl_div, kl64, logits_p, logits_q)
+
+
+def test_kl_no_gradient_into_q():
+    logits_p = torch.randn(5, 300, requires_grad=True)
+    logits_q = torch.randn(5, 300, requires_grad=True)
+    logprob.kl_div(logits_p, logits_q).sum().backward()
+    assert logits_p.grad is not None and logits_q.grad is None
+
+
+def test_gpt2_vocabulary():
+    """V = 50257: not a power of two, 13 blocks of the interpreter's 4096, a partial last one."""
+    torch.manual_seed(0)
+    V = 50257
+    logits_p = torch.randn(2, V) * 4
+    logits_q = logits_p + torch.randn(2, V)
+    targets = torch.tensor([V - 1, 17])
+    check(logprob.token_logprobs, logprobs64, logits_p, targets, 0.9)
+    check(logprob.entropy, entropy64, logits_p)
+    check(logprob.kl_div, kl64, logits_p, logits_q)
+
+
+def test_maximum_in_a_later_block():
+    """The running maximum grows block after block; a first block of -inf (masked vocabulary)."""
+    torch.manual_seed(0)
+    V = 10000
+    logits = torch.randn(4, V) + torch.linspace(0, 30, V)
+    logits[1, :5000] = float("-inf")
+    targets = torch.tensor([V - 1, 7000, 0, IGNORE_INDEX])
+    check(logprob.token_logprobs, logprobs64, logits, targets)
+    check(logprob.entropy, entropy64, logits)
+    check(logprob.kl_div, kl64, logits, logits + torch.randn(4, V))  # q is -inf where p is
+
+
+def test_huge_logits():
+    """|x| ~ 1e4: nothing overflows, and the log-sum-exp kept as (max, log-sum) stays accurate."""
+    torch.manual_seed(0)
+    V = 1000
+    logits = torch.randn(8, V) * 1e4
+    targets = logits.argsort(-1)[:, -2]  # the runner-up: log-prob far from 0, gradient not 0
+    check(logprob.token_logprobs, logprobs64, logits, targets)
+    check(logprob.entropy, entropy64, logits)
+    check(logprob.kl_div, kl64, logits, logits.roll(1, 0))
+    # the same distribution under different huge offsets: KL ~ 0, not the rounding of 1e4
+    x = torch.randn(8, V) * 3
+    check(logprob.token_logprobs, logprobs64, x + 1e4, targets)
+    check(logprob.entropy, entropy64, x + 1e4)
+    check(logprob.kl_div, kl64, x + 1e4, x - 2e4)
+
+
+def test_strided_rows():
+    """A row stride larger than V (a view), leading dims that need a copy (a slice), and strided
+    targets."""
+    torch.manual_seed(0)
+    V = 1000
+    wide = torch.randn(37, V + 24) * 3
+    targets = random_targets((37, 2), V)[:, 1]
+    check(logprob.token_logprobs, logprobs64, wide[:, :V], targets)
+    check(logprob.kl_div, kl64, wide[:, :V], wide[:, 24:])
+    logits = torch.randn(3, 8, V)[:, :-1]
+    check(logprob.token_logprobs, logprobs64, logits, random_targets((3, 7), V))
+    check(logprob.entropy, entropy64, logits)
+
+
+def test_empty_batch_and_single_position():
+    """N = 0 rows, and logits [V] with a 0-d target."""
+    check(logprob.token_logprobs, logprobs64, torch.randn(0, 7, 100), torch.zeros(0, 7).long())
+    check(logprob.kl_div, kl64, torch.randn(0, 100), torch.randn(0, 100))
+    check(logprob.token_logprobs, logprobs64, torch.randn(100), torch.tensor(3))
+    check(logprob.entropy, entropy64, torch.randn(100))
+
+
+def test_upstream_gradient_from_sum():
+    """Autograd hands .sum()'s gradient over as an expanded tensor with stride 0."""
+    logits = torch.randn(6, 300)
+    targets = random_targets((6,), 300, n_ignored=1)
+    check(logprob.token_logprobs, logprobs64, logits, targets, grad_out=torch.ones(6))
+    x = logits.clone().requires_grad_()
+    logprob.token_logprobs(x, targets).sum().backward()
+    x64 = logits.double().requires_grad_()
+    logprobs64(x64, targets).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_fused_linear_logprobs(monkeypatch, dtype, temperature):
+    torch.manual_seed(0)
+    B, T, C, V = 2, 37, 24, 300
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", 16 * V * 4)  # chunks of 16 or 32 rows: 5 or 3
+    hidden = torch.randn(B, T, C).to(dtype).requires_grad_()
+    weight = (torch.randn(V, C) * 0.5).to(dtype).requires_grad_()
+    targets = random_targets((B, T), V)
+    g = torch.randn(B, T)
+    out = logprob.fused_linear_logprobs(hidden, weight, targets, temperature)
+    (out * g).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    out64 = logprobs64(h64 @ w64.t(), targets, temperature)
+    (out64 * g.double()).sum().backward()
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 1e-2)  # fp16 logits and matmuls
+    assert out.dtype == torch.float32 and hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    torch.testing.assert_close(out.double(), out64, rtol=rtol, atol=atol)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=rtol, atol=atol)
+    assert (hidden.grad[targets == IGNORE_INDEX] == 0).all()
+
+
+def test_fused_linear_frozen_weight(monkeypatch):
+    """Only the gradients asked for are computed: here hidden's, with the lm_head frozen."""
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", 8 * 100 * 4)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(100, 16)
+    targets = random_targets((20,), 100)
+    logprob.fused_linear_logprobs(hidden, weight, targets).sum().backward()
+    h64 = hidden.detach().double().requires_grad_()
+    logprobs64(h64 @ weight.double().t(), targets).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_linear_logprobs", "kl_div", "entropy"])
+def test_dispatch_switch(monkeypatch, op):
+    """RLHF_KERNELS=triton runs the kernel, =torch the reference; auto on a CPU tensor: torch."""
+    calls = []
+
+    def spy(name):
+        fn = getattr(logprob, name)
+
+        def recorded(*args):
+            calls.append(name)
+            return fn(*args)
+        return recorded
+
+    for name in (op, op + "_ref"):
+        monkeypatch.setattr(logprob, name, spy(name))
+    logits, targets = torch.randn(4, 50), torch.randint(0, 50, (4,))
+    args = {"token_logprobs": (logits, targets),
+            "fused_linear_logprobs": (logits, torch.randn(30, 50), torch.randint(0, 30, (4,))),
+            "kl_div": (logits, logits.flip(0)),
+            "entropy": (logits,)}[op]
+    results = {}
+    for mode in ("triton", "torch", "auto"):
+        monkeypatch.setenv("RLHF_KERNELS", mode)
+        results[mode] = getattr(kernels, op)(*args)
+    assert calls == [op, op + "_ref", op + "_ref"]
+    torch.testing.assert_close(results["triton"], results["torch"], rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("RLHF_KERNELS", "cuda")
+    with pytest.raises(ValueError):
+        getattr(kernels, op)(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU and TRITON_INTERPRET=0")
+def test_cuda_bf16_realistic():
+    """bf16 at a GPT-2 shape on the GPU: the compiled kernels, not the interpreter."""
+    torch.manual_seed(0)
+    N, C, V = 2048, 768, 50257
+    dev = "cuda"
+    logits_p = (torch.randn(N, V, device=dev) * 4).bfloat16()
+    logits_q = (logits_p.float() + torch.randn(N, V, device=dev)).bfloat16()
+    targets = random_targets((N,), V, n_ignored=100).to(dev)
+    g = torch.randn(N, device=dev)
+    for op, ref, args in [(logprob.token_logprobs, logprobs64, (logits_p, targets, 0.8)),
+                          (logprob.entropy, entropy64, (logits_p,)),
+                          (logprob.kl_div, kl64, (logits_p, logits_q))]:
+        check(op, ref, *args, grad_out=g, tol=(2e-2, 1e-3))
+    hidden = (torch.randn(N, C, device=dev) * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(V, C, device=dev) * 0.05).bfloat16().requires_grad_()
+    out = logprob.fused_linear_logprobs(hidden, weight, targets)
+    (out * g).sum().backward()
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    out32 = logprobs64((h32 @ w32.t()).bfloat16().float(), targets)  # the bf16 logits, in fp32
+    (out32 * g).sum().backward()
+    torch.testing.assert_close(out, out32, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=2e-2, atol=2e-2)
