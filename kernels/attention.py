@@ -151,9 +151,9 @@ def _key_ranges(start_m, Tq, Tk, kv_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 def _query_ranges(start_n, Tq, Tk, kv_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """The query blocks that see the keys [start_n, start_n + BLOCK_N), as three ranges of block starts:
     [lo, mid_lo) cut by the causal diagonal, [mid_lo, mid_hi) that see every key of the block, [mid_hi,
-    hi) cut by the end of the queries. A key block cut by kv_start or by the end of the keys is partly
-    hidden from every query: then [lo, hi) is all masked. A key block that kv_start hides whole is seen
-    by no query: then lo = hi."""
+    hi) cut by the end of the queries. A key block cut by kv_start is partly hidden from every query: then
+    [lo, hi) is all masked. A key block that kv_start hides whole is seen by no query: then lo = hi.
+    (Keys past Tk need no mask here: they only make rows of dK and dV that are never stored.)"""
     hi = Tq
     if CAUSAL:  # key j is seen by queries i >= j - (Tk - Tq)
         lo = tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
@@ -162,7 +162,7 @@ def _query_ranges(start_n, Tq, Tk, kv_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
         lo = 0
         mid_lo = 0
     mid_hi = Tq // BLOCK_M * BLOCK_M
-    mid_lo = tl.where((start_n < kv_lo) | (start_n + BLOCK_N > Tk), hi, mid_lo)
+    mid_lo = tl.where(start_n < kv_lo, hi, mid_lo)
     lo = tl.where(start_n + BLOCK_N <= kv_lo, hi, lo)
     return lo, mid_lo, mid_hi, hi
 
