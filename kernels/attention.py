@@ -109,6 +109,19 @@ _TUNE_KEY = ["Tq_bucket", "Tk_bucket", "HEAD_DIM", "CAUSAL"]
 
 
 @triton.jit
+def _batch_and_head(H, KV_START):
+    """The (batch * head) row of this program (grid axis 1), its batch and head (int64, to multiply the
+    strides without overflow), and the first key its batch row may see (0 without KV_START)."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    kv_lo = 0
+    if KV_START is not None:
+        kv_lo = tl.load(KV_START + off_b)
+    return off_bh, off_b, off_h, kv_lo
+
+
+@triton.jit
 def _tile_mask(rows, n_rows, cols, n_cols: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """In-bounds mask of a [len(rows), len(cols)] tile: rows < n_rows (if CHECK_ROWS) and cols < n_cols.
     Where neither check applies it is a constant True, which the compiler drops from the load."""
@@ -226,12 +239,7 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr,  # keys per step
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest walks first
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    kv_lo = 0
-    if KV_START is not None:
-        kv_lo = tl.load(KV_START + off_b)
+    off_bh, off_b, off_h, kv_lo = _batch_and_head(H, KV_START)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -279,9 +287,7 @@ def _attn_bwd_preprocess(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two (at least 16)
     BLOCK_M: tl.constexpr,  # queries per program
 ):
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    off_bh, off_b, off_h, _ = _batch_and_head(H, None)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = _tile_mask(offs_m, Tq, offs_d, HEAD_DIM, True)
@@ -355,12 +361,7 @@ def _attn_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # keys per program
 ):
     start_n = tl.program_id(0) * BLOCK_N  # the first key blocks, seen by the most queries, start first
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    kv_lo = 0
-    if KV_START is not None:
-        kv_lo = tl.load(KV_START + off_b)
+    off_bh, off_b, off_h, kv_lo = _batch_and_head(H, KV_START)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = start_n + tl.arange(0, BLOCK_N)
@@ -452,12 +453,7 @@ def _attn_bwd_dq(
     BLOCK_N: tl.constexpr,  # keys per step
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest walks first
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    kv_lo = 0
-    if KV_START is not None:
-        kv_lo = tl.load(KV_START + off_b)
+    off_bh, off_b, off_h, kv_lo = _batch_and_head(H, KV_START)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
