@@ -47,7 +47,6 @@ for the padding.
 """
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +87,14 @@ def attention_ref(q, k, v, causal=True, sm_scale=None, kv_start=None):
 # Triton kernels
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+# How tl.dot multiplies float32 inputs: three TF32 tensor-core products, about as accurate as float32
+# (plain TF32 is not; "ieee" falls back to slow FMA loops). fp16 and bf16 inputs ignore it.
+F32_DOT = tl.constexpr("tf32x3")
 
 # On a GPU each kernel autotunes over a few tile shapes (BLOCK_M queries x BLOCK_N keys, warps, software
 # pipeline stages). The interpreter (TRITON_INTERPRET=1, how the CPU tests run) cannot autotune: it runs
 # one small config, whose unequal blocks make the tests cross every kind of partial block.
-_ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+_ON_GPU = torch.cuda.is_available() and not triton.knobs.runtime.interpret
 
 
 def _configs(gpu, interpreter):
@@ -106,6 +108,12 @@ def _configs(gpu, interpreter):
 # The autotune key: head dim, mask, and the lengths rounded up to a power of two (the key passes the
 # rounded lengths so that decoding, one key longer at each step, does not retune at every step).
 _TUNE_KEY = ["Tq_bucket", "Tk_bucket", "HEAD_DIM", "CAUSAL"]
+
+
+def _untuned_when_short(configs, named_args, **kwargs):
+    """Autotuning prune: up to 64 queries (decoding, short prompts) the work is too small to be worth
+    tuning, so it runs the last config of the list, the smallest."""
+    return configs[-1:] if named_args["Tq"] <= 64 else configs
 
 
 @triton.jit
@@ -196,7 +204,7 @@ def _attn_fwd_inner(
         offs_k = start_n + offs_n
         kv_mask = _tile_mask(offs_k, Tk, offs_d, HEAD_DIM, MASKED)
         k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale  # [BLOCK_M, BLOCK_N], base 2
+        s = tl.dot(q, tl.trans(k), input_precision=F32_DOT) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_k[None, :], Tq, Tk, kv_lo, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -207,7 +215,7 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_sub)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32x3")
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=F32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -218,6 +226,7 @@ def _attn_fwd_inner(
         interpreter=[(32, 16, 4, 1)],
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit
 def _attn_fwd(
@@ -312,21 +321,21 @@ def _attn_bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr,  # the tiles are partly visible: apply the mask (else every pair is visible)
 ):
-    # The tiles are computed transposed, keys along the rows, so that dK and dV come out row-major.
+    # The tiles are [keys, queries], P transposed, so that dV = P^T dO and dK = dS^T Q are plain matmuls.
     for start_m in range(lo, hi, BLOCK_M):
         offs_q = start_m + offs_m
         q_mask = _tile_mask(offs_q, Tq, offs_d, HEAD_DIM, MASKED)
         q = tl.load(q_ptrs + start_m * stride_qt, mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + offs_q, mask=offs_q < Tq, other=float("inf"))
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision="tf32x3") * qk_scale - lse[None, :])
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=F32_DOT) * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(offs_q[None, :], offs_k[:, None], Tq, Tk, kv_lo, CAUSAL), p_t, 0.0)
         do = tl.load(do_ptrs + start_m * stride_dot, mask=q_mask, other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="tf32x3")
-        dp_t = tl.dot(v, tl.trans(do), input_precision="tf32x3")
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=F32_DOT)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=F32_DOT)
         delta = tl.load(delta_ptr + offs_q, mask=offs_q < Tq, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])  # the softmax gradient, without sm_scale
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="tf32x3")
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=F32_DOT)
     return dk, dv
 
 
@@ -336,6 +345,7 @@ def _attn_bwd_dkdv_inner(
         interpreter=[(16, 32, 4, 1)],
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit
 def _attn_bwd_dkdv(
@@ -413,13 +423,13 @@ def _attn_bwd_dq_inner(
         offs_k = start_n + offs_n
         kv_mask = _tile_mask(offs_k, Tk, offs_d, HEAD_DIM, MASKED)
         k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale - lse[:, None])
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=F32_DOT) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_k[None, :], Tq, Tk, kv_lo, CAUSAL), p, 0.0)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="tf32x3")
+        dp = tl.dot(do, tl.trans(v), input_precision=F32_DOT)
         ds = p * (dp - delta[:, None])  # the softmax gradient, without sm_scale
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32x3")
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=F32_DOT)
     return dq
 
 
@@ -429,6 +439,7 @@ def _attn_bwd_dq_inner(
         interpreter=[(32, 16, 4, 1)],
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit
 def _attn_bwd_dq(
@@ -557,12 +568,12 @@ class _FlashAttention(torch.autograd.Function):
 
 def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
     """Flash attention with the semantics of attention_ref: q [B, H, Tq, D], k, v [B, H, Tk, D] ->
-    [B, H, Tq, D] in q's dtype (float32, float16 or bfloat16; float32 accumulation; float32 matmuls
-    in full precision, not TF32). Differentiable in q, k and v. Any strides are taken as they are as
-    long as the head dim is contiguous; a tensor whose head dim is not gets copied. Head dims up to 128."""
+    [B, H, Tq, D] in q's dtype (float32, float16 or bfloat16; float32 accumulation; see F32_DOT for
+    float32 inputs). Differentiable in q, k and v. Any strides are taken as they are as long as the
+    head dim is contiguous; a tensor whose head dim is not gets copied. Head dims up to 128."""
     B, H, Tq, D = q.shape
     Tk = k.size(2)
-    assert k.shape == v.shape == (B, H, Tk, D), f"k and v must be [B, H, Tk, D] = {k.shape}, got {v.shape}"
+    assert k.shape == v.shape == (B, H, Tk, D), f"q {q.shape}: k and v must be [B, H, Tk, D], got {k.shape}, {v.shape}"
     assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
     assert Tq <= Tk or not causal, f"causal attention needs Tq <= Tk, got Tq={Tq}, Tk={Tk}"
     assert D <= 128, f"head dims up to 128, got {D}"

@@ -12,15 +12,15 @@ within 1e-2. (bf16 is left to the GPU: the interpreter's bf16 matmul is wrong.)
 """
 
 import math
-import os
 
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels.attention import attention, attention_ref
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = triton.knobs.runtime.interpret  # TRITON_INTERPRET, as Triton reads it
 DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 
