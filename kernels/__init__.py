@@ -44,7 +44,8 @@ def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
     kv_start: optional int tensor [B]; row b ignores its first kv_start[b] keys (left padding).
         A query that sees no key at all (a padding position) gets an output of zeros.
     """
-    return _attention.attention_ref(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
+    impl = _attention.attention if use_triton(q) else _attention.attention_ref
+    return impl(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
 
 
 def token_logprobs(logits, targets, temperature=1.0):
