@@ -9,8 +9,7 @@ Every model and stage calls these functions and nothing below them:
     kl_div(logits_p, logits_q)                                       # [...]
     entropy(logits)                                                  # [...]
 
-Dispatch (the Triton kernels arrive op by op; until an op has one, it runs its reference everywhere):
-tensors on a CUDA device run the Triton kernels, anything else runs the PyTorch
+Dispatch: tensors on a CUDA device run the Triton kernels, anything else runs the PyTorch
 reference that sits beside each kernel (and that the kernels are tested against). The environment
 variable RLHF_KERNELS forces a path: RLHF_KERNELS=torch always runs the reference, RLHF_KERNELS=triton
 always runs Triton (on CPU tensors that needs TRITON_INTERPRET=1, which is how the tests run the
