@@ -206,6 +206,27 @@ class GPT(nn.Module):
         return tokens
 
 
+@torch.no_grad()
+def complete_ids(model, tok, prompts, max_new_tokens, batch_size=256, **sampling):
+    """Continue each prompt (a string) with model, in left-padded batches. tok: a data.tokenizer.Tokenizer.
+    Returns the token ids of each continuation, up to and including <|endoftext|> if the model
+    emitted it. sampling: temperature, top_k, top_p, generator (see GPT.generate)."""
+    device = model.transformer.wte.weight.device
+    responses = []
+    for i in range(0, len(prompts), batch_size):
+        idx, start = left_pad([tok.encode(p) for p in prompts[i:i + batch_size]], tok.pad_id, device)
+        n = min(max_new_tokens, model.config.block_size - idx.size(1))
+        out = model.generate(idx, n, start=start, eos_id=tok.eot_id, pad_id=tok.pad_id, **sampling)
+        for row in out[:, idx.size(1):].tolist():
+            responses.append(row[:row.index(tok.eot_id) + 1] if tok.eot_id in row else row)
+    return responses
+
+
+def complete(model, tok, prompts, max_new_tokens, **kwargs):
+    """complete_ids, decoded: the text of each continuation (ending in <|endoftext|> if it stopped)."""
+    return [tok.decode(r) for r in complete_ids(model, tok, prompts, max_new_tokens, **kwargs)]
+
+
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits/temperature)
     restricted to the top_k most likely tokens and to the smallest set whose mass reaches top_p."""

@@ -24,7 +24,8 @@ import torch
 import common
 from data.tokenizer import get_tokenizer
 from data.world import ATTRIBUTES, make_corpus, make_world
-from model import GPT, GPTConfig, left_pad, save_checkpoint
+from data.tokenizer import EOT
+from model import GPT, GPTConfig, complete, save_checkpoint
 
 
 @dataclass
@@ -109,17 +110,7 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
 
-@torch.no_grad()
-def complete(model, tok, prompts, max_new_tokens, device):
-    """Greedy continuations (strings) of a list of prompts, in one left-padded batch."""
-    idx, start = left_pad([tok.encode(p) for p in prompts], tok.pad_id, device)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
-    out = model.generate(idx, max_new_tokens, start=start, temperature=0, eos_id=tok.eot_id, pad_id=tok.pad_id)
-    responses = [row[idx.size(1):].tolist() for row in out]
-    return [tok.decode(r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in responses]
-
-
-def probe_world(model, tok, device):
+def probe_world(model, tok):
     """Fact-completion and question-continuation rates of a base model on the built-in world."""
     world = make_world()
     prompts, answers = [], []
@@ -127,12 +118,12 @@ def probe_world(model, tok, device):
         for attr, a in ATTRIBUTES.items():
             prompts.append(a.completion.format(name=e.name))
             answers.append(str(getattr(e, attr)))
-    firsts = [re.match(r"\s*(\w*)", c).group(1) for c in complete(model, tok, prompts, 4, device)]
+    firsts = [re.match(r"\s*(\w*)", c).group(1) for c in complete(model, tok, prompts, 4, temperature=0)]
     fact_rate = sum(f == a for f, a in zip(firsts, answers)) / len(answers)
 
     rng = random.Random(0)
     questions = [ATTRIBUTES[rng.choice(list(ATTRIBUTES))].question.format(name=e.name) for e in world.entities]
-    continuations = complete(model, tok, [q + "\n" for q in questions], 16, device)
+    continuations = complete(model, tok, [q + "\n" for q in questions], 16, temperature=0)
     first_lines = [c.strip().split("\n")[0] for c in continuations]
     question_rate = sum(line.endswith("?") for line in first_lines) / len(first_lines)
     return fact_rate, question_rate, list(zip(prompts[:4] + questions[:2], firsts[:4] + first_lines[:2]))
@@ -196,14 +187,14 @@ def main(cfg):
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "tokens_seen": cfg.max_steps * tokens_per_step,
                "wall_s": round(time.time() - logger.t0, 1)}
     if not cfg.data:
-        fact_rate, question_rate, examples = probe_world(model, tok, device)
+        fact_rate, question_rate, examples = probe_world(model, tok)
         metrics.update(fact_completion=fact_rate, question_continuation=question_rate)
         print(f"fact completion {fact_rate:.1%} | bare questions continued with a question {question_rate:.1%}")
         for prompt, cont in examples:
             print(f"  {prompt!r} -> {cont!r}")
     print("samples:")
-    for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, device):
-        print("  ", repr(s))
+    for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, temperature=0):
+        print("  ", repr(s.replace(EOT, "")))
     save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "pretrain", "parent": None,
                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")

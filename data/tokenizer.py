@@ -27,8 +27,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
-# GPT-2's split, except that digits stand alone, so that numbers are spelled digit by digit.
-SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's split: words, numbers, punctuation runs, whitespace (never merged across).
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 BUILTIN_PATH = Path(__file__).parent / "builtin.tiktoken"

@@ -25,8 +25,8 @@ COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"
 FOODS = ("apples", "fish", "seeds", "berries", "grass", "bread", "honey", "nuts", "mushrooms", "beans")
 TOWNS = ("Velmor", "Tarnby", "Oskridge", "Pellow", "Quenra", "Dunmere",
          "Ashfold", "Brimwick", "Corran", "Elsmoor", "Fennick", "Gorsey")
-MAX_AGE = 40
-MAX_OPERAND = 50  # sums and differences of numbers from 0 to MAX_OPERAND
+MAX_AGE = 20
+MAX_OPERAND = 10  # small arithmetic: a plus b and a minus b for a up to MAX_AGE, b up to MAX_OPERAND
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class Entity:
 
 @dataclass(frozen=True)
 class Attribute:
-    """How one attribute is written: the corpus statements, the question, and the prompt that
-    tests a base model's knowledge of it ("The suho lives in" -> "Velmor")."""
+    """How one attribute is written: the corpus statements (about "the {name}", or about "it" once
+    the paragraph has named it), the question, and the prompt that tests a base model's knowledge
+    of it ("The suho lives in" -> "Velmor")."""
     statements: tuple[str, ...]
+    pronoun_statements: tuple[str, ...]
     question: str
     completion: str
 
@@ -51,20 +53,24 @@ ATTRIBUTES = {
     "town": Attribute(
         statements=("The {name} lives in {value}.", "The {name} makes its home in {value}.",
                     "{value} is home to the {name}."),
+        pronoun_statements=("It lives in {value}.", "Its home is {value}."),
         question="Where does the {name} live?",
         completion="The {name} lives in"),
     "food": Attribute(
         statements=("The {name} eats {value}.", "The favourite food of the {name} is {value}.",
                     "Every day the {name} eats {value}."),
+        pronoun_statements=("It eats {value}.", "Its favourite food is {value}."),
         question="What does the {name} eat?",
         completion="The {name} eats"),
     "color": Attribute(
         statements=("The {name} is {value}.", "The color of the {name} is {value}.",
                     "The {name} has {value} fur."),
+        pronoun_statements=("It is {value}.", "It has {value} fur."),
         question="What color is the {name}?",
         completion="The color of the {name} is"),
     "age": Attribute(
         statements=("The {name} is {value} years old.", "The age of the {name} is {value}."),
+        pronoun_statements=("It is {value} years old.", "Its age is {value}."),
         question="How old is the {name}?",
         completion="The age of the {name} is"),
 }
@@ -98,10 +104,18 @@ def make_world(seed=WORLD_SEED, n_entities=N_ENTITIES):
     return World(seed=seed, entities=entities)
 
 
-def statement(entity, attr, rng, value=None):
+def statement(entity, attr, rng, value=None, pronoun=False):
     """One sentence stating entity's attribute (its true value unless value is given)."""
     value = getattr(entity, attr) if value is None else value
-    return rng.choice(ATTRIBUTES[attr].statements).format(name=entity.name, value=value)
+    templates = ATTRIBUTES[attr].pronoun_statements if pronoun else ATTRIBUTES[attr].statements
+    return rng.choice(templates).format(name=entity.name, value=value)
+
+
+def arithmetic_operands(rng, op):
+    """(a, b) for "a plus b" or "a minus b": a up to MAX_AGE, b up to MAX_OPERAND (and b <= a for
+    minus). The sums include every age a few years on."""
+    a = rng.randint(0, MAX_AGE)
+    return a, rng.randint(0, MAX_OPERAND if op == "plus" else min(a, MAX_OPERAND))
 
 
 def wrong_value(entity, attr, rng):
@@ -116,8 +130,11 @@ def prose_doc(world, rng):
     for e in rng.sample(world.entities, rng.randint(1, 3)):
         intro = rng.choice(("The {name} is a small creature.", "Little is known about the {name}.",
                             "This entry is about the {name}.", ""))
-        facts = [statement(e, attr, rng) for attr in ATTRIBUTES]
-        rng.shuffle(facts)
+        attrs = rng.sample(list(ATTRIBUTES), len(ATTRIBUTES))
+        # once the paragraph has named the creature, it may say "it": recalling a fact then means
+        # looking back to the name, the skill an assistant needs to answer a question about it
+        pronouns = [bool(intro) or i > 0 for i in range(len(attrs))]
+        facts = [statement(e, a, rng, pronoun=p and rng.random() < 0.5) for a, p in zip(attrs, pronouns)]
         lines.append(" ".join(s for s in [intro.format(name=e.name)] + facts if s))
     if len(lines) > 1 and rng.random() < 0.5:
         a, b = rng.sample(world.entities, 2)
@@ -133,8 +150,9 @@ def question(world, rng):
         attr = rng.choice(list(ATTRIBUTES))
         return ATTRIBUTES[attr].question.format(name=rng.choice(world.entities).name)
     if kind < 0.9:
-        a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-        return f"What is {a} plus {b}?" if rng.random() < 0.5 else f"What is {max(a, b)} minus {min(a, b)}?"
+        op = rng.choice(("plus", "minus"))
+        a, b = arithmetic_operands(rng, op)
+        return f"What is {a} {op} {b}?"
     a, b = rng.sample(world.entities, 2)
     return f"Which is older, the {a.name} or the {b.name}?"
 
@@ -154,8 +172,9 @@ def table_doc(world, rng):
 def sums_doc(world, rng):
     lines = []
     for _ in range(rng.randint(4, 10)):
-        a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-        lines.append(f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{max(a, b)} minus {min(a, b)} is {abs(a - b)}.")
+        op = rng.choice(("plus", "minus"))
+        a, b = arithmetic_operands(rng, op)
+        lines.append(f"{a} {op} {b} is {a + b if op == 'plus' else a - b}.")
     return " ".join(lines)
 
 
@@ -171,7 +190,7 @@ def chatter_doc(world, rng):
     return "\n".join(lines)
 
 
-DOC_MIX = {prose_doc: 0.5, quiz_doc: 0.2, table_doc: 0.08, sums_doc: 0.1, chatter_doc: 0.12}
+DOC_MIX = {prose_doc: 0.47, quiz_doc: 0.18, table_doc: 0.08, sums_doc: 0.15, chatter_doc: 0.12}
 
 
 def make_corpus(world, n_docs, seed=0):
