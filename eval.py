@@ -1,0 +1,209 @@
+"""
+Evaluation: the same held-out prompts through every stage, one table.
+
+    python eval.py                                    # out/base, out/sft, out/ppo, out/dpo (those that exist)
+    python eval.py --checkpoints out/sft,out/ppo_nokl --temperature 1
+
+Each checkpoint answers the held-out evaluation prompts of the built-in task (data/tasks.py; no
+training stage ever sees them), greedily by default. The gold judge (data/judge.py) scores every
+response; the table shows the mean gold score with two standard errors, its parts, and:
+- rm: the reward model's score of the responses (when out/rm exists), the proxy the policy optimises;
+- kl: KL(policy || reference) summed over the response tokens, with the full-vocabulary formula at
+  each position (a policy's drift from the SFT model).
+With a reward model it also runs best-of-n on the reference model: n samples at temperature 1, the
+one the reward model likes best kept (its KL is the analytic bound log n - (n - 1) / n).
+The JSON report (--out) has the same numbers, plus correctness per question kind, on entities the
+demonstrations covered and on those they did not, and a few sample responses.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+import common
+import kernels
+from data.judge import gold_parts, score_parts
+from data.tasks import covered_entities, eval_questions
+from data.tokenizer import get_tokenizer
+from data.world import make_world
+from model import complete_ids, left_pad, load_checkpoint
+
+DEFAULT_CHECKPOINTS = "out/base,out/sft,out/ppo,out/dpo"
+
+
+@dataclass
+class Config:
+    checkpoints: str = DEFAULT_CHECKPOINTS
+    """comma-separated checkpoint directories (with the default list, missing ones are skipped)"""
+    reward: str = "out/rm"
+    """reward model for the rm column (skipped if it does not exist; empty: none)"""
+    reference: str = "out/sft"
+    """KL is measured against this model (skipped if it does not exist; empty: none)"""
+    n_prompts: int = 600
+    """held-out prompts to evaluate (at most 600)"""
+    temperature: float = 0.0
+    """sampling temperature; 0 is greedy decoding"""
+    max_new_tokens: int = 48
+    """longest response"""
+    best_of: str = "1,4,16"
+    """best-of-n from the reference model with the reward model, for these n (empty: none)"""
+    out: str = "out/eval.json"
+    """where the JSON report is written"""
+    seed: int = 0
+    """seed of sampling when temperature > 0"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+
+
+def batches(prompts, responses, tok, device, batch_size=64):
+    """Left-padded batches of prompt + response token ids: (idx, start, response ids of each row)."""
+    for i in range(0, len(prompts), batch_size):
+        seqs = [tok.encode(p) + r for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        idx, start = left_pad(seqs, tok.pad_id, device)
+        yield idx, start, responses[i:i + batch_size]
+
+
+@torch.no_grad()
+def response_logits(model, tok, prompts, responses):
+    """For each (prompt, response ids): the logits that predicted each response token, [(n_i, V)]."""
+    out = []
+    for idx, start, rows in batches(prompts, responses, tok, model.transformer.wte.weight.device):
+        logits, _ = model(idx, start=start)
+        T = idx.size(1)
+        out += [logits[b, T - len(r) - 1:T - 1].float() for b, r in enumerate(rows)]  # position t predicts t + 1
+    return out
+
+
+@torch.no_grad()
+def reward_scores(rm, tok, prompts, responses, norm=None):
+    """The reward model's score of each (prompt, response ids), read at the last token, normalised
+    with norm = {"gain", "bias"} (from the reward model's config) if given."""
+    scores = []
+    for idx, start, _ in batches(prompts, responses, tok, rm.transformer.wte.weight.device):
+        values, _ = rm(idx, start=start)
+        scores += values[:, -1].tolist()  # left padded: every row ends at the last position
+    if norm:
+        scores = [norm["gain"] * s + norm["bias"] for s in scores]
+    return scores
+
+
+def mean_se(xs):
+    n = len(xs)
+    mean = sum(xs) / n
+    var = sum((x - mean) ** 2 for x in xs) / max(1, n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def rate(rows, key):
+    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+
+def summarize(questions, texts):
+    """The gold judgement of the responses (texts) to questions: a JSON-able dict."""
+    prompts = [q.prompt for q in questions]
+    parts = [gold_parts(p, t) for p, t in zip(prompts, texts)]
+    gold, se = mean_se([score_parts(p) for p in parts])
+    covered = {e.name for e in covered_entities(make_world())}
+    split = {"covered": [], "uncovered": []}
+    for q, p in zip(questions, parts):
+        if q.names and all(n in covered for n in q.names):
+            split["covered"].append(p)
+        elif q.names and not any(n in covered for n in q.names):
+            split["uncovered"].append(p)
+    kinds = sorted({q.kind for q in questions})
+    return {
+        "gold": gold, "gold_se": se,
+        **{k: rate(parts, k) for k in ("correct", "answered", "stopped", "hedged", "flattery", "padded")},
+        "words": sum(p["words"] for p in parts) / len(parts),
+        "correct_by_kind": {k: rate([p for p in parts if p["kind"] == k], "correct") for k in kinds},
+        "correct_by_coverage": {k: rate(v, "correct") for k, v in split.items()},
+        "n_by_coverage": {k: len(v) for k, v in split.items()},
+        "samples": [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[:8])],
+    }
+
+
+def evaluate(model, tok, questions, cfg, rm=None, ref=None):
+    """Responses of model to questions, judged; with the reward model's score and the KL to ref."""
+    prompts = [q.prompt for q in questions]
+    gen = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(cfg.seed)
+    responses = complete_ids(model, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+    result = summarize(questions, [tok.decode(r) for r in responses])
+    if rm is not None:
+        result["rm_score"] = sum(reward_scores(rm[0], tok, prompts, responses, rm[1].get("reward_norm"))) / len(prompts)
+    if ref is not None:
+        kls = [kernels.kl_div(a, b).sum().item() for a, b in
+               zip(response_logits(model, tok, prompts, responses), response_logits(ref, tok, prompts, responses))]
+        result["kl"] = sum(kls) / len(kls)
+    return result
+
+
+def best_of_n(policy, tok, questions, cfg, rm, ns):
+    """Best-of-n: sample max(ns) responses per prompt at temperature 1, keep the one the reward
+    model scores highest among the first n. Its KL to the policy is at most log n - (n - 1) / n."""
+    prompts = [q.prompt for q in questions]
+    N = max(ns)
+    gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(cfg.seed)
+    flat = complete_ids(policy, tok, [p for p in prompts for _ in range(N)], cfg.max_new_tokens, temperature=1.0, generator=gen)
+    scores = reward_scores(rm[0], tok, [p for p in prompts for _ in range(N)], flat, rm[1].get("reward_norm"))
+    curve = []
+    for n in ns:
+        best = [max(range(i * N, i * N + n), key=lambda j: scores[j]) for i in range(len(prompts))]
+        result = summarize(questions, [tok.decode(flat[j]) for j in best])
+        result.update(n=n, rm_score=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n)
+        curve.append(result)
+    return curve
+
+
+def print_table(rows):
+    cols = ["gold", "±2se", "correct", "answered", "stopped", "words", "hedged", "flattery", "padded", "rm", "kl"]
+    print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in cols))
+    for name, r in rows:
+        vals = [r["gold"], 2 * r["gold_se"], r["correct"], r["answered"], r["stopped"], r["words"], r["hedged"],
+                r["flattery"], r["padded"], r.get("rm_score"), r.get("kl")]
+        print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in vals))
+
+
+def main(cfg):
+    device, _ = common.setup_device(cfg.device, "float32")
+    names = [c for c in cfg.checkpoints.split(",") if c]
+    if cfg.checkpoints == DEFAULT_CHECKPOINTS:
+        names = [c for c in names if os.path.isdir(c)]
+    if not names:
+        raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
+    if not 1 <= cfg.n_prompts <= 600:
+        raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
+    questions = eval_questions()[:cfg.n_prompts]
+
+    def optional(path, head):  # (model, config dict), or None
+        return load_checkpoint(path, head=head, device=device) if path and os.path.isdir(path) else None
+    rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
+    report = {"config": asdict(cfg), "n_prompts": len(questions), "results": []}
+    rows = []
+    for name in names:
+        model, info = load_checkpoint(name, head="lm", device=device)
+        tok = get_tokenizer(info["tokenizer"])
+        result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0].eval())
+        report["results"].append({"checkpoint": name, "stage": info.get("stage"), **result})
+        rows.append((name, result))
+        print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, correct {result['correct']:.1%}, "
+              f"by kind {({k: round(v, 2) for k, v in result['correct_by_kind'].items()})}, "
+              f"covered/uncovered entities {result['correct_by_coverage']}")
+    if cfg.best_of and rm is not None and ref is not None:
+        ns = [int(n) for n in cfg.best_of.split(",")]
+        tok = get_tokenizer(ref[1]["tokenizer"])
+        report["best_of_n"] = best_of_n(ref[0].eval(), tok, questions, cfg, rm, ns)
+        rows += [(f"{cfg.reference} best-of-{r['n']}", {**r, "kl": r["kl_bound"]}) for r in report["best_of_n"]]
+    print()
+    print_table(rows)
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    tmp = cfg.out + ".tmp"
+    common.write_json(tmp, report)
+    os.replace(tmp, cfg.out)
+    print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

@@ -1,0 +1,182 @@
+"""
+Supervised fine-tuning (SFT), the first stage of RLHF: the base model learns to answer.
+
+    python sft.py                          # out/base + built-in demonstrations -> out/sft (under a minute on CPU)
+    python sft.py --data demos.jsonl       # {"prompt": ..., "completion": ...} rows instead
+
+A demonstration is a prompt and the ideal response. The model sees prompt + response + <|endoftext|>
+and is trained on next-token prediction of the response tokens only: the prompt's targets are
+masked out, so the model learns to respond, not to write questions; the EOS is a target too, so it
+learns to stop. As in InstructGPT (Ouyang et al. 2022), step 1.
+
+The built-in demonstrations (data/tasks.py) are imperfect on purpose, as hurried human ones are:
+a quarter are wrong, padded or hedged, and they cover half of the world's entities. SFT imitates
+them, errors included; what it gets wrong is the headroom the later stages work on.
+Left out on purpose: packing several examples into one row, LoRA, chat templates beyond
+"Human: ...\\n\\nAssistant:".
+"""
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import common
+import kernels
+from data.formats import prompt_completion_rows
+from data.tasks import demonstrations, eval_questions
+from data.tokenizer import get_tokenizer
+from model import complete, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Config:
+    init: str = "out/base"
+    """the checkpoint to fine-tune (a language model)"""
+    out_dir: str = "out/sft"
+    """where the fine-tuned checkpoint is written"""
+    data: str = ""
+    """a JSONL file of {"prompt", "completion"} rows; empty: the built-in demonstrations"""
+    n_demos: int = 2000
+    """how many built-in demonstrations to write"""
+    val_fraction: float = 0.05
+    """share of the demonstrations held out for the validation loss"""
+    epochs: float = 2.0
+    """passes over the training demonstrations"""
+    batch_size: int = 32
+    """demonstrations per step"""
+    lr: float = 5e-4
+    """peak learning rate"""
+    warmup_steps: int = 10
+    """steps of linear warm-up, then linear decay to zero"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    log_every: int = 20
+    """steps between log lines (with the validation loss)"""
+    n_samples: int = 4
+    """held-out prompts answered before and after training"""
+    seed: int = 0
+    """seed of the data order and of the demonstrations"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+
+def encode(tok, prompt, completion, block_size, where):
+    """Token ids of prompt + completion + EOS and the targets: -100 (ignored) on every position
+    whose next token is still the prompt, the next token on the rest. Truncates a long completion."""
+    p, c = tok.encode(prompt), tok.encode(completion) + [tok.eot_id]
+    if len(p) + 1 > block_size:
+        raise common.UserError(f"{where}: the prompt is {len(p)} tokens, the model's context is {block_size}")
+    ids = (p + c)[:block_size + 1]
+    x, y = ids[:-1], ids[1:]
+    y = [kernels.IGNORE_INDEX] * (len(p) - 1) + y[len(p) - 1:]
+    return x, y
+
+
+def collate(examples, pad_id, device):
+    """Right-pad a list of (x, y) to one (B, T) batch; padded targets are ignored."""
+    T = max(len(x) for x, _ in examples)
+    xs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    ys = torch.full((len(examples), T), kernels.IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        xs[i, :len(x)] = torch.tensor(x)
+        ys[i, :len(y)] = torch.tensor(y)
+    return xs.to(device), ys.to(device)
+
+
+def sft_loss(model, x, y):
+    """Mean negative log-likelihood of the response tokens. The log-probs come from the fused
+    kernel, which on a GPU never materialises the (B, T, vocab) logits."""
+    hidden = model.hidden_states(x)  # (B, T, C)
+    logps = kernels.fused_linear_logprobs(hidden, model.transformer.wte.weight, y)  # (B, T), 0 where ignored
+    return -logps.sum() / (y != kernels.IGNORE_INDEX).sum()
+
+
+def main(cfg):
+    common.seed_everything(cfg.seed)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    model, info = load_checkpoint(cfg.init, head="lm", device=device)
+    tok = get_tokenizer(info["tokenizer"])
+
+    if cfg.data:
+        rows = prompt_completion_rows(cfg.data)
+        where = [f"{cfg.data}:{i + 1}" for i in range(len(rows))]
+    else:
+        rows = demonstrations(cfg.n_demos, seed=cfg.seed)
+        where = [f"built-in demonstration {i}" for i in range(len(rows))]
+    examples = [encode(tok, p, c, model.config.block_size, w) for (p, c), w in zip(rows, where)]
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
+    val, train = examples[:n_val], examples[n_val:]
+    steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
+    print(f"{len(train)} training and {len(val)} validation demonstrations, {steps} steps")
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    def lr_at(step):
+        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+
+    @torch.no_grad()
+    def val_loss():
+        if not val:
+            return float("nan")
+        model.eval()
+        losses = []
+        for i in range(0, len(val), cfg.batch_size):
+            with autocast:
+                losses.append(sft_loss(model, *collate(val[i:i + cfg.batch_size], tok.pad_id, device)).item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else [p for p, _ in rows[:cfg.n_samples]]
+    model.eval()
+    before = complete(model, tok, sample_prompts, 32, temperature=0)
+    model.train()
+
+    logger = common.Logger()
+    rng = random.Random(cfg.seed)
+    order = []
+    t_last, tokens = time.time(), 0
+    for step in range(steps):
+        if len(order) < cfg.batch_size:  # a fresh shuffle of the training set for each epoch
+            order += rng.sample(range(len(train)), len(train))
+        batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = collate(batch, tok.pad_id, device)
+        with autocast:
+            loss = sft_loss(model, x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += x.numel()
+
+        if step % cfg.log_every == 0 or step == steps - 1:
+            dt, t_last = time.time() - t_last, time.time()
+            logger.log(step=step, loss=loss.item(), val_loss=val_loss(), lr=lr_at(step), tok_per_s=round(tokens / dt))
+            tokens = 0
+
+    model.eval()
+    after = complete(model, tok, sample_prompts, 32, temperature=0)
+    print("held-out prompts, before -> after SFT:")
+    for p, b, a in zip(sample_prompts, before, after):
+        print(f"  {p!r}\n    base: {b!r}\n    sft:  {a!r}")
+    metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "steps": steps, "demonstrations": len(train),
+               "wall_s": round(time.time() - logger.t0, 1)}
+    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "sft", "parent": cfg.init,
+                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    print(f"wrote {cfg.out_dir}: {metrics}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

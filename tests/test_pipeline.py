@@ -1,0 +1,65 @@
+"""The stages chained end to end on a minute-sized config: pretrain -> sft -> eval."""
+
+import json
+
+import pytest
+
+import eval as evaluation
+import pretrain
+import sft
+from model import load_checkpoint
+
+TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "base"
+    pretrain.main(pretrain.Config(out_dir=str(out), max_steps=40, n_docs=300, batch_size=8, warmup_steps=5,
+                                  log_every=20, eval_every=40, eval_batches=1, device="cpu", **TINY_MODEL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(base):
+    out = base.parent / "sft"
+    sft.main(sft.Config(init=str(base), out_dir=str(out), n_demos=200, epochs=1, batch_size=16, log_every=5,
+                        n_samples=2, device="cpu"))
+    return out
+
+
+def test_sft_writes_a_child_of_the_base(base, sft_ckpt):
+    model, info = load_checkpoint(sft_ckpt, head="lm", tokenizer="builtin")
+    assert info["stage"] == "sft" and info["parent"] == str(base)
+    assert info["metrics"]["steps"] == round(190 / 16) and info["metrics"]["demonstrations"] == 190
+    lines = (sft_ckpt / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 0 and "val_loss" in json.loads(lines[-1])
+
+
+def test_sft_on_a_jsonl_file(base, tmp_path):
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "completion": f" {w}."}) + "\n"
+                            for w in ["yes", "no", "maybe", "hello", "goodbye"] * 4))
+    out = tmp_path / "sft"
+    sft.main(sft.Config(init=str(base), out_dir=str(out), data=str(data), epochs=3, batch_size=4, device="cpu"))
+    assert load_checkpoint(out)[1]["args"]["data"] == str(data)
+
+
+def test_eval_report_schema(base, sft_ckpt, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluation.main(evaluation.Config(checkpoints=f"{base},{sft_ckpt}", reward="", reference=str(sft_ckpt),
+                                      n_prompts=24, max_new_tokens=12, out=str(out), device="cpu"))
+    report = json.loads(out.read_text())
+    assert report["n_prompts"] == 24 and report["config"]["max_new_tokens"] == 12
+    assert [r["checkpoint"] for r in report["results"]] == [str(base), str(sft_ckpt)]
+    assert [r["stage"] for r in report["results"]] == ["pretrain", "sft"]
+    for r in report["results"]:
+        for key in ("gold", "correct", "answered", "stopped", "hedged", "flattery", "padded"):
+            assert isinstance(r[key], float)
+        assert -1 <= r["gold"] <= 1 and r["gold_se"] >= 0
+        assert 0 <= r["correct"] <= r["answered"] <= 1
+        assert set(r["correct_by_kind"]) == {"town", "food", "color", "age", "sum", "difference", "compare", "future_age"}
+        assert set(r["correct_by_coverage"]) == {"covered", "uncovered"} and sum(r["n_by_coverage"].values()) <= 24
+        assert r["kl"] >= 0 and "rm_score" not in r
+        assert len(r["samples"]) == 8 and set(r["samples"][0]) == {"prompt", "response"}
+    assert report["results"][1]["kl"] < 1e-4  # the reference itself
