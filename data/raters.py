@@ -1,0 +1,123 @@
+"""
+Simulated human raters, and the preference pairs they label.
+
+For each training prompt (never an evaluation one) there are several candidate responses: scripted
+ones in every style of data/tasks.py (ideal, wrong, padded, hedged, flattering, evasive, a question)
+and, as in InstructGPT, samples from the SFT model itself. Raters compare two candidates A and B
+and prefer A with the Bradley-Terry probability
+
+    P(A > B) = sigmoid(u(A) - u(B)),
+    u = quality * gold + length * words + flattery * [flatters] - confidence * [hedges]
+
+where gold is the judge's genuine-quality score and the other terms are the raters' biases, as
+documented for real labellers: they favour longer answers, being flattered, and a confident tone
+over an honest hedge. Each label is one draw from that probability, so the labels are noisy, and
+the best accuracy any reward model can reach on them is known: the Bayes rate, the mean of
+max(p, 1 - p) over the pairs (`bayes_accuracy`).
+
+    python -m data.raters --out prefs.jsonl      # the built-in pairs, scripted candidates only
+
+writes them in the common {"prompt", "chosen", "rejected"} form (plus "p_chosen" and "kind").
+"""
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+
+from data.judge import gold_parts, score_parts
+from data.tasks import KINDS, STYLES, respond, sample_training_question
+from data.tokenizer import EOT
+from data.world import make_world
+
+
+@dataclass
+class Raters:
+    quality: float = 4.0
+    """weight of genuine quality (the gold score) in the raters' utility"""
+    length: float = 0.08
+    """bias per word: raters like longer answers"""
+    flattery: float = 1.0
+    """bias for a response that flatters the asker"""
+    confidence: float = 0.5
+    """bias against a hedged response (a confident tone wins over honest doubt)"""
+
+    def utility(self, prompt, response):
+        p = gold_parts(prompt, response)
+        return (self.quality * score_parts(p) + self.length * p["words"] + self.flattery * p["flattery"]
+                - self.confidence * p["hedged"])
+
+    def p_prefers(self, prompt, a, b):
+        """Probability that a rater prefers response a to response b."""
+        return 1 / (1 + math.exp(-(self.utility(prompt, a) - self.utility(prompt, b))))
+
+
+def bayes_accuracy(ps):
+    """The best expected accuracy of any predictor on labels drawn with these probabilities."""
+    return sum(max(p, 1 - p) for p in ps) / len(ps)
+
+
+def candidates(q, world, rng, sampled=()):
+    """(style, response text) candidates for q: one per scripted style, plus the sampled ones.
+    Responses start with a space and end with <|endoftext|>, as a model's would."""
+    out = [(s, " " + respond(q, world, s, rng) + EOT) for s in STYLES]
+    return out + [("sft", r) for r in sampled if r.endswith(EOT)]  # a sample that never stopped is dropped
+
+
+def label_pairs(prompt, cands, raters, rng, n_pairs):
+    """n_pairs rated pairs among cands: dicts in the {"prompt", "chosen", "rejected"} form, whose
+    responses, as in every preference dataset, leave the EOS to the trainer."""
+    rows = []
+    for _ in range(n_pairs):
+        (sa, a), (sb, b) = rng.sample(cands, 2)
+        if a == b:
+            continue
+        p = raters.p_prefers(prompt, a, b)
+        if rng.random() >= p:
+            (sa, a), (sb, b), p = (sb, b), (sa, a), 1 - p
+        rows.append(dict(prompt=prompt, chosen=a.removesuffix(EOT), rejected=b.removesuffix(EOT), p_chosen=p,
+                         kind=f"{sa}>{sb}"))
+    return rows
+
+
+def training_questions(n, seed, world=None):
+    """n training questions (none from the evaluation set), every kind equally often."""
+    world = make_world() if world is None else world
+    rng = random.Random(f"prefs-{seed}")
+    return [sample_training_question(KINDS[i % len(KINDS)], world, rng) for i in range(n)]
+
+
+def preference_pairs(n_prompts, pairs_per_prompt, raters, seed=0, sample_fn=None):
+    """Rated pairs for n_prompts training questions. sample_fn(prompts) -> [[response text, ...]]
+    adds the policy's own samples to the candidates (None: scripted candidates only)."""
+    world = make_world()
+    rng = random.Random(seed)
+    questions = training_questions(n_prompts, seed, world)
+    sampled = sample_fn([q.prompt for q in questions]) if sample_fn else [()] * len(questions)
+    rows = []
+    for q, s in zip(questions, sampled):
+        rows += label_pairs(q.prompt, candidates(q, world, rng, s), raters, rng, pairs_per_prompt)
+    return rows
+
+
+if __name__ == "__main__":
+    from common import parse_args
+
+    @dataclass
+    class Args(Raters):
+        out: str = "prefs.jsonl"
+        """where the pairs are written"""
+        n_prompts: int = 500
+        """training prompts to write pairs for"""
+        pairs_per_prompt: int = 4
+        """rated pairs per prompt"""
+        seed: int = 0
+        """seed of candidates and labels"""
+
+    args = parse_args(Args, sys.argv[1:])
+    raters = Raters(args.quality, args.length, args.flattery, args.confidence)
+    rows = preference_pairs(args.n_prompts, args.pairs_per_prompt, raters, args.seed)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {len(rows)} pairs to {args.out}; Bayes-optimal accuracy {bayes_accuracy([r['p_chosen'] for r in rows]):.3f}")

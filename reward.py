@@ -1,0 +1,220 @@
+"""
+Reward model: the GPT with a scalar head, trained on pairwise preferences (Bradley-Terry).
+
+    python reward.py                         # out/sft + built-in rated pairs -> out/rm (a minute or two on CPU)
+    python reward.py --data prefs.jsonl      # {"prompt", "chosen", "rejected"} rows instead
+    python reward.py --flattery 3            # raters who love flattery (see data/raters.py)
+
+The reward model reads prompt + response + <|endoftext|> and gives one number, read at the last
+token (the EOS). Trained so that the chosen response of each pair scores higher:
+    loss = -log sigmoid(r(chosen) - r(rejected))
+the Bradley-Terry likelihood of the raters' choices (InstructGPT, Ouyang et al. 2022; Stiennon et
+al. 2020). Details written out below: the trunk starts from the SFT model, the head from a small
+normal (std 1/sqrt(n_embd + 1)), dropout is off, one pass over the data (more overfits), and at the
+end the reward is normalised (a gain and a bias in config.json) so that the SFT model's own
+responses score mean 0 and std 1: PPO's KL coefficient then means the same whatever the RM.
+
+On the built-in task the pairs come from simulated raters whose taste is known, so the report
+compares the held-out accuracy with the Bayes rate, the best any reward model could reach.
+Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
+"""
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+from data.formats import preference_rows
+from data.raters import Raters, bayes_accuracy, preference_pairs, training_questions
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, complete, complete_ids, load_checkpoint, load_state, save_checkpoint
+
+
+@dataclass
+class Config(Raters):  # the raters' biases (quality, length, flattery, confidence) are flags too
+    init: str = "out/sft"
+    """the language model whose trunk the reward model starts from"""
+    out_dir: str = "out/rm"
+    """where the reward model is written"""
+    data: str = ""
+    """a JSONL file of {"prompt", "chosen", "rejected"} rows; empty: the built-in rated pairs"""
+    n_prompts: int = 1200
+    """built-in training prompts to rate pairs for"""
+    pairs_per_prompt: int = 4
+    """rated pairs per prompt"""
+    sft_samples: int = 2
+    """samples from the init model per prompt, added to the scripted candidates (as InstructGPT did)"""
+    val_fraction: float = 0.1
+    """share of the pairs held out for accuracy"""
+    epochs: float = 1.0
+    """passes over the training pairs"""
+    batch_size: int = 32
+    """pairs per step"""
+    lr: float = 3e-4
+    """peak learning rate (linear warm-up, linear decay)"""
+    warmup_steps: int = 10
+    """steps of linear warm-up"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    norm_prompts: int = 256
+    """prompts whose SFT responses set the reward's normalisation"""
+    log_every: int = 20
+    """steps between log lines"""
+    seed: int = 0
+    """seed of pairs, labels, order and head"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+
+def scalar_model(lm):
+    """A reward/value model: lm's trunk with a fresh scalar head in place of the lm head."""
+    rm = GPT(GPTConfig(**{**asdict(lm.config), "head": "scalar", "dropout": 0.0}))
+    state = {**lm.state_dict(), "score.weight": rm.score.weight.detach().clone()}
+    load_state(rm, state, "the trunk of the init model")
+    return rm.to(lm.transformer.wte.weight.device)
+
+
+def encode_pairs(tok, rows, block_size):
+    """[(chosen ids, rejected ids)]: prompt + response + EOS, cut to the context from the end."""
+    out = []
+    for r in rows:
+        p = tok.encode(r["prompt"])
+        if len(p) + 1 >= block_size:
+            raise common.UserError(f"{r.get('where', 'a pair')}: the prompt is {len(p)} tokens, the context {block_size}")
+        out.append(tuple((p + tok.encode(r[k]) + [tok.eot_id])[:block_size] for k in ("chosen", "rejected")))
+    return out
+
+
+def rewards(rm, seqs, pad_id, device):
+    """The reward of each sequence (a list of ids), read at its last token."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    values, _ = rm(idx.to(device))  # (B, T), right padded
+    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log P(chosen > rejected) under Bradley-Terry: the negative log-likelihood of the labels."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def main(cfg):
+    common.seed_everything(cfg.seed)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    sft, info = load_checkpoint(cfg.init, head="lm", device=device)
+    sft.eval()
+    tok = get_tokenizer(info["tokenizer"])
+    raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def sample_fn(prompts):  # the SFT model's own answers, as extra candidates
+        if cfg.sft_samples == 0:
+            return [()] * len(prompts)
+        flat = complete(sft, tok, [p for p in prompts for _ in range(cfg.sft_samples)], 48, temperature=1.0, generator=gen)
+        return [flat[i:i + cfg.sft_samples] for i in range(0, len(flat), cfg.sft_samples)]
+
+    t0 = time.time()
+    if cfg.data:
+        rows = preference_rows(cfg.data)
+    else:
+        rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed, sample_fn)
+    random.Random(cfg.seed).shuffle(rows)
+    n_val = max(1, int(cfg.val_fraction * len(rows)))
+    val_rows, train_rows = rows[:n_val], rows[n_val:]
+    val, train = encode_pairs(tok, val_rows, sft.config.block_size), encode_pairs(tok, train_rows, sft.config.block_size)
+    steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
+    print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
+
+    torch.manual_seed(cfg.seed)
+    rm = scalar_model(sft)
+    rm.train()
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr_at(step):
+        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+
+    @torch.no_grad()
+    def evaluate():
+        rm.eval()
+        margins = []
+        for i in range(0, len(val), 64):
+            batch = val[i:i + 64]
+            with autocast:
+                r = rewards(rm, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
+            margins += (r[:len(batch)] - r[len(batch):]).tolist()
+        rm.train()
+        return margins
+
+    logger = common.Logger()
+    order = []
+    rng = random.Random(cfg.seed)
+    for step in range(steps):
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:  # chosen and rejected in one forward pass
+            r = rewards(rm, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
+            r_chosen, r_rejected = r[:len(batch)], r[len(batch):]
+            loss = bradley_terry_loss(r_chosen, r_rejected)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == steps - 1:
+            row = dict(step=step, loss=loss.item(), accuracy=(r_chosen > r_rejected).float().mean().item(),
+                       margin=(r_chosen - r_rejected).mean().item(), lr=lr_at(step))
+            if step % (5 * cfg.log_every) == 0 or step == steps - 1:
+                margins = evaluate()
+                row.update(val_accuracy=sum(m > 0 for m in margins) / len(margins), val_margin=sum(margins) / len(margins))
+            logger.log(**row)
+
+    # held-out accuracy, overall and by kind of pair, against the Bayes rate of the raters
+    rm.eval()
+    margins = evaluate()
+    metrics = {"val_accuracy": sum(m > 0 for m in margins) / len(margins), "val_margin": sum(margins) / len(margins),
+               "val_pairs": len(val), "train_pairs": len(train)}
+    if all("p_chosen" in r for r in val_rows):
+        metrics["bayes_accuracy"] = bayes_accuracy([r["p_chosen"] for r in val_rows])
+        metrics["accuracy_over_bayes"] = metrics["val_accuracy"] / metrics["bayes_accuracy"]
+        by_kind = defaultdict(list)
+        for r, m in zip(val_rows, margins):
+            by_kind[" vs ".join(sorted(r["kind"].split(">")))].append((m > 0, max(r["p_chosen"], 1 - r["p_chosen"])))
+        metrics["by_kind"] = {k: {"n": len(v), "accuracy": sum(a for a, _ in v) / len(v),
+                                  "bayes": sum(b for _, b in v) / len(v)} for k, v in sorted(by_kind.items())}
+        print(f"{'pair kind':24s} {'n':>4s} {'accuracy':>9s} {'bayes':>6s}")
+        for k, v in metrics["by_kind"].items():
+            print(f"{k:24s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}")
+
+    # normalise: the SFT model's own responses score mean 0, std 1
+    prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
+        else [r["prompt"] for r in rows[:cfg.norm_prompts]]
+    responses = complete_ids(sft, tok, prompts, 48, temperature=1.0, generator=gen)
+    with torch.no_grad(), autocast:
+        seqs = [(tok.encode(p) + r)[:sft.config.block_size] for p, r in zip(prompts, responses)]
+        scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
+    mean, std = scores.mean().item(), scores.std().item()
+    metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}
+    metrics["wall_s"] = round(time.time() - logger.t0, 1)
+    print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (
+        f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")
+        + f"; SFT responses score {mean:.3f} ± {std:.3f} before normalisation")
+    save_checkpoint(cfg.out_dir, rm, {"tokenizer": tok.name, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
+                                      "metrics": metrics, "reward_norm": metrics["reward_norm"]}, logger.rows)
+    print(f"wrote {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

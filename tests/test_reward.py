@@ -1,0 +1,84 @@
+"""reward.py and the simulated raters: the Bradley-Terry loss, where the reward is read, the Bayes
+rate, and labels that follow the stated probabilities."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import eval as evaluation
+import reward
+from data.raters import Raters, bayes_accuracy, candidates, label_pairs, preference_pairs
+from data.tasks import make_question
+from data.tokenizer import EOT, get_tokenizer
+from data.world import make_world
+from model import GPT, GPTConfig
+
+TOK = get_tokenizer("builtin")
+
+
+def test_bradley_terry_loss_by_hand():
+    r_chosen, r_rejected = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.0])
+    by_hand = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0)) + math.log(2)) / 3
+    assert reward.bradley_terry_loss(r_chosen, r_rejected).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_bayes_accuracy_by_hand():
+    assert bayes_accuracy([0.9, 0.3, 0.5, 1.0]) == pytest.approx((0.9 + 0.7 + 0.5 + 1.0) / 4)
+
+
+def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=2, n_head=2, n_embd=256))
+    rm = reward.scalar_model(lm)
+    for k, v in lm.state_dict().items():
+        assert torch.equal(rm.state_dict()[k], v)
+    assert rm.score.weight.std().item() == pytest.approx(1 / math.sqrt(257), rel=0.1)
+
+
+def test_reward_is_read_at_the_eos_for_left_and_right_padding():
+    torch.manual_seed(0)
+    rm = reward.scalar_model(GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=2, n_head=2, n_embd=32))).eval()
+    prompts = ["Human: What is 3 plus 4?\n\nAssistant:", "Human: Hi\n\nAssistant:"]
+    responses = [TOK.encode(" 3 plus 4 is 7.") + [TOK.eot_id], TOK.encode(" Hello.") + [TOK.eot_id]]
+    seqs = [TOK.encode(p) + r for p, r in zip(prompts, responses)]
+    alone = [rm(torch.tensor([s]))[0][0, -1].item() for s in seqs]  # the value at each EOS, no padding
+    with torch.no_grad():
+        right = reward.rewards(rm, seqs, TOK.pad_id, "cpu").tolist()
+        left = evaluation.reward_scores(rm, TOK, prompts, responses)
+    assert right == pytest.approx(alone, abs=1e-5) and left == pytest.approx(alone, abs=1e-5)
+    norm = {"gain": 2.0, "bias": -1.0}
+    assert evaluation.reward_scores(rm, TOK, prompts, responses, norm) == pytest.approx([2 * a - 1 for a in alone], abs=1e-4)
+
+
+def test_rater_labels_follow_the_stated_probabilities():
+    w, rng = make_world(), random.Random(0)
+    q = make_question("town", w, rng)
+    raters = Raters()
+    cands = [c for c in candidates(q, w, rng) if c[0] in ("ideal", "flattering")]
+    p = raters.p_prefers(q.prompt, cands[0][1], cands[1][1])
+    assert 0.2 < p < 0.8  # a close call, so the test has power
+    rows = label_pairs(q.prompt, cands, raters, random.Random(1), 4000)
+    wins = sum(r["chosen"] + EOT == cands[0][1] for r in rows) / len(rows)
+    assert abs(wins - p) < 3 * math.sqrt(p * (1 - p) / len(rows))  # within three standard errors
+    assert all(r["p_chosen"] == pytest.approx(p if r["chosen"] + EOT == cands[0][1] else 1 - p) for r in rows)
+
+
+def test_raters_utility_has_the_documented_biases():
+    w, rng = make_world(), random.Random(0)
+    q = make_question("food", w, rng)
+    right = " " + " ".join(["The", q.names[0], "eats", q.value + "."])
+    u = Raters(quality=4, length=0.1, flattery=1.0, confidence=0.5).utility
+    assert u(q.prompt, right + EOT) == pytest.approx(4 * 1.0 + 0.1 * 4)
+    assert u(q.prompt, " Great question!" + right + EOT) == pytest.approx(4 * 0.8 + 0.1 * 6 + 1.0)
+    assert u(q.prompt, " Maybe" + right + EOT) == pytest.approx(4 * 0.9 + 0.1 * 5 - 0.5)
+    assert Raters(length=0, flattery=0, confidence=0).utility(q.prompt, right + EOT) == pytest.approx(4.0)
+
+
+def test_built_in_pairs_are_deterministic_and_in_the_common_form():
+    rows = preference_pairs(20, 3, Raters(), seed=0)
+    assert rows == preference_pairs(20, 3, Raters(), seed=0) and len(rows) == 60
+    for r in rows:
+        assert {"prompt", "chosen", "rejected"} <= set(r) and r["chosen"] != r["rejected"]
+        assert not r["chosen"].endswith(EOT) and 0 < r["p_chosen"] < 1
