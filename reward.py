@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 import common
 from data.formats import preference_rows
-from data.raters import Raters, bayes_accuracy, preference_pairs, training_questions
+from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs, training_questions
 from data.tokenizer import get_tokenizer
-from model import GPT, GPTConfig, complete, complete_ids, load_checkpoint, load_state, save_checkpoint
+from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, save_checkpoint
 
 
 @dataclass
@@ -117,17 +117,12 @@ def main(cfg):
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def sample_fn(prompts):  # the SFT model's own answers, as extra candidates
-        if cfg.sft_samples == 0:
-            return [()] * len(prompts)
-        flat = complete(sft, tok, [p for p in prompts for _ in range(cfg.sft_samples)], 48, temperature=1.0, generator=gen)
-        return [flat[i:i + cfg.sft_samples] for i in range(0, len(flat), cfg.sft_samples)]
-
     t0 = time.time()
     if cfg.data:
         rows = preference_rows(cfg.data)
-    else:
-        rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed, sample_fn)
+    else:  # candidates: the scripted styles plus the SFT model's own answers
+        rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
+                                model_sampler(sft, tok, cfg.sft_samples, gen))
     random.Random(cfg.seed).shuffle(rows)
     n_val = max(1, int(cfg.val_fraction * len(rows)))
     val_rows, train_rows = rows[:n_val], rows[n_val:]

@@ -88,6 +88,19 @@ def training_questions(n, seed, world=None):
     return [sample_training_question(KINDS[i % len(KINDS)], world, rng) for i in range(n)]
 
 
+def model_sampler(model, tok, n, generator=None, max_new_tokens=48):
+    """A sample_fn for preference_pairs: n responses of model per prompt, sampled at temperature 1."""
+    from model import complete
+
+    def sample_fn(prompts):
+        if n == 0:
+            return [()] * len(prompts)
+        flat = complete(model, tok, [p for p in prompts for _ in range(n)], max_new_tokens, temperature=1.0,
+                        generator=generator)
+        return [flat[i:i + n] for i in range(0, len(flat), n)]
+    return sample_fn
+
+
 def preference_pairs(n_prompts, pairs_per_prompt, raters, seed=0, sample_fn=None):
     """Rated pairs for n_prompts training questions. sample_fn(prompts) -> [[response text, ...]]
     adds the policy's own samples to the candidates (None: scripted candidates only)."""
