@@ -115,6 +115,35 @@ def test_gpt2_vocabulary():
     check(logprob.kl_div, kl64, logits_p, logits_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_misaligned_rows(dtype):
+    """V = 1003 (odd): row r starts at entry 1003 r, so the kernels' blocks start up to 7 entries
+    before the row (at a multiple of 8) and must ignore those entries, and must not write them."""
+    torch.manual_seed(0)
+    N, V = 37, 1003
+    logits_p = (torch.randn(N, V) * 3).to(dtype)
+    logits_q = (logits_p.float() + torch.randn(N, V)).to(dtype)
+    targets = random_targets((N,), V)
+    targets[:3] = torch.tensor([0, V - 1, 1])  # the first and last entries of a row
+    check(logprob.token_logprobs, logprobs64, logits_p, targets, 0.7)
+    check(logprob.entropy, entropy64, logits_p)
+    check(logprob.kl_div, kl64, logits_p, logits_q)
+
+
+def test_misaligned_views():
+    """A view that starts 3 entries into its storage with an odd row stride (1010), and a q whose
+    row stride differs from p's (the kernels take one stride: the launcher copies)."""
+    torch.manual_seed(0)
+    N, V = 37, 1003
+    storage = torch.randn(N, V + 7) * 3
+    view = storage[:, 3:3 + V]
+    targets = random_targets((N,), V)
+    check(logprob.token_logprobs, logprobs64, view, targets, 1.3)
+    check(logprob.entropy, entropy64, view)
+    check(logprob.kl_div, kl64, view, torch.randn(N, V) * 3)
+    check(logprob.kl_div, kl64, torch.randn(N, V) * 3, view)
+
+
 def test_maximum_in_a_later_block():
     """The running maximum grows block after block; a first block of -inf (masked vocabulary)."""
     torch.manual_seed(0)
