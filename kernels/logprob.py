@@ -22,7 +22,10 @@ The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes 
   to 8 entries, starting up to 7 entries before the row; only the blocks that cross the row's
   ends are masked (see "Alignment" below).
 - fused_linear_logprobs never holds the [N, V] logits at all: it computes them chunk of rows by
-  chunk of rows with a matmul, and runs the kernels on each chunk.
+  chunk of rows with a matmul, and runs the kernels on each chunk. Its matmuls see the vocabulary
+  padded with zero rows of the weight to a multiple of 128 (50257 -> 50304, as nanoGPT does),
+  because cuBLAS is several times slower on a leading dimension of 50257 entries; the kernels
+  take the row stride and V apart, and read only the first V columns of each chunk.
 
 Numerics: every kernel accumulates in float32. The log-sum-exp is kept as two float32 numbers, the
 row maximum m and log s, not as their sum: with logits near 1e4, m + log s rounds to a multiple of
@@ -30,10 +33,11 @@ about 1e-3, while x - m is exact for the entries that matter, so p = exp((x - m)
 float32 accuracy however large the logits.
 
 Left out on purpose: targets outside [0, V) other than IGNORE_INDEX are not checked (the kernel
-reads outside the row, where the reference raises); ignored rows are computed like the others and then zeroed
-(a batch that is mostly padding still pays for its padding); a logits tensor whose leading dims
-cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied once by
-reshape: slice the hidden states before the lm_head, or set the last target to IGNORE_INDEX.
+reads outside the row, where the reference raises); ignored rows are computed like the others and
+then zeroed (a batch that is mostly padding still pays for its padding); a logits tensor whose
+leading dims cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied
+once by reshape: slice the hidden states before the lm_head, or set the last target to
+IGNORE_INDEX.
 """
 
 import os
@@ -470,6 +474,8 @@ class _KLDiv(torch.autograd.Function):
 
 # fused_linear_logprobs computes the logits of CHUNK_BYTES worth of rows at a time
 CHUNK_BYTES = 256 * 2**20
+# and pads the vocabulary of its matmuls to a multiple of this (V = 50257 -> 50304)
+PAD_V = 128
 
 
 def _mm_float32_sum(a, b):
@@ -494,47 +500,62 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     upstream gradient is exact), then grad_hidden = grad_logits @ weight and
     grad_weight += grad_logits.T @ hidden.
 
-    Memory: one [chunk, V] logits buffer in the compute dtype, plus grad_weight [V, C]; nothing of
-    size N * V. Cost: 8 N V C FLOPs against the naive 6 (the backward recomputes the logits).
-    Computing the gradient during the forward instead (Liger's trick) saves that matmul, but is
-    exact only when every row's upstream gradient is the same number, as for a mean loss; PPO and
-    DPO weight each token differently, and a forward under no_grad would pay for a gradient no one
-    uses. grad_weight accumulates in weight's dtype: each chunk's product is summed in float32 by
-    cuBLAS and rounded once when added (exact for float32 weights, one bf16 rounding per chunk
-    otherwise)."""
+    Padding: cuBLAS is fast only when the leading dimension of every operand is a multiple of 16
+    bytes; with V = 50257 the [chunk, V] logits are not, and the matmuls ran at 80-90 TFLOP/s on an
+    H200 against 400-600 at V = 128256 (why nanoGPT pads its vocabulary to 50304). So the matmuls
+    see the weight padded with zero rows to V_pad, a multiple of PAD_V: one copy of the weight per
+    call, [V_pad, C], a read and a write of V C entries against the 8 N V C FLOPs of the matmuls
+    (and none when V is a multiple of PAD_V already). The logits chunks are [chunk, V_pad]; the
+    kernels read and write only their first V columns, so the padded columns (h . 0 = 0) never
+    enter the log-sum-exp and stay 0 in the gradient; with the weight's zero rows, grad_hidden
+    = grad_logits @ weight_pad is exact either way. grad_weight is computed for the V_pad rows and
+    sliced to V.
+
+    Memory: one [chunk, V_pad] logits buffer in the compute dtype, the padded weight and
+    grad_weight [V_pad, C]; nothing of size N * V. Cost: 8 N V C FLOPs against the naive 6 (the
+    backward recomputes the logits). Computing the gradient during the forward instead (Liger's
+    trick) saves that matmul, but is exact only when every row's upstream gradient is the same
+    number, as for a mean loss; PPO and DPO weight each token differently, and a forward under
+    no_grad would pay for a gradient no one uses. grad_weight accumulates in weight's dtype: each
+    chunk's product is summed in float32 by cuBLAS and rounded once when added (exact for float32
+    weights, one bf16 rounding per chunk otherwise)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
         h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1).contiguous()
         N, V = h.size(0), weight.size(0)
-        chunk = max(1, CHUNK_BYTES // (V * h.element_size()))
+        w = weight if V % PAD_V == 0 else F.pad(weight, (0, 0, 0, -V % PAD_V))  # [V_pad, C]
+        chunk = max(1, CHUNK_BYTES // (w.size(0) * h.element_size()))
         logprob, row_max, log_sum = _row_floats(h, 3)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            logits = h[rows] @ weight.t()  # [chunk, V]: the only vocabulary-sized tensor
-            _logprob_fwd(logits, t[rows], temperature, logprob[rows], row_max[rows], log_sum[rows])
-        ctx.save_for_backward(h, weight, t, row_max, log_sum)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            logits = h[rows] @ w.t()  # [chunk, V_pad]: the only vocabulary-sized tensor
+            _logprob_fwd(logits, t[rows], temperature, logprob[rows], row_max[rows], log_sum[rows],
+                         V=V)
+        ctx.save_for_backward(h, w, t, row_max, log_sum)
+        ctx.temperature, ctx.chunk, ctx.V = temperature, chunk, V
         return logprob.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, t, row_max, log_sum = ctx.saved_tensors
+        h, w, t, row_max, log_sum = ctx.saved_tensors
         g = _upstream(grad_out)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_weight = torch.zeros_like(w) if need_weight else None
         for start in range(0, h.size(0), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            logits = h[rows] @ weight.t()
+            logits = h[rows] @ w.t()
             _logprob_bwd(logits, t[rows], row_max[rows], log_sum[rows], g[rows], ctx.temperature,
-                         grad=logits)
+                         grad=logits, V=ctx.V)
             if grad_hidden is not None:
-                grad_hidden[rows] = _mm_float32_sum(logits, weight)
+                grad_hidden[rows] = _mm_float32_sum(logits, w)
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t(), h[rows])
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(*grad_out.shape, h.size(1))
+        if grad_weight is not None:
+            grad_weight = grad_weight[:ctx.V]
         return grad_hidden, grad_weight, None, None
 
 

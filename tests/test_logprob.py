@@ -208,14 +208,20 @@ def test_upstream_gradient_from_sum():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
-def test_fused_linear_logprobs(monkeypatch, dtype, temperature):
+@pytest.mark.parametrize("V", [300, 256])
+def test_fused_linear_logprobs(monkeypatch, dtype, temperature, V):
+    """V = 300 is padded to 384 for the matmuls (the kernels must read only the first 300 columns
+    of each [rows, 384] logits chunk); V = 256 is a multiple of PAD_V, used as it is."""
     torch.manual_seed(0)
-    B, T, C, V = 2, 37, 24, 300
-    monkeypatch.setattr(logprob, "CHUNK_BYTES", 16 * V * 4)  # chunks of 16 or 32 rows: 5 or 3
+    B, T, C = 2, 37, 24
+    assert logprob.PAD_V == 128
+    # chunks of 16 (float32) or 32 (float16) rows at V = 300: 5 or 3 chunks
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", 16 * 384 * 4)
     hidden = torch.randn(B, T, C).to(dtype).requires_grad_()
     weight = (torch.randn(V, C) * 0.5).to(dtype).requires_grad_()
     targets = random_targets((B, T), V)
-    g = torch.randn(B, T)
+    targets[0, :2] = torch.tensor([V - 1, 0])  # the last and first columns
+    g = torch.randn(B, T)  # a different upstream gradient for every row
     out = logprob.fused_linear_logprobs(hidden, weight, targets, temperature)
     (out * g).sum().backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
