@@ -14,11 +14,14 @@ kernels against the float32 references), then speed and memory.
 - fused_linear_logprobs in bf16 with C in {768, 4096}: time, model TFLOP/s (2NVC forward, 6NVC
   forward+backward, whatever the implementation recomputes) and peak memory, against the naive
   matmul + log-softmax.
+The fused correctness check compares the kernel and PyTorch's own path, both in bf16, with a float32
+reference: PASS when the kernel's error is at most twice PyTorch's (plus 1e-3 of the largest value).
 Peak memory is what forward+backward allocates above its inputs, the gradient included. OOM marks a
 case that did not fit on the card, n/a a torch.compile that failed. Runs in about 3 minutes on an
 H100; on a CPU it is skipped.
 """
 
+import math
 import os
 
 import pytest
@@ -86,29 +89,47 @@ def check(label, op, ref, x, args, tol_value, tol_grad):
     return ok
 
 
-def check_fused(label, dtype, N, C, V, tol, chunk_bytes):
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # of the largest reference value
+
+
+def check_fused(label, dtype, N, C, V, chunk_bytes):
+    """fused_linear_logprobs and PyTorch's matmul + log-softmax, both in dtype, against a float32
+    reference on the same (upcast) inputs: the value and both gradients, temperature 0.8, a random
+    upstream gradient per row. PASS when the kernel's largest error is at most twice PyTorch's
+    plus FLOOR[dtype] of the largest reference value. In bf16 both round the logits, their gradient
+    and the results to bf16, so comparing the two directly measures bf16 rounding, not a bug.
+    In float32, PyTorch's path is the reference: the floor alone bounds the kernel's error."""
     torch.manual_seed(0)
     hidden = (torch.randn(N, C, device=DEV) / C**0.5).to(dtype)
     weight = torch.randn(V, C, device=DEV).to(dtype)
     targets = torch.randint(0, V, (N,), device=DEV)
     targets[::7] = L.IGNORE_INDEX
     g = torch.randn(N, device=DEV)
-    grads = []
+    runs = []
     saved, L.CHUNK_BYTES = L.CHUNK_BYTES, chunk_bytes
     try:
-        for op in (L.fused_linear_logprobs, L.fused_linear_logprobs_ref):
-            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        for op, run_dtype in [(L.fused_linear_logprobs, dtype),
+                              (L.fused_linear_logprobs_ref, dtype),
+                              (L.fused_linear_logprobs_ref, torch.float32)]:
+            h = hidden.to(run_dtype, copy=True).requires_grad_()
+            w = weight.to(run_dtype, copy=True).requires_grad_()
             out = op(h, w, targets, 0.8)
             (out * g).sum().backward()
-            grads.append((out, h.grad, w.grad))
+            runs.append([x.detach().float() for x in (out, h.grad, w.grad)])
+            del h, w, out
     finally:
         L.CHUNK_BYTES = saved
-    chunks = -(-N // max(1, chunk_bytes // (V * hidden.element_size())))
-    results = [close(a, b, *tol) for a, b in zip(*grads)]
-    ok = all(r[0] for r in results)
-    errs = "  ".join(f"{name} err {r[1]:.2e}"
-                     for name, r in zip(("value", "hidden", "weight"), results))
-    print(f"{'PASS' if ok else 'FAIL'}  {label + f' ({chunks} chunks)':<52} {errs}")
+    V_pad = -(-V // L.PAD_V) * L.PAD_V  # the fused path's matmuls pad the vocabulary
+    chunks = -(-N // max(1, chunk_bytes // (V_pad * hidden.element_size())))
+    ok, parts = True, []
+    for name, got, torch_path, want in zip(("value", "hidden", "weight"), *runs):
+        err = (got - want).abs().max().item()
+        torch_err = (torch_path - want).abs().max().item()
+        floor = FLOOR[dtype] * want.abs().max().item()
+        passed = math.isfinite(err) and err <= 2 * torch_err + floor
+        ok &= passed
+        parts.append(f"{name} {err:.2e} (torch {torch_err:.2e}){'' if passed else ' <-'}")
+    print(f"{'PASS' if ok else 'FAIL'}  {label + f' ({chunks} chunks)':<52} " + "  ".join(parts))
     return ok
 
 
@@ -141,10 +162,12 @@ def test_correctness():
                 L.token_logprobs_ref, huge, (targets,), *tols[torch.float32])
     ok &= check("entropy |x|~1e4 float32 N=256 V=50257", L.entropy, L.entropy_ref, huge, (),
                 *tols[torch.float32])
+    print("fused_linear_logprobs: max abs error against a float32 reference, the kernel and "
+          "(torch) PyTorch's path in the same dtype")
     ok &= check_fused("fused_linear float32 N=1024 C=256 V=50257", torch.float32, 1024, 256, 50257,
-                      (1e-4, 1e-4), chunk_bytes=64 * 2**20)
+                      chunk_bytes=64 * 2**20)
     ok &= check_fused("fused_linear bf16 N=4096 C=768 V=50257", torch.bfloat16, 4096, 768, 50257,
-                      (2e-2, 2e-2), chunk_bytes=L.CHUNK_BYTES)
+                      chunk_bytes=L.CHUNK_BYTES)
     free()
     assert ok, "some kernels disagree with their reference: see the FAIL lines above"
 

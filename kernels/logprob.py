@@ -17,8 +17,15 @@ The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes 
   so they are measured in GB/s against the card's copy bandwidth (bench/bench_logprob.py).
 - kl_div and entropy do the same with more running sums (below), one read of each logits tensor
   forward; their backward reads them again and writes one gradient.
+- Those bytes move at full speed only in 16-byte accesses, which need 16-byte aligned addresses:
+  rows of V = 50257 bf16 entries start anywhere, so each program walks its row in blocks aligned
+  to 8 entries, starting up to 7 entries before the row; only the blocks that cross the row's
+  ends are masked (see "Alignment" below).
 - fused_linear_logprobs never holds the [N, V] logits at all: it computes them chunk of rows by
-  chunk of rows with a matmul, and runs the kernels on each chunk.
+  chunk of rows with a matmul, and runs the kernels on each chunk. Its matmuls see the vocabulary
+  padded with zero rows of the weight to a multiple of 128 (50257 -> 50304, as nanoGPT does),
+  because cuBLAS is several times slower on a leading dimension of 50257 entries; the kernels
+  take the row stride and V apart, and read only the first V columns of each chunk.
 
 Numerics: every kernel accumulates in float32. The log-sum-exp is kept as two float32 numbers, the
 row maximum m and log s, not as their sum: with logits near 1e4, m + log s rounds to a multiple of
@@ -26,10 +33,11 @@ about 1e-3, while x - m is exact for the entries that matter, so p = exp((x - m)
 float32 accuracy however large the logits.
 
 Left out on purpose: targets outside [0, V) other than IGNORE_INDEX are not checked (the kernel
-reads outside the row, where the reference raises); ignored rows are computed like the others and then zeroed
-(a batch that is mostly padding still pays for its padding); a logits tensor whose leading dims
-cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied once by
-reshape: slice the hidden states before the lm_head, or set the last target to IGNORE_INDEX.
+reads outside the row, where the reference raises); ignored rows are computed like the others and
+then zeroed (a batch that is mostly padding still pays for its padding); a logits tensor whose
+leading dims cannot be flattened without a copy (logits[:, :-1] of a [B, T, V] tensor) is copied
+once by reshape: slice the hidden states before the lm_head, or set the last target to
+IGNORE_INDEX.
 """
 
 import os
@@ -76,8 +84,22 @@ def entropy_ref(logits):
 # On a GPU each kernel is autotuned over a few block sizes, keyed on V (Triton adds the dtypes to
 # the key). Anywhere else (TRITON_INTERPRET=1 on a CPU) one fixed config runs, with a large block:
 # the interpreter's cost is per block step.
+#
+# Alignment. A GPU streams memory fastest in 16-byte loads and stores (8 bf16 entries), and Triton
+# emits them only where it can prove that each thread's 16 bytes start at a multiple of 16 and that
+# no mask cuts through them. A row of V = 50257 bf16 entries starts anywhere, and a mask `col < V`
+# with V odd defeats that proof: every access was 2 bytes wide (64-75% of the copy bandwidth on an
+# H200 at V = 50257, against 81-98% at V = 128256). So each program moves its pointers to its row's
+# first entry rounded down to a multiple of ALIGN entries (16 bytes of bf16, 32 of float32), and
+# walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN. Every
+# block inside the row is read and written without a mask, 16 bytes at a time; only the last block
+# is read with a mask, and the first and the last written with one. The first block is read
+# unmasked too: the up to ALIGN - 1 entries before the row belong to the same tensor (the end of
+# the previous row, or the gap of a strided view), and are replaced by `other` once loaded. All the
+# [N, V] tensors of one call share their row stride, so one row offset serves them all.
 
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
+ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of bf16, 32 of float32
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
@@ -86,39 +108,70 @@ else:
     CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
 
 
+@triton.jit
+def _row_start(ptr, lo):
+    """Move ptr to entry lo of its flat tensor, rounded down to a multiple of ALIGN entries.
+    Returns the new pointer and head = the offset of entry lo from it, 0 <= head < ALIGN."""
+    first = tl.multiple_of(lo // ALIGN * ALIGN, ALIGN)
+    return ptr + first, (lo - first).to(tl.int32)
+
+
+@triton.jit
+def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr):
+    """ptr[start : start + BLOCK_V] as float32, with `other` outside the row ptr[head:end]."""
+    offs = tl.multiple_of(start, BLOCK_V) + tl.arange(0, BLOCK_V)
+    if start + BLOCK_V <= end:
+        x = tl.load(ptr + offs)  # 16 bytes at a time: no mask, aligned
+    else:
+        x = tl.load(ptr + offs, mask=offs < end, other=other)  # the last block
+    if start < head:  # the first block begins before the row
+        x = tl.where(offs >= head, x, other)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr):
+    """ptr[start : start + BLOCK_V] = value, in ptr's dtype, only inside the row ptr[head:end]."""
+    offs = tl.multiple_of(start, BLOCK_V) + tl.arange(0, BLOCK_V)
+    value = value.to(ptr.dtype.element_ty)
+    if (start >= head) & (start + BLOCK_V <= end):
+        tl.store(ptr + offs, value)  # 16 bytes at a time
+    else:
+        tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))  # the first and last blocks
+
+
 @triton.autotune(configs=CONFIGS, key=["V"])
 @triton.jit
 def _logprob_fwd_kernel(
-    logits_ptr,  # [N, V] logits, any float dtype; entries of a row contiguous
-    stride_logits,  # elements from one row of logits to the next
+    logits_ptr,  # [N, *] logits, any float dtype; the V entries of a row contiguous
+    stride,  # entries from one row of logits to the next (>= V)
     targets_ptr,  # [N] int: target token of each row, or IGNORE_INDEX
     logprob_ptr,  # [N] fp32 out: log softmax(logits / T)[target], 0 where ignored
     row_max_ptr,  # [N] fp32 out: m = max_v logits / T, for the backward
     log_sum_ptr,  # [N] fp32 out: log s, s = sum_v exp(logits / T - m); the LSE is m + log s
-    V,  # vocabulary size, any positive int
+    V,  # vocabulary size, any positive int: the first V entries of each row are read
     inv_temperature,  # 1 / T
     IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
+    logits_ptr, head = _row_start(logits_ptr, row * stride)
+    end = head + V
     target = tl.load(targets_ptr + row)
 
     # online log-sum-exp: rescale the running sum whenever the running max grows
     m = tl.full([], LOWEST, tl.float32)
     s = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(logits_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        x = x * inv_temperature
+    for start in range(0, end, BLOCK_V):
+        x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V) * inv_temperature
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     log_s = tl.log(s)
 
     ignore = target == IGNORE_INDEX
-    x_target = tl.load(logits_ptr + tl.where(ignore, 0, target)).to(tl.float32) * inv_temperature
-    tl.store(logprob_ptr + row, tl.where(ignore, 0.0, (x_target - m) - log_s))
+    x_target = tl.load(logits_ptr + head + tl.where(ignore, 0, target)).to(tl.float32)
+    tl.store(logprob_ptr + row, tl.where(ignore, 0.0, (x_target * inv_temperature - m) - log_s))
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
 
@@ -128,42 +181,41 @@ def _logprob_fwd_kernel(
 @triton.autotune(configs=CONFIGS, key=["V"], restore_value=["grad_logits_ptr"])
 @triton.jit
 def _logprob_bwd_kernel(
-    logits_ptr,  # [N, V] logits, as in the forward
-    stride_logits,  # elements from one row of logits to the next
-    grad_logits_ptr,  # [N, V] out, dtype of the logits: d loss / d logits (may be logits_ptr)
-    stride_grad,  # elements from one row of grad_logits to the next
+    logits_ptr,  # [N, *] logits, as in the forward
+    grad_logits_ptr,  # [N, *] out, dtype of the logits: d loss / d logits (may be logits_ptr)
+    stride,  # entries from one row to the next, in logits and grad_logits alike
     targets_ptr,  # [N] int: target token of each row, or IGNORE_INDEX
     row_max_ptr,  # [N] fp32: m from the forward
     log_sum_ptr,  # [N] fp32: log s from the forward
     grad_out_ptr,  # [N] fp32: d loss / d logprob, the upstream gradient
-    V,  # vocabulary size
+    V,  # vocabulary size: the first V entries of each row are read and written
     inv_temperature,  # 1 / T
     IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
-    grad_logits_ptr += row * stride_grad
+    logits_ptr, head = _row_start(logits_ptr, row * stride)
+    grad_logits_ptr, _ = _row_start(grad_logits_ptr, row * stride)
+    end = head + V
     target = tl.load(targets_ptr + row)
     m = tl.load(row_max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
     # d logprob / d logits = (onehot(target) - softmax(logits / T)) / T; an ignored row gets 0
     g = tl.where(target == IGNORE_INDEX, 0.0, tl.load(grad_out_ptr + row) * inv_temperature)
+    target_offset = (head + target).to(tl.int32)  # never matched when ignored: head - 100 < 0
 
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+    for start in range(0, end, BLOCK_V):
+        x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V) * inv_temperature
         p = tl.exp((x - m) - log_s)
-        grad = (tl.where(cols == target, 1.0, 0.0) - p) * g
-        tl.store(grad_logits_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        onehot = tl.where(start + tl.arange(0, BLOCK_V) == target_offset, 1.0, 0.0)
+        _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"])
 @triton.jit
 def _entropy_fwd_kernel(
-    logits_ptr,  # [N, V] logits, any float dtype; entries of a row contiguous
-    stride_logits,  # elements from one row of logits to the next
+    logits_ptr,  # [N, *] logits, any float dtype; the V entries of a row contiguous
+    stride,  # entries from one row of logits to the next (>= V)
     entropy_ptr,  # [N] fp32 out: H = -sum_v p_v log p_v
     row_max_ptr,  # [N] fp32 out: m = max_v logits, for the backward
     log_sum_ptr,  # [N] fp32 out: log s, s = sum_v exp(logits - m)
@@ -171,16 +223,16 @@ def _entropy_fwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
+    logits_ptr, head = _row_start(logits_ptr, row * stride)
+    end = head + V
 
     # with log p = (x - m) - log s: H = log s - t / s, where t = sum_v exp(x - m) (x - m).
     # t is kept relative to the running max (each term is bounded), so large logits do not cancel.
     m = tl.full([], LOWEST, tl.float32)
     s = 0.0
     t = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(logits_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    for start in range(0, end, BLOCK_V):
+        x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
@@ -198,10 +250,9 @@ def _entropy_fwd_kernel(
 @triton.autotune(configs=CONFIGS, key=["V"])
 @triton.jit
 def _entropy_bwd_kernel(
-    logits_ptr,  # [N, V] logits, as in the forward
-    stride_logits,  # elements from one row of logits to the next
-    grad_logits_ptr,  # [N, V] out, dtype of the logits: d loss / d logits
-    stride_grad,  # elements from one row of grad_logits to the next
+    logits_ptr,  # [N, *] logits, as in the forward
+    grad_logits_ptr,  # [N, *] out, dtype of the logits: d loss / d logits
+    stride,  # entries from one row to the next, in logits and grad_logits alike
     entropy_ptr,  # [N] fp32: H from the forward
     row_max_ptr,  # [N] fp32: m from the forward
     log_sum_ptr,  # [N] fp32: log s from the forward
@@ -210,31 +261,29 @@ def _entropy_bwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
-    grad_logits_ptr += row * stride_grad
+    logits_ptr, head = _row_start(logits_ptr, row * stride)
+    grad_logits_ptr, _ = _row_start(grad_logits_ptr, row * stride)
+    end = head + V
     H = tl.load(entropy_ptr + row)
     m = tl.load(row_max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
     g = tl.load(grad_out_ptr + row)
 
     # dH / dx_v = -p_v (log p_v + H)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for start in range(0, end, BLOCK_V):
+        x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V)
         logp = (x - m) - log_s
         p = tl.exp(logp)
         grad = tl.where(p > 0, -p * (logp + H) * g, 0.0)
-        tl.store(grad_logits_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"])
 @triton.jit
 def _kl_fwd_kernel(
-    p_ptr,  # [N, V] logits of p (the policy), any float dtype; entries of a row contiguous
-    stride_p,  # elements from one row of p to the next
-    q_ptr,  # [N, V] logits of q (the reference)
-    stride_q,  # elements from one row of q to the next
+    p_ptr,  # [N, *] logits of p (the policy), any float dtype; the V entries of a row contiguous
+    q_ptr,  # [N, *] logits of q (the reference)
+    stride,  # entries from one row to the next, in p and q alike (>= V)
     kl_ptr,  # [N] fp32 out: KL(p || q) = sum_v p_v (log p_v - log q_v)
     p_max_ptr,  # [N] fp32 out: m_p = max_v logits_p, for the backward
     p_log_sum_ptr,  # [N] fp32 out: log s_p, s_p = sum_v exp(logits_p - m_p)
@@ -244,8 +293,9 @@ def _kl_fwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    p_ptr += row * stride_p
-    q_ptr += row * stride_q
+    p_ptr, head = _row_start(p_ptr, row * stride)
+    q_ptr, _ = _row_start(q_ptr, row * stride)
+    end = head + V
 
     # both log-sum-exps online, and u = sum_v exp(xp - m_p) ((xp - m_p) - (xq - m_q)), so that
     # KL = u / s_p - log s_p + log s_q, every term relative to its running max
@@ -254,11 +304,9 @@ def _kl_fwd_kernel(
     m_q = tl.full([], LOWEST, tl.float32)
     s_q = 0.0
     u = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        xp = tl.load(p_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        xq = tl.load(q_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for start in range(0, end, BLOCK_V):
+        xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V)
+        xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V)
         m_p_new = tl.maximum(m_p, tl.max(xp, axis=0))
         m_q_new = tl.maximum(m_q, tl.max(xq, axis=0))
         alpha_p = tl.exp(m_p - m_p_new)
@@ -283,12 +331,10 @@ def _kl_fwd_kernel(
 @triton.autotune(configs=CONFIGS, key=["V"])
 @triton.jit
 def _kl_bwd_kernel(
-    p_ptr,  # [N, V] logits of p, as in the forward
-    stride_p,  # elements from one row of p to the next
-    q_ptr,  # [N, V] logits of q
-    stride_q,  # elements from one row of q to the next
-    grad_p_ptr,  # [N, V] out, dtype of logits_p: d loss / d logits_p
-    stride_grad,  # elements from one row of grad_p to the next
+    p_ptr,  # [N, *] logits of p, as in the forward
+    q_ptr,  # [N, *] logits of q
+    grad_p_ptr,  # [N, *] out, dtype of logits_p: d loss / d logits_p
+    stride,  # entries from one row to the next, in p, q and grad_p alike
     kl_ptr,  # [N] fp32: KL from the forward
     p_max_ptr,  # [N] fp32: m_p from the forward
     p_log_sum_ptr,  # [N] fp32: log s_p
@@ -299,9 +345,10 @@ def _kl_bwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
-    p_ptr += row * stride_p
-    q_ptr += row * stride_q
-    grad_p_ptr += row * stride_grad
+    p_ptr, head = _row_start(p_ptr, row * stride)
+    q_ptr, _ = _row_start(q_ptr, row * stride)
+    grad_p_ptr, _ = _row_start(grad_p_ptr, row * stride)
+    end = head + V
     kl = tl.load(kl_ptr + row)
     m_p = tl.load(p_max_ptr + row)
     log_s_p = tl.load(p_log_sum_ptr + row)
@@ -310,16 +357,14 @@ def _kl_bwd_kernel(
     g = tl.load(grad_out_ptr + row)
 
     # dKL / dxp_v = p_v (log p_v - log q_v - KL)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        xp = tl.load(p_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        xq = tl.load(q_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for start in range(0, end, BLOCK_V):
+        xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V)
+        xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V)
         logp = (xp - m_p) - log_s_p
         logq = (xq - m_q) - log_s_q
         p = tl.exp(logp)
         grad = tl.where(p > 0, p * (logp - logq - kl) * g, 0.0)
-        tl.store(grad_p_ptr + cols, grad.to(grad_p_ptr.dtype.element_ty), mask=mask)
+        _store_block(grad_p_ptr, start, head, end, grad, BLOCK_V)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -332,22 +377,30 @@ def _rows(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _empty_like_rows(x):
+    """A fresh tensor with x's shape, dtype and row stride: the kernels address all the [N, V]
+    tensors of a call with one row stride."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
 def _row_floats(x, count):
     """count fresh float32 [N] tensors, one number per row of x."""
     return [torch.empty(x.size(0), dtype=torch.float32, device=x.device) for _ in range(count)]
 
 
-def _logprob_fwd(x, targets, temperature, logprob, row_max, log_sum):
-    """x [N, V], targets [N]; write logprob, row_max and log_sum, each float32 [N]."""
+def _logprob_fwd(x, targets, temperature, logprob, row_max, log_sum, V=None):
+    """x [N, >= V] (the first V columns are the logits, V = all by default), targets [N]; write
+    logprob, row_max and log_sum, each float32 [N]."""
     _logprob_fwd_kernel[(x.size(0),)](
-        x, x.stride(0), targets, logprob, row_max, log_sum, x.size(1), 1.0 / temperature,
+        x, x.stride(0), targets, logprob, row_max, log_sum, V or x.size(1), 1.0 / temperature,
         IGNORE_INDEX=IGNORE_INDEX)
 
 
-def _logprob_bwd(x, targets, row_max, log_sum, grad_out, temperature, grad):
-    """Write d loss / d x [N, V] into grad, which may be x itself."""
+def _logprob_bwd(x, targets, row_max, log_sum, grad_out, temperature, grad, V=None):
+    """Write d loss / d x[:, :V] into grad[:, :V]; grad has x's row stride and may be x itself."""
+    assert grad.stride() == x.stride()
     _logprob_bwd_kernel[(x.size(0),)](
-        x, x.stride(0), grad, grad.stride(0), targets, row_max, log_sum, grad_out, x.size(1),
+        x, grad, x.stride(0), targets, row_max, log_sum, grad_out, V or x.size(1),
         1.0 / temperature, IGNORE_INDEX=IGNORE_INDEX)
 
 
@@ -373,7 +426,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, t, row_max, log_sum = ctx.saved_tensors
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        grad = _empty_like_rows(x)
         _logprob_bwd(x, t, row_max, log_sum, _upstream(grad_out), ctx.temperature, grad)
         return grad.view(*grad_out.shape, x.size(1)), None, None
 
@@ -390,9 +443,9 @@ class _Entropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, H, row_max, log_sum = ctx.saved_tensors
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        grad = _empty_like_rows(x)
         _entropy_bwd_kernel[(x.size(0),)](
-            x, x.stride(0), grad, grad.stride(0), H, row_max, log_sum, _upstream(grad_out),
+            x, grad, x.stride(0), H, row_max, log_sum, _upstream(grad_out),
             x.size(1))
         return grad.view(*grad_out.shape, x.size(1))
 
@@ -401,24 +454,43 @@ class _KLDiv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_p, logits_q):
         p, q = _rows(logits_p), _rows(logits_q)
+        if p.stride(0) != q.stride(0):  # the kernels take one row stride for both
+            p, q = p.contiguous(), q.contiguous()
         kl, p_max, p_log_sum, q_max, q_log_sum = _row_floats(p, 5)
         _kl_fwd_kernel[(p.size(0),)](
-            p, p.stride(0), q, q.stride(0), kl, p_max, p_log_sum, q_max, q_log_sum, p.size(1))
+            p, q, p.stride(0), kl, p_max, p_log_sum, q_max, q_log_sum, p.size(1))
         ctx.save_for_backward(p, q, kl, p_max, p_log_sum, q_max, q_log_sum)
         return kl.view(logits_p.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         p, q, kl, p_max, p_log_sum, q_max, q_log_sum = ctx.saved_tensors
-        grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        grad = _empty_like_rows(p)
         _kl_bwd_kernel[(p.size(0),)](
-            p, p.stride(0), q, q.stride(0), grad, grad.stride(0), kl, p_max, p_log_sum, q_max,
+            p, q, grad, p.stride(0), kl, p_max, p_log_sum, q_max,
             q_log_sum, _upstream(grad_out), p.size(1))
         return grad.view(*grad_out.shape, p.size(1)), None
 
 
 # fused_linear_logprobs computes the logits of CHUNK_BYTES worth of rows at a time
 CHUNK_BYTES = 256 * 2**20
+# and pads the vocabulary of its matmuls to a multiple of this (V = 50257 -> 50304)
+PAD_V = 128
+
+
+def _mm_float32_sum(a, b):
+    """a @ b, summed in float32 (on a GPU, returned in float32 when a and b are bf16 or fp16).
+    grad_hidden = grad_logits @ weight sums over the whole vocabulary for few rows and C columns,
+    a shape for which cuBLAS may split the sum into pieces and, as PyTorch allows by default
+    (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction), add the pieces in bf16.
+    On an H200 the fused path's grad_hidden came out 0.19 away from PyTorch's on the same bf16
+    inputs (N = 4096, C = 768, V = 50257, chunks of 2670 and 1426 rows); a CPU emulation of both
+    gives errors of at most 0.06 when each sum is kept in float32 and the result rounded to bf16
+    once, 0.18 to 0.26 when 8 to 16 pieces are added in bf16. A float32 result keeps the sum in
+    float32; CPU matmuls sum in float32 anyway."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
@@ -428,47 +500,62 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     upstream gradient is exact), then grad_hidden = grad_logits @ weight and
     grad_weight += grad_logits.T @ hidden.
 
-    Memory: one [chunk, V] logits buffer in the compute dtype, plus grad_weight [V, C]; nothing of
-    size N * V. Cost: 8 N V C FLOPs against the naive 6 (the backward recomputes the logits).
-    Computing the gradient during the forward instead (Liger's trick) saves that matmul, but is
-    exact only when every row's upstream gradient is the same number, as for a mean loss; PPO and
-    DPO weight each token differently, and a forward under no_grad would pay for a gradient no one
-    uses. grad_weight accumulates in weight's dtype: each chunk's product is summed in float32 by
-    cuBLAS and rounded once when added (exact for float32 weights, one bf16 rounding per chunk
-    otherwise)."""
+    Padding: cuBLAS is fast only when the leading dimension of every operand is a multiple of 16
+    bytes; with V = 50257 the [chunk, V] logits are not, and the matmuls ran at 80-90 TFLOP/s on an
+    H200 against 400-600 at V = 128256 (why nanoGPT pads its vocabulary to 50304). So the matmuls
+    see the weight padded with zero rows to V_pad, a multiple of PAD_V: one copy of the weight per
+    call, [V_pad, C], a read and a write of V C entries against the 8 N V C FLOPs of the matmuls
+    (and none when V is a multiple of PAD_V already). The logits chunks are [chunk, V_pad]; the
+    kernels read and write only their first V columns, so the padded columns (h . 0 = 0) never
+    enter the log-sum-exp and stay 0 in the gradient; with the weight's zero rows, grad_hidden
+    = grad_logits @ weight_pad is exact either way. grad_weight is computed for the V_pad rows and
+    sliced to V.
+
+    Memory: one [chunk, V_pad] logits buffer in the compute dtype, the padded weight and
+    grad_weight [V_pad, C]; nothing of size N * V. Cost: 8 N V C FLOPs against the naive 6 (the
+    backward recomputes the logits). Computing the gradient during the forward instead (Liger's
+    trick) saves that matmul, but is exact only when every row's upstream gradient is the same
+    number, as for a mean loss; PPO and DPO weight each token differently, and a forward under
+    no_grad would pay for a gradient no one uses. grad_weight accumulates in weight's dtype: each
+    chunk's product is summed in float32 by cuBLAS and rounded once when added (exact for float32
+    weights, one bf16 rounding per chunk otherwise)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
         h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1).contiguous()
         N, V = h.size(0), weight.size(0)
-        chunk = max(1, CHUNK_BYTES // (V * h.element_size()))
+        w = weight if V % PAD_V == 0 else F.pad(weight, (0, 0, 0, -V % PAD_V))  # [V_pad, C]
+        chunk = max(1, CHUNK_BYTES // (w.size(0) * h.element_size()))
         logprob, row_max, log_sum = _row_floats(h, 3)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            logits = h[rows] @ weight.t()  # [chunk, V]: the only vocabulary-sized tensor
-            _logprob_fwd(logits, t[rows], temperature, logprob[rows], row_max[rows], log_sum[rows])
-        ctx.save_for_backward(h, weight, t, row_max, log_sum)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            logits = h[rows] @ w.t()  # [chunk, V_pad]: the only vocabulary-sized tensor
+            _logprob_fwd(logits, t[rows], temperature, logprob[rows], row_max[rows], log_sum[rows],
+                         V=V)
+        ctx.save_for_backward(h, w, t, row_max, log_sum)
+        ctx.temperature, ctx.chunk, ctx.V = temperature, chunk, V
         return logprob.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, t, row_max, log_sum = ctx.saved_tensors
+        h, w, t, row_max, log_sum = ctx.saved_tensors
         g = _upstream(grad_out)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_weight = torch.zeros_like(w) if need_weight else None
         for start in range(0, h.size(0), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            logits = h[rows] @ weight.t()
+            logits = h[rows] @ w.t()
             _logprob_bwd(logits, t[rows], row_max[rows], log_sum[rows], g[rows], ctx.temperature,
-                         grad=logits)
+                         grad=logits, V=ctx.V)
             if grad_hidden is not None:
-                torch.mm(logits, weight, out=grad_hidden[rows])
+                grad_hidden[rows] = _mm_float32_sum(logits, w)
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t(), h[rows])
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(*grad_out.shape, h.size(1))
+        if grad_weight is not None:
+            grad_weight = grad_weight[:ctx.V]
         return grad_hidden, grad_weight, None, None
 
 

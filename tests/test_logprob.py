@@ -115,6 +115,35 @@ def test_gpt2_vocabulary():
     check(logprob.kl_div, kl64, logits_p, logits_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_misaligned_rows(dtype):
+    """V = 1003 (odd): row r starts at entry 1003 r, so the kernels' blocks start up to 7 entries
+    before the row (at a multiple of 8) and must ignore those entries, and must not write them."""
+    torch.manual_seed(0)
+    N, V = 37, 1003
+    logits_p = (torch.randn(N, V) * 3).to(dtype)
+    logits_q = (logits_p.float() + torch.randn(N, V)).to(dtype)
+    targets = random_targets((N,), V)
+    targets[:3] = torch.tensor([0, V - 1, 1])  # the first and last entries of a row
+    check(logprob.token_logprobs, logprobs64, logits_p, targets, 0.7)
+    check(logprob.entropy, entropy64, logits_p)
+    check(logprob.kl_div, kl64, logits_p, logits_q)
+
+
+def test_misaligned_views():
+    """A view that starts 3 entries into its storage with an odd row stride (1010), and a q whose
+    row stride differs from p's (the kernels take one stride: the launcher copies)."""
+    torch.manual_seed(0)
+    N, V = 37, 1003
+    storage = torch.randn(N, V + 7) * 3
+    view = storage[:, 3:3 + V]
+    targets = random_targets((N,), V)
+    check(logprob.token_logprobs, logprobs64, view, targets, 1.3)
+    check(logprob.entropy, entropy64, view)
+    check(logprob.kl_div, kl64, view, torch.randn(N, V) * 3)
+    check(logprob.kl_div, kl64, torch.randn(N, V) * 3, view)
+
+
 def test_maximum_in_a_later_block():
     """The running maximum grows block after block; a first block of -inf (masked vocabulary)."""
     torch.manual_seed(0)
@@ -179,14 +208,20 @@ def test_upstream_gradient_from_sum():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
-def test_fused_linear_logprobs(monkeypatch, dtype, temperature):
+@pytest.mark.parametrize("V", [300, 256])
+def test_fused_linear_logprobs(monkeypatch, dtype, temperature, V):
+    """V = 300 is padded to 384 for the matmuls (the kernels must read only the first 300 columns
+    of each [rows, 384] logits chunk); V = 256 is a multiple of PAD_V, used as it is."""
     torch.manual_seed(0)
-    B, T, C, V = 2, 37, 24, 300
-    monkeypatch.setattr(logprob, "CHUNK_BYTES", 16 * V * 4)  # chunks of 16 or 32 rows: 5 or 3
+    B, T, C = 2, 37, 24
+    assert logprob.PAD_V == 128
+    # chunks of 16 (float32) or 32 (float16) rows at V = 300: 5 or 3 chunks
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", 16 * 384 * 4)
     hidden = torch.randn(B, T, C).to(dtype).requires_grad_()
     weight = (torch.randn(V, C) * 0.5).to(dtype).requires_grad_()
     targets = random_targets((B, T), V)
-    g = torch.randn(B, T)
+    targets[0, :2] = torch.tensor([V - 1, 0])  # the last and first columns
+    g = torch.randn(B, T)  # a different upstream gradient for every row
     out = logprob.fused_linear_logprobs(hidden, weight, targets, temperature)
     (out * g).sum().backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
