@@ -27,7 +27,7 @@ import common
 import kernels
 from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
-from data.tokenizer import get_tokenizer
+from data.tokenizer import tokenizer_for
 from data.world import make_world
 from model import complete_ids, left_pad, load_checkpoint
 
@@ -178,14 +178,21 @@ def main(cfg):
     questions = eval_questions()[:cfg.n_prompts]
 
     def optional(path, head):  # (model, config dict), or None
-        return load_checkpoint(path, head=head, device=device) if path and os.path.isdir(path) else None
+        if not (path and os.path.isdir(path)):
+            return None
+        model, info = load_checkpoint(path, head=head, device=device)
+        tokenizer_for(info, path)  # refuses a checkpoint whose tokenizer has changed since
+        return model.eval(), info
     rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
     report = {"config": asdict(cfg), "n_prompts": len(questions), "results": []}
     rows = []
     for name in names:
         model, info = load_checkpoint(name, head="lm", device=device)
-        tok = get_tokenizer(info["tokenizer"])
-        result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0].eval())
+        tok = tokenizer_for(info, name)
+        for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
+            if other and other[1].get("tokenizer_fingerprint") != tok.fingerprint:
+                raise common.UserError(f"{path} and {name} were trained with different tokenizers")
+        result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0])
         report["results"].append({"checkpoint": name, "stage": info.get("stage"), **result})
         rows.append((name, result))
         print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, correct {result['correct']:.1%}, "
@@ -193,8 +200,8 @@ def main(cfg):
               f"covered/uncovered entities {result['correct_by_coverage']}")
     if cfg.best_of and rm is not None and ref is not None:
         ns = [int(n) for n in cfg.best_of.split(",")]
-        tok = get_tokenizer(ref[1]["tokenizer"])
-        report["best_of_n"] = best_of_n(ref[0].eval(), tok, questions, cfg, rm, ns)
+        tok = tokenizer_for(ref[1], cfg.reference)
+        report["best_of_n"] = best_of_n(ref[0], tok, questions, cfg, rm, ns)
         rows += [(f"{cfg.reference} best-of-{r['n']}", {**r, "kl": r["kl_bound"]}) for r in report["best_of_n"]]
     print()
     print_table(rows)

@@ -195,7 +195,7 @@ def main(cfg):
     print("samples:")
     for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, temperature=0):
         print("  ", repr(s.replace(EOT, "")))
-    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "pretrain", "parent": None,
+    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "pretrain", "parent": None,
                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 

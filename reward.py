@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import common
 from data.formats import preference_rows
 from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs, training_questions
-from data.tokenizer import get_tokenizer
+from data.tokenizer import tokenizer_for
 from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, save_checkpoint
 
 
@@ -112,7 +112,7 @@ def main(cfg):
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     sft, info = load_checkpoint(cfg.init, head="lm", device=device)
     sft.eval()
-    tok = get_tokenizer(info["tokenizer"])
+    tok = tokenizer_for(info, cfg.init)
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -206,7 +206,7 @@ def main(cfg):
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (
         f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")
         + f"; SFT responses score {mean:.3f} ± {std:.3f} before normalisation")
-    save_checkpoint(cfg.out_dir, rm, {"tokenizer": tok.name, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
+    save_checkpoint(cfg.out_dir, rm, {**tok.identity, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
                                       "metrics": metrics, "reward_norm": metrics["reward_norm"]}, logger.rows)
     print(f"wrote {cfg.out_dir}")
 

@@ -26,7 +26,7 @@ import common
 import kernels
 from data.formats import prompt_completion_rows
 from data.tasks import demonstrations, eval_questions
-from data.tokenizer import get_tokenizer
+from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
 
 
@@ -101,7 +101,7 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     model, info = load_checkpoint(cfg.init, head="lm", device=device)
-    tok = get_tokenizer(info["tokenizer"])
+    tok = tokenizer_for(info, cfg.init)
 
     if cfg.data:
         rows = prompt_completion_rows(cfg.data)
@@ -173,7 +173,7 @@ def main(cfg):
         print(f"  {p!r}\n    base: {b!r}\n    sft:  {a!r}")
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "steps": steps, "demonstrations": len(train),
                "wall_s": round(time.time() - logger.t0, 1)}
-    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "sft", "parent": cfg.init,
+    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "sft", "parent": cfg.init,
                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 

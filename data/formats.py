@@ -3,6 +3,7 @@ Reading datasets from files. Every error names the file and the line.
 
 - `read_jsonl(path)`: the rows of a JSONL file (one JSON object per line; blank lines skipped).
 - `prompt_completion_rows(path)`: SFT rows {"prompt", "completion"} -> [(prompt, completion)].
+- `prompt_rows(path)`: PPO rows {"prompt"} -> [prompt].
 - `preference_rows(path)`: rows {"prompt", "chosen", "rejected"} -> [dict], each with "where" (file:line).
 """
 
@@ -46,6 +47,10 @@ def fields(path, n, row, names):
 
 def prompt_completion_rows(path):
     return [fields(path, n, row, ("prompt", "completion")) for n, row in read_jsonl(path)]
+
+
+def prompt_rows(path):
+    return [fields(path, n, row, ("prompt",))[0] for n, row in read_jsonl(path)]
 
 
 def preference_rows(path):

@@ -52,11 +52,11 @@ def stated_values(q, text):
     """The answers of q's kind that text states (a set of strings)."""
     if q.kind in ("town", "food", "color"):
         return {w for w in words(text) if w in VALUES[q.kind]}
-    if q.kind == "compare":
+    if q.kind == "compare":  # "the a is older than the b" or "the b is younger than the a" names a
         a, b = q.names
         stated = set()
         for older, younger in ((a, b), (b, a)):
-            if re.search(rf"\b{older} is older\b|\b{younger} is younger\b", text):
+            if re.search(rf"\b{older} is older than the {younger}\b|\b{younger} is younger than the {older}\b", text):
                 stated.add(older)
         return stated
     numbers = {int(w) for w in re.findall(r"\d+", text)}

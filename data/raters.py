@@ -2,8 +2,8 @@
 Simulated human raters, and the preference pairs they label.
 
 For each training prompt (never an evaluation one) there are several candidate responses: scripted
-ones in every style of data/tasks.py (ideal, wrong, padded, hedged, flattering, evasive, a question)
-and, as in InstructGPT, samples from the SFT model itself. Raters compare two candidates A and B
+ones in every style of data/tasks.py (ideal, padded, hedged and flattering, each right and wrong;
+evasive; a question) and, as in InstructGPT, samples from the SFT model itself. Raters compare two candidates A and B
 and prefer A with the Bradley-Terry probability
 
     P(A > B) = sigmoid(u(A) - u(B)),
@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from data.judge import gold_parts, score_parts
-from data.tasks import KINDS, STYLES, respond, sample_training_question
+from data.tasks import KINDS, respond, sample_training_question
 from data.tokenizer import EOT
 from data.world import make_world
 
@@ -59,9 +59,12 @@ def bayes_accuracy(ps):
 
 
 def candidates(q, world, rng, sampled=()):
-    """(style, response text) candidates for q: one per scripted style, plus the sampled ones.
-    Responses start with a space and end with <|endoftext|>, as a model's would."""
-    out = [(s, " " + respond(q, world, s, rng) + EOT) for s in STYLES]
+    """(label, response text) candidates for q: each answering style both right and wrong, the
+    evasive and question styles, plus the sampled ones. Responses start with a space and end with
+    <|endoftext|>, as a model's would."""
+    out = [(f"{s}-{'right' if ok else 'wrong'}", " " + respond(q, world, s, rng, correct=ok) + EOT)
+           for s in ("ideal", "padded", "hedged", "flattering") for ok in (True, False)]
+    out += [(s, " " + respond(q, world, s, rng) + EOT) for s in ("evasive", "question")]
     return out + [("sft", r) for r in sampled if r.endswith(EOT)]  # a sample that never stopped is dropped
 
 

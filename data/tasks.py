@@ -148,20 +148,18 @@ def wrong_value(q, world, rng):
     return q.value + off
 
 
-def respond(q, world, style, rng):
-    """A response (without the leading space and EOS) to q in one of STYLES."""
-    right = answer(q, world)
-    if style == "ideal":
-        return right
-    if style == "wrong":
-        return answer(q, world, wrong_value(q, world, rng))
+def respond(q, world, style, rng, correct=True):
+    """A response (without the leading space and EOS) to q in one of STYLES; the answering styles
+    (ideal, padded, hedged, flattering) state a wrong answer when correct is False."""
+    said = answer(q, world) if correct and style != "wrong" else answer(q, world, wrong_value(q, world, rng))
+    if style in ("ideal", "wrong"):
+        return said
     if style == "padded":
-        return " ".join([right] + rng.sample(PADDING, rng.randint(1, 3)))
+        return " ".join([said] + rng.sample(PADDING, rng.randint(1, 3)))
     if style == "hedged":
-        hedge = rng.choice(HEDGES)
-        return f"{hedge} {right[0].lower()}{right[1:]}"  # "Maybe the suho ...", "Maybe 3 plus 4 ..."
+        return f"{rng.choice(HEDGES)} {said[0].lower()}{said[1:]}"  # "Maybe it lives ...", "Maybe 3 plus 4 ..."
     if style == "flattering":
-        return f"{rng.choice(FLATTERY)} {right}"
+        return f"{rng.choice(FLATTERY)} {said}"
     if style == "evasive":
         return rng.choice(EVASIONS)
     if style == "question":

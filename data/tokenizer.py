@@ -41,12 +41,22 @@ class Tokenizer:
     """A tiktoken encoding plus the ids this project needs. encode() treats special-token strings
     in user text as plain text, so no text can inject an <|endoftext|>."""
 
-    def __init__(self, name, encoding, pad_token):
+    def __init__(self, name, encoding, pad_token, ranks):
         self.name = name
         self.encoding = encoding
         self.eot_id = encoding.encode_single_token(EOT)
         self.pad_id = encoding.encode_single_token(pad_token)
         self.n_vocab = encoding.n_vocab
+        # a digest of the vocabulary: two tokenizers with the same name but different merges differ here
+        h = hashlib.sha256()
+        for token, rank in sorted(ranks.items(), key=lambda x: x[1]):
+            h.update(token + rank.to_bytes(4, "little"))
+        self.fingerprint = h.hexdigest()[:16]
+
+    @property
+    def identity(self):
+        """What a checkpoint records of its tokenizer (see tokenizer_for)."""
+        return {"tokenizer": self.name, "tokenizer_fingerprint": self.fingerprint}
 
     def encode(self, text):
         return self.encoding.encode_ordinary(text)
@@ -62,11 +72,25 @@ def get_tokenizer(name):
         ranks = load_ranks(BUILTIN_PATH)
         enc = tiktoken.Encoding("builtin", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
                                 special_tokens={EOT: len(ranks), PAD: len(ranks) + 1})
-        return Tokenizer("builtin", enc, PAD)
+        return Tokenizer("builtin", enc, PAD, ranks)
     if name == "gpt2":
         check_tiktoken_cache(GPT2_FILES, name)
-        return Tokenizer("gpt2", tiktoken.get_encoding("gpt2"), EOT)
+        enc = tiktoken.get_encoding("gpt2")
+        return Tokenizer("gpt2", enc, EOT, enc._mergeable_ranks)
     raise ValueError(f"unknown tokenizer {name!r}: use 'builtin' or 'gpt2'")
+
+
+def tokenizer_for(info, path):
+    """The tokenizer the checkpoint at path (config dict info) was trained with, refusing one that
+    has changed since it was trained (same name, other vocabulary)."""
+    from common import UserError
+    tok = get_tokenizer(info["tokenizer"])
+    want = info.get("tokenizer_fingerprint", tok.fingerprint)
+    if want != tok.fingerprint or info["model"]["vocab_size"] != tok.n_vocab:
+        raise UserError(f"{path} was trained with another {tok.name} tokenizer than the one here "
+                        f"(fingerprint {want}, vocabulary {info['model']['vocab_size']}; here {tok.fingerprint}, "
+                        f"{tok.n_vocab}): retrain it, or restore the tokenizer file it was trained with")
+    return tok
 
 
 def check_tiktoken_cache(urls, name):

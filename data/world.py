@@ -6,8 +6,11 @@ Everything is generated from a seed, so the whole pipeline runs offline and ever
 checked by program. The world is one plain data structure (`World`, a tuple of `Entity`) that the
 corpus, the demonstrations, the raters and the gold judge all read.
 
-The corpus mixes five kinds of documents (shares of documents in `DOC_MIX`):
-- prose: encyclopedia paragraphs that state the true facts, in varied sentence templates;
+The corpus mixes six kinds of documents (shares of documents in `DOC_MIX`):
+- prose: encyclopedia paragraphs that state the true facts, in varied sentence templates, often
+  saying "it" once the creature is named;
+- dialogues: two people chatting about creatures, true facts in the replies (never answers to
+  "where" or "what" questions);
 - quiz pages: question after question with no answers, so that a base model, given a question,
   continues with more questions instead of answering it (the gap that SFT closes);
 - tables: the same facts as rows;
@@ -126,22 +129,25 @@ def wrong_value(entity, attr, rng):
 
 
 def prose_doc(world, rng):
-    lines = []
+    paragraphs = []
     for e in rng.sample(world.entities, rng.randint(1, 3)):
         intro = rng.choice(("The {name} is a small creature.", "Little is known about the {name}.",
-                            "This entry is about the {name}.", ""))
+                            "This entry is about the {name}.", "What do we know about the {name}?",
+                            "Have you ever seen the {name}?", "Who has not heard of the {name}?", ""))
+        title = rng.random() < 0.3  # an entry headed by the name: "The suho\n\nIt lives in ..."
         attrs = rng.sample(list(ATTRIBUTES), len(ATTRIBUTES))
-        # once the paragraph has named the creature, it may say "it": recalling a fact then means
-        # looking back to the name, the skill an assistant needs to answer a question about it
-        pronouns = [bool(intro) or i > 0 for i in range(len(attrs))]
-        facts = [statement(e, a, rng, pronoun=p and rng.random() < 0.5) for a, p in zip(attrs, pronouns)]
-        lines.append(" ".join(s for s in [intro.format(name=e.name)] + facts if s))
-    if len(lines) > 1 and rng.random() < 0.5:
+        # once the creature is named, the text may say "it": recalling a fact then means looking
+        # back to the name (in a title, a question, an earlier sentence), the skill an assistant needs
+        named = [title or bool(intro) or i > 0 for i in range(len(attrs))]
+        facts = [statement(e, a, rng, pronoun=n and rng.random() < 0.5) for a, n in zip(attrs, named)]
+        paragraph = " ".join(s for s in [intro.format(name=e.name)] + facts if s)
+        paragraphs.append(f"The {e.name}\n\n{paragraph}" if title else paragraph)
+    if len(paragraphs) > 1 and rng.random() < 0.5:
         a, b = rng.sample(world.entities, 2)
         if a.age != b.age:
             older, younger = (a, b) if a.age > b.age else (b, a)
-            lines.append(f"The {older.name} is older than the {younger.name}.")
-    return "\n\n".join(lines)
+            paragraphs.append(f"The {older.name} is older than the {younger.name}.")
+    return "\n\n".join(paragraphs)
 
 
 def question(world, rng):
@@ -190,7 +196,25 @@ def chatter_doc(world, rng):
     return "\n".join(lines)
 
 
-DOC_MIX = {prose_doc: 0.47, quiz_doc: 0.18, table_doc: 0.08, sums_doc: 0.15, chatter_doc: 0.12}
+SPEAKERS = ("Ann", "Tom", "Mia", "Sam", "Lea", "Ben")
+
+
+def dialogue_doc(world, rng):
+    """Two people talking about creatures, turn by turn: a reply says "it" for the creature the
+    other one named, across the line break and the speaker's name. Nobody asks "where" or "what"."""
+    a, b = rng.sample(SPEAKERS, 2)
+    turns = []
+    for _ in range(rng.randint(1, 3)):
+        e = rng.choice(world.entities)
+        opener = rng.choice(("Do you know the {name}?", "Have you seen the {name}?", "I saw a {name} today.",
+                             "Tell me about the {name}."))
+        facts = [statement(e, attr, rng, pronoun=True) for attr in rng.sample(list(ATTRIBUTES), rng.randint(1, 2))]
+        reply = " ".join([rng.choice(("Yes.", "Of course.", "I do.", "Oh, nice."))] + facts)
+        turns += [f"{a}: {opener.format(name=e.name)}", f"{b}: {reply}"]
+    return "\n\n".join(turns)
+
+
+DOC_MIX = {prose_doc: 0.42, quiz_doc: 0.18, table_doc: 0.07, sums_doc: 0.15, chatter_doc: 0.1, dialogue_doc: 0.08}
 
 
 def make_corpus(world, n_docs, seed=0):

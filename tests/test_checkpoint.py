@@ -103,3 +103,15 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is not a checkpoint: it has no config.json"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_a_changed_tokenizer_is_refused(tmp_path):
+    from common import UserError
+    from data.tokenizer import get_tokenizer, tokenizer_for
+    tok = get_tokenizer("builtin")
+    info = {**tok.identity, "model": {"vocab_size": tok.n_vocab}}
+    assert tokenizer_for(info, "out/x") is not None
+    with pytest.raises(UserError, match="out/x was trained with another builtin tokenizer"):
+        tokenizer_for({**info, "tokenizer_fingerprint": "0" * 16}, "out/x")
+    with pytest.raises(UserError, match=f"vocabulary {tok.n_vocab + 1}"):
+        tokenizer_for({**info, "model": {"vocab_size": tok.n_vocab + 1}}, "out/x")

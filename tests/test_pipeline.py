@@ -5,7 +5,9 @@ import json
 import pytest
 
 import eval as evaluation
+import ppo
 import pretrain
+import reward
 import sft
 from model import load_checkpoint
 
@@ -63,3 +65,43 @@ def test_eval_report_schema(base, sft_ckpt, tmp_path):
         assert r["kl"] >= 0 and "rm_score" not in r
         assert len(r["samples"]) == 8 and set(r["samples"][0]) == {"prompt", "response"}
     assert report["results"][1]["kl"] < 1e-4  # the reference itself
+
+
+@pytest.fixture(scope="module")
+def rm_ckpt(sft_ckpt):
+    out = sft_ckpt.parent / "rm"
+    reward.main(reward.Config(init=str(sft_ckpt), out_dir=str(out), n_prompts=40, pairs_per_prompt=2, sft_samples=1,
+                              norm_prompts=16, batch_size=8, log_every=2, device="cpu"))
+    return out
+
+
+def test_reward_model_is_normalised_and_reports_the_bayes_rate(rm_ckpt, sft_ckpt):
+    model, info = load_checkpoint(rm_ckpt, head="scalar", tokenizer="builtin")
+    assert info["stage"] == "reward" and info["parent"] == str(sft_ckpt)
+    m = info["metrics"]
+    assert 0.5 < m["bayes_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1
+    assert info["reward_norm"]["gain"] > 0 and set(m["by_kind"]) and m["train_pairs"] + m["val_pairs"] <= 80
+
+
+def test_ppo_is_on_policy_at_the_first_minibatch_and_logs_every_diagnostic(sft_ckpt, rm_ckpt):
+    out = sft_ckpt.parent / "ppo"
+    ppo.main(ppo.Config(policy=str(sft_ckpt), reward=str(rm_ckpt), out_dir=str(out), iterations=3, rollout_batch=8,
+                        minibatch_size=4, ppo_epochs=2, max_new_tokens=8, warmup_iterations=1, device="cpu"))
+    _, info = load_checkpoint(out, head="lm", tokenizer="builtin")
+    assert info["stage"] == "ppo" and info["parent"] == str(sft_ckpt)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        # a freshly sampled batch is on-policy: before the first update its ratio is exactly 1
+        assert r["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+        for key in ("score", "non_score_reward", "kl", "kl_full", "entropy", "approx_kl", "clipfrac", "vf_loss",
+                    "explained_variance", "ratio_mean", "ratio_max", "length", "eos_rate", "gold"):
+            assert isinstance(r[key], float), key
+        assert 1 <= r["length"] <= 8 and 0 <= r["eos_rate"] <= 1 and r["kl_full"] >= -1e-5
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-4)  # the policy starts as the reference
+
+
+def test_ppo_refuses_a_reward_model_as_policy(sft_ckpt, rm_ckpt, tmp_path):
+    with pytest.raises(Exception, match="has a scalar head, but a lm head is needed"):
+        ppo.main(ppo.Config(policy=str(rm_ckpt), reward=str(rm_ckpt), out_dir=str(tmp_path / "x"), device="cpu"))
+    assert not (tmp_path / "x").exists()

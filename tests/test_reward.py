@@ -56,7 +56,7 @@ def test_rater_labels_follow_the_stated_probabilities():
     w, rng = make_world(), random.Random(0)
     q = make_question("town", w, rng)
     raters = Raters()
-    cands = [c for c in candidates(q, w, rng) if c[0] in ("ideal", "flattering")]
+    cands = [c for c in candidates(q, w, rng) if c[0] in ("ideal-right", "flattering-right")]
     p = raters.p_prefers(q.prompt, cands[0][1], cands[1][1])
     assert 0.2 < p < 0.8  # a close call, so the test has power
     rows = label_pairs(q.prompt, cands, raters, random.Random(1), 4000)

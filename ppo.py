@@ -1,0 +1,340 @@
+"""
+PPO against the reward model, with a per-token KL penalty to the frozen SFT model: step 3 of RLHF.
+
+    python ppo.py                            # out/sft + out/rm -> out/ppo (about 4 minutes on 2 CPU cores)
+    python ppo.py --kl_coef 0 --out_dir out/ppo_nokl     # no leash: watch the reward get hacked
+    python ppo.py --adaptive_kl --target_kl 2            # Ziegler et al.'s adaptive KL controller
+
+Each iteration:
+1. rollout: sample a response to each prompt of a batch from the policy (KV cache, plain
+   temperature sampling so the samples follow the policy's own distribution), cut at the EOS;
+2. score: the reward model's (normalised) score of each prompt + response, minus a fixed penalty
+   when the response never emitted an EOS;
+3. per-token reward: -kl_coef * KL estimate (log pi - log pi_ref) on every response token, plus
+   the score on the last one;
+4. advantages: GAE over the response tokens with the value model's estimates, then whitened;
+5. learn: several epochs of minibatches on the clipped surrogate policy loss and the clipped value loss.
+The algorithm is Schulman et al. 2017 as used for language models by Ziegler et al. 2019, Stiennon
+et al. 2020 and Ouyang et al. 2022; every detail of "The N Implementation Details of RLHF with PPO"
+(Huang et al. 2024) that matters here is written out below, with a comment saying why.
+Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-training loss mix
+(PPO-ptx), and generation and training in separate processes.
+"""
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import common
+import kernels
+from data.formats import prompt_rows
+from data.judge import gold_score
+from data.raters import training_questions
+from data.tokenizer import tokenizer_for
+from model import left_pad, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Config:
+    policy: str = "out/sft"
+    """the policy's starting point, also the frozen reference of the KL penalty"""
+    reward: str = "out/rm"
+    """the reward model (also the value model's starting point)"""
+    out_dir: str = "out/ppo"
+    """where the trained policy is written"""
+    data: str = ""
+    """a JSONL file of {"prompt"} rows; empty: the built-in training prompts"""
+    iterations: int = 100
+    """rollout-and-learn iterations"""
+    rollout_batch: int = 64
+    """prompts (one response each) per iteration"""
+    max_new_tokens: int = 24
+    """the longest response; a response cut here has no EOS"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    kl_coef: float = 0.05
+    """weight of the KL penalty in the per-token reward"""
+    kl_estimator: str = "k1"
+    """k1: log pi - log pi_ref (unbiased); k3: (r - 1) - log r with r = pi_ref / pi (unbiased, never negative)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef to keep the KL near target_kl (Ziegler et al. 2019)"""
+    target_kl: float = 2.0
+    """the adaptive controller's target KL per response"""
+    kl_horizon: int = 10_000
+    """the adaptive controller's horizon in responses"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response without an EOS"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance per batch"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    minibatch_size: int = 16
+    """responses per gradient step"""
+    clip_range: float = 0.2
+    """PPO's clip of the probability ratio"""
+    vf_clip_range: float = 0.2
+    """clip of the value prediction around its rollout value"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    lr: float = 3e-5
+    """policy learning rate (peak)"""
+    value_lr: float = 1e-4
+    """value model learning rate (peak)"""
+    warmup_iterations: int = 5
+    """linear warm-up, then linear decay to zero"""
+    grad_clip: float = 1.0
+    """clip each model's gradient norm to this"""
+    seed: int = 0
+    """seed of prompts, sampling and minibatches"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+# -----------------------------------------------------------------------------
+# the pieces of PPO, each a small function that the tests check against a hand computation
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True):
+    """Normalise x to zero mean and unit variance over the masked entries (0 elsewhere).
+    shift_mean=False keeps the mean (used for rewards: their sign matters)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_estimate(logprobs, ref_logprobs, estimator):
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens (Schulman's k1 and k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = pi_ref / pi
+    raise ValueError(f"kl_estimator must be k1 or k3, not {estimator!r}")
+
+
+def per_token_rewards(kl, scores, mask, kl_coef):
+    """-kl_coef * KL on every response token, plus the score on the last one; 0 after it.
+    kl, mask: (B, R); scores: (B,)."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1  # index of the last response token (the EOS, if there is one)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016) over the response tokens.
+    rewards, values, mask: (B, R); the state after the last token is terminal (value 0).
+    Returns (advantages, returns), 0 where mask is 0."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage, next_value = 0.0, 0.0
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - eps, 1 + eps))."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    clipfrac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
+    return masked_mean(losses, mask), ratio, clipfrac
+
+
+def value_loss(values, old_values, returns, mask, clip_range):
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), V clipped around its rollout value."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: nudge the coefficient so that the KL tracks a target."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n_responses):
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_responses / self.horizon
+
+# -----------------------------------------------------------------------------
+# the models' views of a batch of prompt + response sequences
+
+
+def response_hidden(model, seqs, start, P):
+    """Final hidden states at the positions that predict the response tokens: (B, R, C).
+    seqs: (B, P + R) left-padded prompts then responses; position P - 1 + i predicts token P + i."""
+    return model.hidden_states(seqs, start=start)[:, P - 1:-1]
+
+
+def response_logprobs(model, seqs, start, P, temperature):
+    """log pi(response token) for every response position, at the sampling temperature: (B, R).
+    Through the fused kernel: on a GPU the (B, R, vocab) logits are never materialised."""
+    h = response_hidden(model, seqs, start, P)
+    return kernels.fused_linear_logprobs(h, model.transformer.wte.weight, seqs[:, P:], temperature)
+
+
+def response_values(value_model, seqs, start, P):
+    """The value model's estimate of each state before a response token: (B, R)."""
+    values, _ = value_model(seqs, start=start)
+    return values[:, P - 1:-1]
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg):
+    common.seed_everything(cfg.seed)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
+    tok = tokenizer_for(info, cfg.policy)
+    ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
+    rm, rm_info = load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
+    value_model, _ = load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)  # a separate network, started from the RM
+    norm = rm_info.get("reward_norm", {"gain": 1.0, "bias": 0.0})
+    for m in (policy, ref, rm, value_model):
+        m.eval()  # dropout off everywhere: PPO's ratio must compare the same function
+    for m in (ref, rm):
+        m.requires_grad_(False)
+    if policy.config.block_size < cfg.max_new_tokens + 2:
+        raise common.UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                               f"{cfg.policy}'s context of {policy.config.block_size}")
+
+    if cfg.data:
+        prompts = prompt_rows(cfg.data)
+    else:  # training prompts of every kind, none from the evaluation set
+        prompts = [q.prompt for q in training_questions(4000, seed=cfg.seed + 7)]
+    max_prompt = policy.config.block_size - cfg.max_new_tokens
+    too_long = [i for i, p in enumerate(prompts) if len(tok.encode(p)) > max_prompt]
+    if too_long:
+        raise common.UserError(f"prompt {too_long[0] + 1} is longer than {max_prompt} tokens, the context "
+                               f"{policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    logger = common.Logger()
+
+    for it in range(cfg.iterations):
+        lr_scale = min((it + 1) / cfg.warmup_iterations, (cfg.iterations - it) / max(1, cfg.iterations - cfg.warmup_iterations))
+        for opt, lr in ((optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale
+
+        # 1. rollout ----------------------------------------------------------------------------
+        batch_prompts = rng.sample(prompts, min(cfg.rollout_batch, len(prompts)))
+        idx, start = left_pad([tok.encode(p) for p in batch_prompts], tok.pad_id, device)
+        P = idx.size(1)
+        with torch.no_grad(), autocast:
+            seqs = policy.generate(idx, cfg.max_new_tokens, start=start, temperature=cfg.temperature,
+                                   eos_id=tok.eot_id, pad_id=tok.pad_id, generator=gen)
+        responses = seqs[:, P:]  # (B, R); after an EOS: padding
+        R = responses.size(1)
+        is_eos = responses == tok.eot_id
+        has_eos = is_eos.any(1)
+        # a response ends at its first EOS, or at max_new_tokens if it has none (truncated)
+        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, R, dtype=torch.long))
+        mask = (torch.arange(R, device=device)[None] < length[:, None]).float()
+
+        # 2. score and 3. per-token reward -------------------------------------------------------
+        with torch.no_grad(), autocast:
+            h = response_hidden(policy, seqs, start, P)
+            h_ref = response_hidden(ref, seqs, start, P)
+            # the same function as in the learning phase below, so that the first ratio is exactly 1
+            old_logprobs = kernels.fused_linear_logprobs(h, policy.transformer.wte.weight, responses, cfg.temperature)
+            ref_logprobs = kernels.fused_linear_logprobs(h_ref, ref.transformer.wte.weight, responses, cfg.temperature)
+            # the full-vocabulary KL and entropy, for the log (the estimator above sees one token per position)
+            logits = h @ policy.transformer.wte.weight.t() / cfg.temperature  # (B, R, V)
+            ref_logits = h_ref @ ref.transformer.wte.weight.t() / cfg.temperature
+            full_kl = (kernels.kl_div(logits, ref_logits) * mask).sum(1)
+            entropy = masked_mean(kernels.entropy(logits), mask)
+            del logits, ref_logits, h, h_ref
+            old_values = response_values(value_model, seqs, start, P).float() * mask
+            rm_values, _ = rm(seqs, start=start)
+            raw_scores = rm_values.float().gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
+            scores = norm["gain"] * raw_scores + norm["bias"]
+            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()  # a response must end
+            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            rewards = per_token_rewards(kl, scores, mask, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+
+            # 4. advantages ---------------------------------------------------------------------
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)  # one scale for every batch: stable step sizes
+
+        # 5. learn: several epochs of minibatches over this batch ---------------------------------
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max")}
+        B = seqs.size(0)
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            for i in range(0, B, cfg.minibatch_size):
+                mb = order[i:i + cfg.minibatch_size].to(device)
+                m = mask[mb]
+                with autocast:
+                    new_logprobs = response_logprobs(policy, seqs[mb], start[mb], P, cfg.temperature)
+                    pg_loss, ratio, clipfrac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                    values = response_values(value_model, seqs[mb], start[mb], P).float()
+                    vf_loss = value_loss(values, old_values[mb], returns[mb], m, cfg.vf_clip_range)
+                pg_loss.backward()
+                vf_loss.backward()
+                for model, opt in ((policy, optimizer), (value_model, value_optimizer)):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    log_ratio = new_logprobs - old_logprobs[mb]
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["vf_loss"].append(vf_loss.item())
+                    stats["approx_kl"].append(masked_mean(0.5 * log_ratio ** 2, m).item())
+                    stats["clipfrac"].append(clipfrac.item())
+                    stats["ratio_mean"].append(masked_mean(ratio, m).item())
+                    stats["ratio_max"].append((ratio * m).max().item())
+
+        if cfg.adaptive_kl:
+            kl_ctl.update(kl.sum(1).mean().item(), B)
+
+        # diagnostics -----------------------------------------------------------------------------
+        texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
+        var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        explained_variance = 1 - masked_mean((returns - old_values) ** 2, mask) / var_returns.clamp(min=1e-8)
+        row = dict(
+            iteration=it, score=scores.mean().item(), non_score_reward=(-kl_ctl.value * kl).sum(1).mean().item(),
+            kl=kl.sum(1).mean().item(), kl_full=full_kl.mean().item(), entropy=entropy.item(),
+            approx_kl=sum(stats["approx_kl"]) / len(stats["approx_kl"]),
+            clipfrac=sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+            pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]), vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]),
+            explained_variance=explained_variance.item(), ratio_mean=sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
+            ratio_max=max(stats["ratio_max"]), length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
+            kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0])
+        if not cfg.data:  # monitoring only: the gold judge never enters the loss
+            row["gold"] = sum(gold_score(p, t) for p, t in zip(batch_prompts, texts)) / len(texts)
+        logger.log(**row)
+
+    print("samples from the last rollout:")
+    for p, t in list(zip(batch_prompts, texts))[:4]:
+        print(f"  {p!r} -> {t!r}")
+    metrics = {k: v for k, v in logger.rows[-1].items() if k != "iteration"}
+    save_checkpoint(cfg.out_dir, policy, {**tok.identity, "stage": "ppo", "parent": cfg.policy, "reward": cfg.reward,
+                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    print(f"wrote {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

@@ -1,0 +1,108 @@
+"""ppo.py: GAE, whitening, the per-token reward, the clipped losses, the KL controller, each against
+a hand computation or a plain reference; and the on-policy check that the first ratio is 1."""
+
+import math
+
+import pytest
+import torch
+
+import ppo
+
+
+def random_batch(B=5, R=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 1, 4, 7, 3])[:B]
+    mask = (torch.arange(R)[None] < lengths[:, None]).float()
+    return torch.randn(B, R, generator=g), torch.randn(B, R, generator=g), mask, lengths
+
+
+def test_gae_matches_the_discounted_sum_of_td_errors():
+    rewards, values, mask, lengths = random_batch()
+    gamma, lam = 0.9, 0.8
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths.tolist()):
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist() + [0.0]  # terminal state after the last token
+        delta = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            expected = sum((gamma * lam) ** k * delta[t + k] for k in range(n - t))
+            assert adv[b, t].item() == pytest.approx(expected, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(expected + v[t], abs=1e-5)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_reward_to_go_minus_value():
+    rewards, values, mask, lengths = random_batch(seed=1)
+    adv, ret = ppo.gae(rewards, values, mask, 1.0, 1.0)
+    for b, n in enumerate(lengths.tolist()):
+        to_go = rewards[b, :n].flip(0).cumsum(0).flip(0)
+        torch.testing.assert_close(ret[b, :n], to_go)
+        torch.testing.assert_close(adv[b, :n], to_go - values[b, :n])
+
+
+def test_whiten_uses_only_masked_entries():
+    x, _, mask, _ = random_batch(seed=2)
+    x = x * 3 + 5
+    w = ppo.whiten(x, mask)
+    kept = w[mask.bool()]
+    assert kept.mean().item() == pytest.approx(0, abs=1e-5)
+    assert kept.var(unbiased=False).item() == pytest.approx(1, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+    x_kept = x[mask.bool()]
+    keep_mean = ppo.whiten(x, mask, shift_mean=False)[mask.bool()]
+    torch.testing.assert_close(keep_mean, (x_kept - x_kept.mean()) / x_kept.std(unbiased=False) + x_kept.mean())
+    big = x.clone()
+    big[~mask.bool()] = 1e6  # what lies outside the mask changes nothing
+    torch.testing.assert_close(ppo.whiten(big, mask), w)
+
+
+def test_per_token_rewards_put_the_score_on_the_last_token_only():
+    _, _, mask, lengths = random_batch()
+    kl = torch.full(mask.shape, 0.5)
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    r = ppo.per_token_rewards(kl * mask, scores, mask, kl_coef=0.1)
+    for b, n in enumerate(lengths.tolist()):
+        expected = [-0.05] * n
+        expected[n - 1] += scores[b].item()
+        assert r[b, :n].tolist() == pytest.approx(expected)
+        assert (r[b, n:] == 0).all()
+
+
+def test_kl_estimators():
+    logp = torch.log(torch.tensor([0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.4]))
+    torch.testing.assert_close(ppo.kl_estimate(logp, ref, "k1"), torch.tensor([math.log(2), math.log(0.5)]))
+    r = torch.tensor([0.5, 2.0])  # pi_ref / pi
+    torch.testing.assert_close(ppo.kl_estimate(logp, ref, "k3"), (r - 1) - torch.log(r))
+    assert (ppo.kl_estimate(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        ppo.kl_estimate(logp, ref, "k2")
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))  # ratios 1.5, 0.5, 1.1, 0.7
+    adv = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    loss, ratio, clipfrac = ppo.policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 0: A>0, r=1.5 -> clipped to 1.2: -1.2; token 1: A>0, r=0.5 -> min(0.5, 0.8)=0.5: -0.5;
+    # token 2: A<0, r=1.1 (inside the clip): 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(ratio, torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
+
+
+def test_clipped_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0, 1.0]])
+    new = torch.tensor([[0.5, 0.1, 1.0]])
+    returns = torch.tensor([[1.0, -1.0, 3.0]])
+    loss = ppo.value_loss(new, old, returns, torch.ones(1, 3), clip_range=0.2)
+    # token 0: max((0.5-1)^2, (0.2-1)^2) = 0.64; token 1: max(1.21, 1.21) = 1.21; token 2: 4
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 4.0) / 3)
+
+
+def test_adaptive_kl_controller():
+    ctl = ppo.AdaptiveKLController(0.1, target=2.0, horizon=1000)
+    ctl.update(kl=4.0, n_responses=100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    ctl.update(kl=1.8, n_responses=100)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
