@@ -26,8 +26,15 @@ forward pass; the reference is the init model before its first update, so its lo
 computed once, over every pair, before training, and no second model is ever held; dropout is off.
 By default the pairs are exactly reward.py's (same raters, prompts, SFT samples, seeds and held-out
 split), so DPO's held-out reward accuracy compares with the reward model's, and eval.py compares
-DPO with PPO on the same labels. On the default task this takes about 2 minutes on a 2-core CPU:
-half of it sampling the SFT model for the pairs, as reward.py does.
+DPO with PPO on the same labels.
+
+The defaults (beta 0.5, cDPO with eps 0.1, 2 epochs at lr 1e-4) were tuned on the built-in task,
+whose raters are noisy (they pick their own favourite 82% of the time) and like long answers.
+Plain DPO at beta 0.1 learns that taste: its answers grow padding until they no longer stop, and
+the gold score falls by half. A larger beta and label smoothing both bound how far one pair pushes
+(the cDPO loss of a pair is smallest at beta * m = log((1 - eps) / eps), not at infinity); with
+them DPO raises the share of correct answers and its answers stay short. About 2 minutes on a
+2-core CPU: a fifth sampling the SFT model for the pairs (as reward.py does), the rest training.
 Left out on purpose: an SFT loss term on the chosen responses (RPO), sampling fresh pairs from the
 policy during training (online DPO), reference-free variants (SimPO, ORPO), and the many other loss
 types of TRL's DPOTrainer.
@@ -69,13 +76,13 @@ class Config(Raters):  # the raters' biases are flags too, with reward.py's defa
     """samples from the init model per prompt, added to the scripted candidates (as in reward.py)"""
     val_fraction: float = 0.1
     """share of the pairs held out for reward accuracy (as in reward.py: the same held-out pairs)"""
-    beta: float = 0.1
+    beta: float = 0.5
     """strength of the implicit KL penalty: the implicit reward is beta * log pi / pi_ref"""
     loss_type: str = "sigmoid"
     """sigmoid (DPO, cDPO with label_smoothing), ipo, or hinge (SLiC)"""
-    label_smoothing: float = 0.0
-    """cDPO: the assumed share of flipped labels, in [0, 0.5] (sigmoid loss only)"""
-    epochs: float = 1.0
+    label_smoothing: float = 0.1
+    """cDPO: the assumed share of flipped labels, in [0, 0.5); the sigmoid loss only (ipo and hinge ignore it)"""
+    epochs: float = 2.0
     """passes over the training pairs"""
     batch_size: int = 32
     """pairs per step (2 * batch_size sequences in the forward pass)"""
@@ -109,6 +116,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     sigmoid: -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (DPO; cDPO for eps > 0)
     ipo:     (m - 1 / (2 beta))^2                                          (IPO, Azar et al. eq. 17)
     hinge:   relu(1 - beta m)                                              (SLiC)
+    label_smoothing (eps) is read by the sigmoid loss only.
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]), where a reward is
     beta * (policy - reference) log-prob, detached: DPO's implicit reward, for logging."""
     margin = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
@@ -180,9 +188,8 @@ def main(cfg):
         raise common.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, not {cfg.loss_type!r}")
     if cfg.beta <= 0:
         raise common.UserError(f"--beta must be positive, got {cfg.beta}")
-    if not 0 <= cfg.label_smoothing <= 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):
-        raise common.UserError(f"--label_smoothing must be in [0, 0.5], with --loss_type sigmoid; "
-                               f"got {cfg.label_smoothing} with {cfg.loss_type}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     t_start = time.time()
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)

@@ -217,7 +217,7 @@ def test_bad_data_names_file_and_line(init, tmp_path):
     with pytest.raises(UserError, match="--loss_type"):
         dpo.main(dpo.Config(**cfg, loss_type="kto"))
     with pytest.raises(UserError, match="--label_smoothing"):
-        dpo.main(dpo.Config(**cfg, loss_type="ipo", label_smoothing=0.1))
+        dpo.main(dpo.Config(**cfg, label_smoothing=0.5))
     assert not (tmp_path / "dpo").exists()
 
 
@@ -226,7 +226,7 @@ def test_dpo_on_built_in_pairs_end_to_end(init, tmp_path):
     dpo.main(dpo.Config(init=str(init), out_dir=str(out), n_prompts=8, pairs_per_prompt=4, sft_samples=1,
                         batch_size=8, epochs=2, log_every=1, n_samples=2, device="cpu"))
     model, info = load_checkpoint(out, head="lm", tokenizer="builtin")
-    assert info["stage"] == "dpo" and info["parent"] == str(init) and info["args"]["beta"] == 0.1
+    assert info["stage"] == "dpo" and info["parent"] == str(init) and info["args"]["beta"] == 0.5
     m = info["metrics"]
     assert m["val_pairs"] == 3 and m["train_pairs"] + m["val_pairs"] >= 30 and m["steps"] == round(2 * m["train_pairs"] / 8)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
