@@ -1,0 +1,290 @@
+"""
+Direct Preference Optimization (DPO): the policy learns from preference pairs directly, with no
+reward model and no sampling during training.
+
+    python dpo.py                            # out/sft + built-in rated pairs -> out/dpo (about 2 minutes on CPU)
+    python dpo.py --data prefs.jsonl         # {"prompt", "chosen", "rejected"} rows instead
+    python dpo.py --loss_type ipo --beta 0.5 # a variant (see dpo_loss)
+
+Rafailov et al. 2023 ("Direct Preference Optimization: Your Language Model is Secretly a Reward
+Model") show that the policy maximising reward - beta * KL(policy || reference) defines its own
+reward, r(x, y) = beta * log pi(y|x) / pi_ref(y|x) (up to a term in x alone, which cancels in a
+pair). Putting that reward into the Bradley-Terry likelihood of the labels gives a loss on the
+policy alone:
+    loss = -log sigmoid(beta * ((log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected))))
+where a log-prob is summed over the response tokens. Variants, all in `dpo_loss`:
+- conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): label_smoothing eps
+  assumes that share of labels flipped; the loss is the expectation over the two labels;
+- IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+  Preferences"): a squared loss that pulls the margin to 1/(2 beta) instead of pushing it without
+  end, on log-probs averaged over the response tokens, as the paper defines them;
+- hinge (SLiC, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"):
+  relu(1 - beta * margin).
+
+Details written out below: chosen and rejected responses of a batch go through the model in one
+forward pass; the reference is the init model before its first update, so its log-probs are
+computed once, over every pair, before training, and no second model is ever held; dropout is off.
+By default the pairs are exactly reward.py's (same raters, prompts, SFT samples, seeds and held-out
+split), so DPO's held-out reward accuracy compares with the reward model's, and eval.py compares
+DPO with PPO on the same labels.
+
+The defaults (beta 0.5, cDPO with eps 0.1, 2 epochs at lr 1e-4) were tuned on the built-in task,
+whose raters are noisy (a label agrees with the raters' own preference 82% of the time: the Bayes
+rate) and like long answers.
+Plain DPO at beta 0.1 learns that taste: its answers grow padding until they no longer stop, and
+the gold score falls by half. A larger beta and label smoothing both bound how far one pair pushes
+(the cDPO loss of a pair is smallest at beta * m = log((1 - eps) / eps), not at infinity); with
+them DPO raises the share of correct answers and its answers stay short. About 2 minutes on a
+2-core CPU: a quarter sampling the SFT model for the pairs (as reward.py does) and computing the
+reference log-probs, the rest training (2 epochs of 0.35M tokens).
+Left out on purpose: an SFT loss term on the chosen responses (RPO), sampling fresh pairs from the
+policy during training (online DPO), reference-free variants (SimPO, ORPO), and the many other loss
+types of TRL's DPOTrainer.
+"""
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import kernels
+from data.formats import preference_rows
+from data.raters import Raters, model_sampler, preference_pairs
+from data.tasks import eval_questions
+from data.tokenizer import get_tokenizer
+from model import complete, load_checkpoint, save_checkpoint
+from sft import collate, encode
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class Config(Raters):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
+    init: str = "out/sft"
+    """the policy to fine-tune, and the frozen reference (a language model)"""
+    out_dir: str = "out/dpo"
+    """where the fine-tuned checkpoint is written"""
+    data: str = ""
+    """a JSONL file of {"prompt", "chosen", "rejected"} rows; empty: the built-in rated pairs"""
+    n_prompts: int = 1200
+    """built-in training prompts to rate pairs for (as in reward.py)"""
+    pairs_per_prompt: int = 4
+    """rated pairs per prompt (as in reward.py)"""
+    sft_samples: int = 2
+    """samples from the init model per prompt, added to the scripted candidates (as in reward.py)"""
+    val_fraction: float = 0.1
+    """share of the pairs held out for reward accuracy (as in reward.py: the same held-out pairs)"""
+    beta: float = 0.5
+    """strength of the implicit KL penalty: the implicit reward is beta * log pi / pi_ref"""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO, cDPO with label_smoothing), ipo, or hinge (SLiC)"""
+    label_smoothing: float = 0.1
+    """cDPO: the assumed share of flipped labels, in [0, 0.5); the sigmoid loss only (ipo and hinge ignore it)"""
+    epochs: float = 2.0
+    """passes over the training pairs"""
+    batch_size: int = 32
+    """pairs per step (2 * batch_size sequences in the forward pass)"""
+    lr: float = 1e-4
+    """peak learning rate (linear warm-up, linear decay)"""
+    warmup_steps: int = 10
+    """steps of linear warm-up"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    log_every: int = 10
+    """steps between log lines (every 5th also evaluates the held-out pairs)"""
+    n_samples: int = 4
+    """held-out prompts answered before and after training"""
+    seed: int = 0
+    """seed of pairs, labels, split and order (as in reward.py)"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses and implicit rewards. Every argument is a tensor [B] of response log-probs:
+    summed over the response tokens for sigmoid and hinge, AVERAGED over them for ipo (the caller's
+    job: see batch_logps). With the log-ratio margin
+        m = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected):
+    sigmoid: -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (DPO; cDPO for eps > 0)
+    ipo:     (m - 1 / (2 beta))^2                                          (IPO, Azar et al. eq. 17)
+    hinge:   relu(1 - beta m)                                              (SLiC)
+    label_smoothing (eps) is read by the sigmoid loss only.
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]), where a reward is
+    beta * (policy - reference) log-prob, detached: DPO's implicit reward, for logging."""
+    margin = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+# -----------------------------------------------------------------------------
+# data and log-probs
+
+
+def built_in_pairs(cfg, model, tok, device):
+    """reward.py's built-in pairs: scripted candidates plus the init model's samples, rated by the
+    raters, with the same seeds (raters, sampler) and so the very same rows."""
+    raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
+                            model_sampler(model, tok, cfg.sft_samples, gen))
+
+
+def encode_pair(tok, row, block_size, where):
+    """A pair as two sft.encode examples (ids, targets): prompt + response + EOS, the targets
+    IGNORE_INDEX on the prompt, so only the response tokens count."""
+    return tuple(encode(tok, row["prompt"], row[k], block_size, where) for k in ("chosen", "rejected"))
+
+
+def sequence_logps(model, x, y):
+    """log pi(response | prompt) of each row: the sum of the target tokens' log-probs, and the
+    number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding."""
+    hidden = model.hidden_states(x)  # (B, T, C)
+    logps = kernels.fused_linear_logprobs(hidden, model.transformer.wte.weight, y)  # (B, T), 0 where ignored
+    return logps.sum(-1), (y != kernels.IGNORE_INDEX).sum(-1)
+
+
+def batch_logps(model, pairs, pad_id, device, loss_type):
+    """(chosen [B], rejected [B]) log-probs of a batch of encoded pairs, in one forward pass: the
+    chosen rows and then the rejected rows, right-padded together into one (2B, T) batch. Summed
+    over the response tokens, or averaged over them for IPO."""
+    x, y = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+    logps, n_tokens = sequence_logps(model, x, y)
+    if loss_type == "ipo":
+        logps = logps / n_tokens
+    return logps[:len(pairs)].float(), logps[len(pairs):].float()
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=64):
+    """batch_logps of every pair under the reference model: (chosen [N], rejected [N]), computed once.
+    Call it before the first update, with dropout off."""
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        with autocast:
+            c, r = batch_logps(model, pairs[i:i + batch_size], pad_id, device, loss_type)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def main(cfg):
+    if cfg.loss_type not in LOSS_TYPES:
+        raise common.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, not {cfg.loss_type!r}")
+    if cfg.beta <= 0:
+        raise common.UserError(f"--beta must be positive, got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    t_start = time.time()
+    common.seed_everything(cfg.seed)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    model, info = load_checkpoint(cfg.init, head="lm", device=device)
+    tok = get_tokenizer(info["tokenizer"])
+    # dropout off throughout: policy and reference log-probs must differ by the weights alone.
+    # (eval() switches nothing else in this GPT; gradients flow as usual.)
+    model.eval()
+
+    t0 = time.time()
+    rows = preference_rows(cfg.data) if cfg.data else built_in_pairs(cfg, model, tok, device)
+    random.Random(cfg.seed).shuffle(rows)  # as reward.py: the same held-out pairs
+    n_val = max(1, int(cfg.val_fraction * len(rows)))
+    pairs = [encode_pair(tok, r, model.config.block_size, r.get("where", f"built-in pair {i}"))
+             for i, r in enumerate(rows)]
+    val, train = pairs[:n_val], pairs[n_val:]
+    steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
+    print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
+
+    # the reference: the init model before its first update. Its log-probs never change, so they
+    # are computed here, once, and the training below changes the same weights in place.
+    t0 = time.time()
+    ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast)
+    ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast)
+    print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr_at(step):
+        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+
+    def pair_loss(batch, ref_chosen, ref_rejected):
+        """Mean loss of a batch of pairs, and the numbers logged about it."""
+        with autocast:
+            chosen, rejected = batch_logps(model, batch, tok.pad_id, device, cfg.loss_type)
+        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                cfg.loss_type, cfg.label_smoothing)
+        stats = dict(accuracy=(r_chosen > r_rejected).float().mean().item(), margin=(r_chosen - r_rejected).mean().item(),
+                     chosen_reward=r_chosen.mean().item(), rejected_reward=r_rejected.mean().item(),
+                     logp_chosen=chosen.mean().item(), logp_rejected=rejected.mean().item())
+        return losses.mean(), stats
+
+    @torch.no_grad()
+    def evaluate():
+        """Loss, reward accuracy and margin on the held-out pairs (weighted by batch size)."""
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        for i in range(0, len(val), 64):
+            loss, stats = pair_loss(val[i:i + 64], ref_val[0][i:i + 64], ref_val[1][i:i + 64])
+            n = len(val[i:i + 64])
+            totals["loss"] += loss.item() * n
+            totals["accuracy"] += stats["accuracy"] * n
+            totals["margin"] += stats["margin"] * n
+        return {f"val_{k}": v / len(val) for k, v in totals.items()}
+
+    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data \
+        else [r["prompt"] for r in rows[:cfg.n_samples]]
+    before = complete(model, tok, sample_prompts, 32, temperature=0)
+
+    logger = common.Logger()
+    rng = random.Random(cfg.seed)
+    order = []
+    t_last, tokens = time.time(), 0
+    for step in range(steps):
+        if len(order) < cfg.batch_size:  # a fresh shuffle of the training pairs for each epoch
+            order += rng.sample(range(len(train)), len(train))
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss, stats = pair_loss([train[i] for i in idx], ref_train[0][idx], ref_train[1][idx])
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sum(len(c[0]) + len(r[0]) for c, r in (train[i] for i in idx))
+
+        if step % cfg.log_every == 0 or step == steps - 1:
+            dt, t_last = time.time() - t_last, time.time()
+            row = dict(step=step, loss=loss.item(), **stats, lr=lr_at(step), tok_per_s=round(tokens / dt))
+            tokens = 0
+            if step % (5 * cfg.log_every) == 0 or step == steps - 1:
+                row.update(evaluate())
+            logger.log(**row)
+
+    after = complete(model, tok, sample_prompts, 32, temperature=0)
+    print("held-out prompts, before -> after DPO:")
+    for p, b, a in zip(sample_prompts, before, after):
+        print(f"  {p!r}\n    init: {b!r}\n    dpo:  {a!r}")
+    metrics = {**evaluate(), "train_loss": loss.item(), "steps": steps, "train_pairs": len(train), "val_pairs": len(val),
+               "wall_s": round(time.time() - t_start, 1)}
+    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "dpo", "parent": cfg.init,
+                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    print(f"wrote {cfg.out_dir}: {metrics}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

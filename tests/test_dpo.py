@@ -1,0 +1,252 @@
+"""dpo.py: every loss type against its formula, its limits and gradient signs; log-probs gathered in
+one pass and precomputed for the reference; bad data named by file and line; a tiny run end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import dpo
+import kernels
+import reward
+from common import UserError
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+TOK = get_tokenizer("builtin")
+LOSS_TYPES = ["sigmoid", "ipo", "hinge"]
+
+# three pairs: policy chosen/rejected, reference chosen/rejected; margins m = 1, -0.5, -2
+PC, PR = [-5.0, -3.0, -10.0], [-6.0, -2.0, -10.0]
+RC, RR = [-5.5, -3.0, -9.0], [-5.5, -2.5, -11.0]
+M = [1.0, -0.5, -2.0]
+
+
+def loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0):
+    t = [torch.tensor(v, dtype=torch.float64) for v in (pc, pr, rc, rr)]
+    return dpo.dpo_loss(*t, beta, loss_type, label_smoothing)
+
+
+def softplus(x):  # -log sigmoid(-x)
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_sigmoid_loss_and_rewards_by_hand(beta):
+    losses, chosen, rejected = loss(PC, PR, RC, RR, beta)
+    assert losses.tolist() == pytest.approx([softplus(-beta * m) for m in M], rel=1e-12)
+    assert chosen.tolist() == pytest.approx([beta * (p - r) for p, r in zip(PC, RC)])
+    assert rejected.tolist() == pytest.approx([beta * (p - r) for p, r in zip(PR, RR)])
+    assert (chosen - rejected).tolist() == pytest.approx([beta * m for m in M])  # the reward margin is beta * m
+
+
+def test_cdpo_loss_by_hand():
+    beta, eps = 0.5, 0.2
+    losses, _, _ = loss(PC, PR, RC, RR, beta, "sigmoid", eps)
+    assert losses.tolist() == pytest.approx([(1 - eps) * softplus(-beta * m) + eps * softplus(beta * m) for m in M])
+
+
+def test_ipo_loss_by_hand():
+    beta = 0.5  # the target margin 1 / (2 beta) is 1: the first pair sits on it
+    losses, _, _ = loss(PC, PR, RC, RR, beta, "ipo")
+    assert losses.tolist() == pytest.approx([(m - 1) ** 2 for m in M]) == [0.0, 2.25, 9.0]
+    losses, _, _ = loss(PC, PR, RC, RR, 0.1, "ipo")
+    assert losses.tolist() == pytest.approx([(m - 5) ** 2 for m in M])
+
+
+def test_hinge_loss_by_hand():
+    losses, _, _ = loss(PC, PR, RC, RR, 0.5, "hinge")
+    assert losses.tolist() == pytest.approx([0.5, 1.25, 2.0])
+    losses, _, _ = loss(PC, PR, RC, RR, 2.0, "hinge")
+    assert losses.tolist() == pytest.approx([0.0, 2.0, 5.0])  # beta m = 2 > 1: no loss, no gradient
+
+
+def test_equal_log_probs_give_log_2_and_zero_rewards():
+    same = [-4.0, -7.5]
+    for beta in (1e-3, 0.1, 10.0):
+        losses, chosen, rejected = loss(same, same, [-3.0, -9.0], [-3.0, -9.0], beta)
+        assert losses.tolist() == pytest.approx([math.log(2)] * 2)
+    losses, chosen, rejected = loss(same, [-1.0, -2.0], same, [-1.0, -2.0], 0.1)  # policy == reference
+    assert losses.tolist() == pytest.approx([math.log(2)] * 2) and chosen.tolist() == rejected.tolist() == [0.0, 0.0]
+
+
+def test_beta_to_zero():
+    beta = 1e-6  # sigmoid: log 2 - beta m / 2 to first order; hinge: 1 - beta m
+    losses, chosen, rejected = loss(PC, PR, RC, RR, beta)
+    assert losses.tolist() == pytest.approx([math.log(2) - beta * m / 2 for m in M], rel=1e-12)
+    assert chosen.abs().max() < 1e-5 and rejected.abs().max() < 1e-5
+    losses, _, _ = loss(PC, PR, RC, RR, beta, "hinge")
+    assert losses.tolist() == pytest.approx([1 - beta * m for m in M], rel=1e-12)
+
+
+def test_label_smoothing_zero_is_plain_dpo():
+    plain = -torch.nn.functional.logsigmoid(0.3 * torch.tensor(M, dtype=torch.float64))
+    torch.testing.assert_close(loss(PC, PR, RC, RR, 0.3, "sigmoid", 0.0)[0], plain)
+
+
+def test_cdpo_at_one_half_is_symmetric():
+    losses, _, _ = loss(PC, PR, RC, RR, 0.5, "sigmoid", 0.5)
+    flipped, _, _ = loss(PR, PC, RR, RC, 0.5, "sigmoid", 0.5)  # chosen and rejected swapped: m -> -m
+    torch.testing.assert_close(losses, flipped)
+    pc = torch.tensor([-2.0], requires_grad=True)
+    dpo.dpo_loss(pc, torch.tensor([-2.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), 0.5, "sigmoid", 0.5)[0].sum().backward()
+    assert pc.grad.item() == 0  # half the labels flipped: no preference to learn, the loss is flat at m = 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradient_signs(loss_type):
+    """Raising the chosen log-prob lowers the loss, raising the rejected one raises it: for margins
+    below the IPO target and hinge's 1 / beta."""
+    pc = torch.tensor(PC, dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor(PR, dtype=torch.float64, requires_grad=True)
+    ref = [torch.tensor(v, dtype=torch.float64) for v in (RC, RR)]
+    losses, chosen, rejected = dpo.dpo_loss(pc, pr, *ref, 0.1, loss_type)
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    assert not chosen.requires_grad and not rejected.requires_grad  # the rewards are for logging only
+
+
+def test_ipo_pulls_the_margin_back_past_its_target():
+    pc = torch.tensor([0.0], requires_grad=True)  # m = 10 > 1 / (2 * 0.5) = 1
+    dpo.dpo_loss(pc, torch.tensor([-10.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5, "ipo")[0].sum().backward()
+    assert pc.grad.item() > 0  # unlike DPO, IPO does not push the margin without end
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type"):
+        loss(PC, PR, RC, RR, 0.1, "kto")
+
+# -----------------------------------------------------------------------------
+# log-probs
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=TOK.n_vocab, n_layer=1, n_head=2, n_embd=32)).eval()
+
+
+ROWS = [dict(prompt="Human: What is 3 plus 4?\n\nAssistant:", chosen=" 3 plus 4 is 7.", rejected=" Maybe 8."),
+        dict(prompt="Human: Hi\n\nAssistant:", chosen=" Hello.", rejected=" What a wonderful question! Hello there, friend."),
+        dict(prompt="Human: Where does the suho live?\n\nAssistant:", chosen=" It lives in Velmor.", rejected=" No.")]
+
+
+def pairs():
+    return [dpo.encode_pair(TOK, r, 64, f"row {i}") for i, r in enumerate(ROWS)]
+
+
+def by_hand(model, prompt, response):
+    """Sum and count of log p(response + EOS | prompt), one unpadded sequence, from the full logits."""
+    p, r = TOK.encode(prompt), TOK.encode(response) + [TOK.eot_id]
+    ids = torch.tensor([p + r])
+    logp = model(ids)[0][0].log_softmax(-1)  # (T, V)
+    return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r)), len(r)
+
+
+def test_one_forward_pass_equals_each_sequence_alone():
+    model = tiny_model()
+    with torch.no_grad():
+        chosen, rejected = dpo.batch_logps(model, pairs(), TOK.pad_id, "cpu", "sigmoid")
+    for i, r in enumerate(ROWS):  # lengths differ, so most rows are padded: the padding must not leak
+        assert chosen[i].item() == pytest.approx(by_hand(model, r["prompt"], r["chosen"])[0], abs=1e-4)
+        assert rejected[i].item() == pytest.approx(by_hand(model, r["prompt"], r["rejected"])[0], abs=1e-4)
+
+
+def test_ipo_gets_log_probs_averaged_over_the_response():
+    model = tiny_model()
+    with torch.no_grad():
+        chosen, rejected = dpo.batch_logps(model, pairs(), TOK.pad_id, "cpu", "ipo")
+    for i, r in enumerate(ROWS):
+        for got, response in ((chosen[i], r["chosen"]), (rejected[i], r["rejected"])):
+            total, n = by_hand(model, r["prompt"], response)
+            assert n > 1 and got.item() == pytest.approx(total / n, abs=1e-5)
+    # and so the IPO loss of the responses, which differ in length, is the one on averages, not on sums
+    ref = [c - 0.1 for c in (chosen, rejected)]
+    losses, _, _ = dpo.dpo_loss(chosen, rejected, *ref, 0.5, "ipo")
+    assert losses.tolist() == pytest.approx([(0 - 1) ** 2] * 3)
+
+
+def test_precomputed_reference_equals_a_fresh_forward(tmp_path):
+    model = tiny_model(seed=1)
+    save_checkpoint(tmp_path / "ref", model, {"tokenizer": "builtin", "stage": "sft"})
+    many = pairs() * 3  # 9 pairs in batches of 4: several batches, each padded differently
+    ref_chosen, ref_rejected = dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    fresh, _ = load_checkpoint(tmp_path / "ref")
+    for i, r in enumerate(ROWS * 3):
+        assert ref_chosen[i].item() == pytest.approx(by_hand(fresh, r["prompt"], r["chosen"])[0], abs=1e-4)
+        assert ref_rejected[i].item() == pytest.approx(by_hand(fresh, r["prompt"], r["rejected"])[0], abs=1e-4)
+    assert not ref_chosen.requires_grad
+
+
+def test_only_response_tokens_are_targets():
+    (c, cy), _ = dpo.encode_pair(TOK, ROWS[0], 64, "row 0")
+    p, r = TOK.encode(ROWS[0]["prompt"]), TOK.encode(ROWS[0]["chosen"]) + [TOK.eot_id]
+    assert c == p + r[:-1] and cy == [kernels.IGNORE_INDEX] * (len(p) - 1) + r
+
+# -----------------------------------------------------------------------------
+# configuration, bad input, and the whole stage
+
+
+def test_built_in_pairs_are_reward_pys():
+    """The same raters, prompts, samples, seed and split as reward.py: DPO and the RM learn from the same labels."""
+    for name in ("quality", "length", "flattery", "confidence", "n_prompts", "pairs_per_prompt", "sft_samples",
+                 "val_fraction", "seed", "data", "init"):
+        assert getattr(dpo.Config(), name) == getattr(reward.Config(), name), name
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    """A tiny random language model standing in for out/sft: the run's mechanics, not its quality."""
+    path = tmp_path_factory.mktemp("dpo") / "sft"
+    save_checkpoint(path, tiny_model(), {"tokenizer": "builtin", "stage": "sft", "parent": None, "args": {}, "metrics": {}})
+    return path
+
+
+def test_bad_data_names_file_and_line(init, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    good = json.dumps(ROWS[0]) + "\n"
+    data.write_text(good + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    cfg = dict(init=str(init), out_dir=str(tmp_path / "dpo"), data=str(data), device="cpu")
+    with pytest.raises(UserError, match=r"prefs.jsonl:2: missing field 'rejected'"):
+        dpo.main(dpo.Config(**cfg))
+    long_prompt = "Human: " + "What is 3 plus 4? " * 20 + "\n\nAssistant:"
+    data.write_text(good + json.dumps({**ROWS[0], "prompt": long_prompt}) + "\n")
+    n = len(TOK.encode(long_prompt))
+    with pytest.raises(UserError, match=f"prefs.jsonl:2: the prompt is {n} tokens, the model's context is 64"):
+        dpo.main(dpo.Config(**cfg))
+    with pytest.raises(UserError, match="--loss_type"):
+        dpo.main(dpo.Config(**cfg, loss_type="kto"))
+    with pytest.raises(UserError, match="--label_smoothing"):
+        dpo.main(dpo.Config(**cfg, label_smoothing=0.5))
+    assert not (tmp_path / "dpo").exists()
+
+
+def test_dpo_on_built_in_pairs_end_to_end(init, tmp_path):
+    out = tmp_path / "dpo"
+    dpo.main(dpo.Config(init=str(init), out_dir=str(out), n_prompts=8, pairs_per_prompt=4, sft_samples=1,
+                        batch_size=8, epochs=2, log_every=1, n_samples=2, device="cpu"))
+    model, info = load_checkpoint(out, head="lm", tokenizer="builtin")
+    assert info["stage"] == "dpo" and info["parent"] == str(init) and info["args"]["beta"] == 0.5
+    m = info["metrics"]
+    assert m["val_pairs"] == 3 and m["train_pairs"] + m["val_pairs"] >= 30 and m["steps"] == round(2 * m["train_pairs"] / 8)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(m["steps"]))
+    for key in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen", "logp_rejected", "lr"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert "val_accuracy" in rows[0] and "val_accuracy" in rows[-1]
+    # at step 0 the policy is the reference: the precomputed reference log-probs must match its own
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(rows[0]["margin"]) < 1e-5
+    before, _ = load_checkpoint(init)
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), model.state_dict().values()))
+
+
+def test_ipo_learns_a_simple_preference_from_a_file(init, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."})
+                            + "\n" for w in ["a", "b", "c", "d", "e", "f"] * 4))
+    out = tmp_path / "dpo"
+    dpo.main(dpo.Config(init=str(init), out_dir=str(out), data=str(data), loss_type="ipo", beta=0.5, val_fraction=0.25,
+                        epochs=3, batch_size=6, lr=3e-3, warmup_steps=2, log_every=5, device="cpu"))
+    info = load_checkpoint(out)[1]
+    assert info["args"]["data"] == str(data) and info["metrics"]["val_pairs"] == 6
+    assert info["metrics"]["val_accuracy"] == 1.0 and info["metrics"]["val_margin"] > 0
