@@ -54,7 +54,7 @@ import kernels
 from data.formats import preference_rows
 from data.raters import Raters, model_sampler, preference_pairs
 from data.tasks import eval_questions
-from data.tokenizer import get_tokenizer
+from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
 from sft import collate, encode
 
@@ -195,7 +195,7 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     model, info = load_checkpoint(cfg.init, head="lm", device=device)
-    tok = get_tokenizer(info["tokenizer"])
+    tok = tokenizer_for(info, cfg.init)
     # dropout off throughout: policy and reference log-probs must differ by the weights alone.
     # (eval() switches nothing else in this GPT; gradients flow as usual.)
     model.eval()
@@ -281,7 +281,7 @@ def main(cfg):
         print(f"  {p!r}\n    init: {b!r}\n    dpo:  {a!r}")
     metrics = {**evaluate(), "train_loss": loss.item(), "steps": steps, "train_pairs": len(train), "val_pairs": len(val),
                "wall_s": round(time.time() - t_start, 1)}
-    save_checkpoint(cfg.out_dir, model, {"tokenizer": tok.name, "stage": "dpo", "parent": cfg.init,
+    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "dpo", "parent": cfg.init,
                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 
