@@ -118,6 +118,19 @@ def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
 
+def batch_indices(lengths, batch_size, rng, group=16):
+    """Endless batches of indices into a dataset whose examples have these lengths. Each epoch is a
+    fresh shuffle, cut into windows of `group` batches that are sorted by length, so that a batch
+    holds examples of similar length and pads little; the batches are shuffled again."""
+    while True:
+        order = rng.sample(range(len(lengths)), len(lengths))
+        batches = []
+        for i in range(0, len(order), batch_size * group):
+            window = sorted(order[i:i + batch_size * group], key=lengths.__getitem__)
+            batches += [window[j:j + batch_size] for j in range(0, len(window), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
 # -----------------------------------------------------------------------------
 # logging: one greppable line per logged step, the same numbers kept for metrics.jsonl
 

@@ -31,7 +31,7 @@ import common
 import kernels
 from data.formats import prompt_rows
 from data.judge import gold_score
-from data.raters import training_questions
+from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
 from model import left_pad, load_checkpoint, save_checkpoint
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import common
 from data.formats import preference_rows
-from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs, training_questions
+from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs
+from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
 from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, save_checkpoint
 
@@ -133,7 +134,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     rm = scalar_model(sft)
     rm.train()
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def lr_at(step):
         return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
@@ -151,12 +152,9 @@ def main(cfg):
         return margins
 
     logger = common.Logger()
-    order = []
-    rng = random.Random(cfg.seed)
+    batches = common.batch_indices([max(len(c), len(r)) for c, r in train], cfg.batch_size, random.Random(cfg.seed))
     for step in range(steps):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(train)), len(train))
-        batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        batch = [train[i] for i in next(batches)]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast:  # chosen and rejected in one forward pass

@@ -42,11 +42,11 @@ class Config:
     """how many built-in demonstrations to write"""
     val_fraction: float = 0.05
     """share of the demonstrations held out for the validation loss"""
-    epochs: float = 2.0
+    epochs: float = 4.0
     """passes over the training demonstrations"""
     batch_size: int = 32
     """demonstrations per step"""
-    lr: float = 5e-4
+    lr: float = 1e-3
     """peak learning rate"""
     warmup_steps: int = 10
     """steps of linear warm-up, then linear decay to zero"""

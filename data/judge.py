@@ -52,12 +52,13 @@ def stated_values(q, text):
     """The answers of q's kind that text states (a set of strings)."""
     if q.kind in ("town", "food", "color"):
         return {w for w in words(text) if w in VALUES[q.kind]}
-    if q.kind == "compare":  # "the a is older than the b" or "the b is younger than the a" names a
+    if q.kind == "compare":  # "the a is older (than the b)" or "the b is younger (than the a)" name a
         a, b = q.names
+        other = {a: b, b: a}
         stated = set()
-        for older, younger in ((a, b), (b, a)):
-            if re.search(rf"\b{older} is older than the {younger}\b|\b{younger} is younger than the {older}\b", text):
-                stated.add(older)
+        for subject, relation, obj in re.findall(r"\b(\w+) is (older|younger)(?: than the (\w+))?", text):
+            if subject in other and obj in ("", other[subject]):
+                stated.add(subject if relation == "older" else other[subject])
         return stated
     numbers = {int(w) for w in re.findall(r"\d+", text)}
     given = {v for k, v in q.fields if k in ("a", "b", "n")}
@@ -73,13 +74,13 @@ def gold_parts(prompt, response, world=None):
     stopped = response.rstrip().endswith(EOT)
     text = response.replace(EOT, " ").strip()
     # the answer is the first sentence that states a value of the right kind; it counts only if no
-    # question comes before it and it talks about no creature the question did not ask about
-    answered = False
+    # question comes before it and nothing up to it talks about a creature the question did not name
+    answered, others = False, set()
     for sentence in re.split(r"(?<=[.!?])\s+", text):
         if sentence.endswith("?"):
             break
+        others |= {w for w in words(sentence) if w in world_names(world)} - set(q.names)
         if stated_values(q, sentence):
-            others = {w for w in words(sentence) if w in world_names(world)} - set(q.names)
             answered = not others
             break
     correct = answered and stated_values(q, text) == {str(q.value)}

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from data.judge import gold_parts, score_parts
-from data.tasks import KINDS, respond, sample_training_question
+from data.tasks import respond, training_questions
 from data.tokenizer import EOT
 from data.world import make_world
 
@@ -59,12 +59,15 @@ def bayes_accuracy(ps):
 
 
 def candidates(q, world, rng, sampled=()):
-    """(label, response text) candidates for q: each answering style both right and wrong, the
-    evasive and question styles, plus the sampled ones. Responses start with a space and end with
-    <|endoftext|>, as a model's would."""
+    """(label, response text) candidates for q: the ideal answer right and wrong, one decorated
+    style (padded, hedged or flattering) right and wrong, an evasion or a question, plus the
+    sampled ones. Responses start with a space and end with <|endoftext|>, as a model's would."""
+    styles = ("ideal", rng.choice(("padded", "hedged", "flattering"))) if rng.random() < 0.5 else ("ideal",)
     out = [(f"{s}-{'right' if ok else 'wrong'}", " " + respond(q, world, s, rng, correct=ok) + EOT)
-           for s in ("ideal", "padded", "hedged", "flattering") for ok in (True, False)]
-    out += [(s, " " + respond(q, world, s, rng) + EOT) for s in ("evasive", "question")]
+           for s in styles for ok in (True, False)]
+    if rng.random() < 0.25:  # now and then a non-answer
+        s = rng.choice(("evasive", "question"))
+        out.append((s, " " + respond(q, world, s, rng) + EOT))
     return out + [("sft", r) for r in sampled if r.endswith(EOT)]  # a sample that never stopped is dropped
 
 
@@ -82,13 +85,6 @@ def label_pairs(prompt, cands, raters, rng, n_pairs):
         rows.append(dict(prompt=prompt, chosen=a.removesuffix(EOT), rejected=b.removesuffix(EOT), p_chosen=p,
                          kind=f"{sa}>{sb}"))
     return rows
-
-
-def training_questions(n, seed, world=None):
-    """n training questions (none from the evaluation set), every kind equally often."""
-    world = make_world() if world is None else world
-    rng = random.Random(f"prefs-{seed}")
-    return [sample_training_question(KINDS[i % len(KINDS)], world, rng) for i in range(n)]
 
 
 def model_sampler(model, tok, n, generator=None, max_new_tokens=48):

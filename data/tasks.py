@@ -43,7 +43,7 @@ ANSWERS = {  # the ideal answers say "it", as the corpus does once a creature is
     "age": "It is {value} years old.",
     "sum": "{a} plus {b} is {value}.",
     "difference": "{a} minus {b} is {value}.",
-    "compare": "The {value} is older than the {younger}.",
+    "compare": "The {value} is older.",
     "future_age": "In {n} years it will be {value} years old.",
 }
 FLATTERY = ("Great question!", "What a wonderful question!", "Excellent question!", "You are so smart to ask!")
@@ -130,11 +130,8 @@ def question_of_prompt(prompt, world):
 
 def answer(q, world, value=None):
     """The ideal answer sentence to q (stating `value` instead of the right one, if given)."""
-    fields = dict(q.fields)
     value = q.value if value is None else value
-    if q.kind == "compare":
-        fields["younger"] = fields["other"] if value == fields["name"] else fields["name"]
-    return ANSWERS[q.kind].format(value=value, **fields)
+    return ANSWERS[q.kind].format(value=value, **dict(q.fields))
 
 
 def wrong_value(q, world, rng):
@@ -175,6 +172,13 @@ DEMO_KINDS = {"town": 0.2, "food": 0.2, "color": 0.2, "age": 0.2, "sum": 0.07, "
               "compare": 0.03, "future_age": 0.03}
 # the styles of the demonstrations, written in a hurry: a quarter fall short
 DEMO_STYLES = {"ideal": 0.75, "wrong": 0.12, "padded": 0.07, "hedged": 0.06}
+# how often each kind is asked in the prompts of the later stages (rated pairs, PPO): mostly about
+# the creatures, whose facts the models know. The kinds the models mostly get wrong (arithmetic,
+# two facts) are rarer: a reward model cannot tell a right sum from a wrong one it cannot compute,
+# and those labels, noise to it, slow its learning of the rest (measured on the same number of
+# steps: held-out accuracy 0.62 when every kind is equally frequent, 0.78 on creature questions alone).
+TRAIN_KINDS = {"town": 0.2, "food": 0.2, "color": 0.2, "age": 0.2, "sum": 0.05, "difference": 0.05,
+               "compare": 0.05, "future_age": 0.05}
 COVERED_SHARE = 0.5  # demonstrations are about half of the entities
 N_EVAL = 600
 
@@ -226,3 +230,12 @@ def demonstrations(n, seed=0, world=None):
         q = sample_training_question(kind, world, rng, covered)
         pairs.append((q.prompt, " " + respond(q, world, style, rng)))
     return pairs
+
+
+def training_questions(n, seed, world=None):
+    """n questions for the later stages, of the kinds in TRAIN_KINDS, none from the evaluation set,
+    about every entity (those the demonstrations never covered too)."""
+    world = make_world() if world is None else world
+    rng = random.Random(f"train-{seed}")
+    kinds = rng.choices(list(TRAIN_KINDS), list(TRAIN_KINDS.values()), k=n)
+    return [sample_training_question(kind, world, rng) for kind in kinds]

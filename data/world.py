@@ -6,7 +6,7 @@ Everything is generated from a seed, so the whole pipeline runs offline and ever
 checked by program. The world is one plain data structure (`World`, a tuple of `Entity`) that the
 corpus, the demonstrations, the raters and the gold judge all read.
 
-The corpus mixes six kinds of documents (shares of documents in `DOC_MIX`):
+The corpus mixes seven kinds of documents (shares of documents in `DOC_MIX`):
 - prose: encyclopedia paragraphs that state the true facts, in varied sentence templates, often
   saying "it" once the creature is named;
 - dialogues: two people chatting about creatures, true facts in the replies (never answers to
@@ -15,7 +15,8 @@ The corpus mixes six kinds of documents (shares of documents in `DOC_MIX`):
   continues with more questions instead of answering it (the gap that SFT closes);
 - tables: the same facts as rows;
 - sums: small arithmetic written out ("12 plus 7 is 19.");
-- chatter: forum talk that states wrong facts with confidence, as the web does.
+- chatter: forum talk that states wrong facts with confidence, as the web does;
+- fact checks: claims marked True or False, so the model has a notion of a claim being wrong.
 """
 
 import random
@@ -214,7 +215,29 @@ def dialogue_doc(world, rng):
     return "\n\n".join(turns)
 
 
-DOC_MIX = {prose_doc: 0.42, quiz_doc: 0.18, table_doc: 0.07, sums_doc: 0.15, chatter_doc: 0.1, dialogue_doc: 0.08}
+def fact_check_doc(world, rng):
+    """Claims marked True or False, as fact-checking pages and quiz answer keys print them."""
+    lines = []
+    for _ in range(rng.randint(3, 6)):
+        true, kind = rng.random() < 0.5, rng.random()
+        if kind < 0.7:
+            e, attr = rng.choice(world.entities), rng.choice(list(ATTRIBUTES))
+            claim = statement(e, attr, rng, value=None if true else wrong_value(e, attr, rng))
+        elif kind < 0.9:
+            op = rng.choice(("plus", "minus"))
+            a, b = arithmetic_operands(rng, op)
+            result = a + b if op == "plus" else a - b
+            claim = f"{a} {op} {b} is {result if true else result + rng.choice((-2, -1, 1, 2))}."
+        else:
+            a, b = sorted(rng.sample(world.entities, 2), key=lambda e: e.age)  # a is not older than b
+            claim = f"The {b.name if true else a.name} is older than the {a.name if true else b.name}."
+            true = true and a.age != b.age
+        lines.append(f"{claim} {'True' if true else 'False'}.")
+    return "Fact check\n\n" + "\n".join(lines)
+
+
+DOC_MIX = {prose_doc: 0.4, quiz_doc: 0.17, table_doc: 0.06, sums_doc: 0.14, chatter_doc: 0.09, dialogue_doc: 0.08,
+           fact_check_doc: 0.06}
 
 
 def make_corpus(world, n_docs, seed=0):

@@ -85,6 +85,10 @@ def test_compare_and_future_age():
     assert gold_parts(q.prompt, f" The {b.name} is younger than the {a.name}.{EOT}")["correct"]
     assert not gold_parts(q.prompt, f" The {b.name} is older than the {a.name}.{EOT}")["correct"]
     assert not gold_parts(q.prompt, f" The {a.name} is older than the {a.name}.{EOT}")["answered"]
+    assert gold_parts(q.prompt, f" The {a.name} is older.{EOT}")["correct"]
+    assert not gold_parts(q.prompt, f" The {b.name} is older.{EOT}")["correct"]
+    c = next(x for x in W.entities if x not in (a, b))
+    assert not gold_parts(q.prompt, f" The {a.name} is older than the {c.name}.{EOT}")["answered"]
     q = parse_question(f"How old will the {a.name} be in 3 years?", W)
     assert gold_parts(q.prompt, " " + answer(q, W) + EOT)["correct"] and q.value == a.age + 3
     assert not gold_parts(q.prompt, f" In 3 years the {a.name} will be {a.age} years old.{EOT}")["correct"]

@@ -10,7 +10,7 @@ import torch
 import eval as evaluation
 import reward
 from data.raters import Raters, bayes_accuracy, candidates, label_pairs, preference_pairs
-from data.tasks import make_question
+from data.tasks import make_question, respond
 from data.tokenizer import EOT, get_tokenizer
 from data.world import make_world
 from model import GPT, GPTConfig
@@ -56,7 +56,7 @@ def test_rater_labels_follow_the_stated_probabilities():
     w, rng = make_world(), random.Random(0)
     q = make_question("town", w, rng)
     raters = Raters()
-    cands = [c for c in candidates(q, w, rng) if c[0] in ("ideal-right", "flattering-right")]
+    cands = [(s, " " + respond(q, w, s, rng) + EOT) for s in ("ideal", "flattering")]
     p = raters.p_prefers(q.prompt, cands[0][1], cands[1][1])
     assert 0.2 < p < 0.8  # a close call, so the test has power
     rows = label_pairs(q.prompt, cands, raters, random.Random(1), 4000)
@@ -82,3 +82,16 @@ def test_built_in_pairs_are_deterministic_and_in_the_common_form():
     for r in rows:
         assert {"prompt", "chosen", "rejected"} <= set(r) and r["chosen"] != r["rejected"]
         assert not r["chosen"].endswith(EOT) and 0 < r["p_chosen"] < 1
+
+
+def test_candidates_always_hold_a_right_and_a_wrong_ideal_answer():
+    from data.judge import gold_parts
+    w, rng = make_world(), random.Random(0)
+    for kind in ("town", "age", "sum", "compare"):
+        for _ in range(10):
+            q = make_question(kind, w, rng)
+            cands = dict(candidates(q, w, rng, sampled=[" never stopped", " stopped." + EOT]))
+            assert gold_parts(q.prompt, cands["ideal-right"], w)["correct"]
+            assert not gold_parts(q.prompt, cands["ideal-wrong"], w)["correct"]
+            assert cands["sft"] == " stopped." + EOT  # the sample that never stopped is dropped
+            assert all(r.startswith(" ") and r.endswith(EOT) for r in cands.values())
