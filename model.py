@@ -144,6 +144,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, path):
+        """A GPT-2 from a local Hugging Face directory (config.json + model.safetensors, as
+        GPT2LMHeadModel saves it, any size), and the checkpoint config dict that load_checkpoint
+        returns. See the "GPT-2 weights" section below for the layout."""
+        return load_hf_gpt2(path)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -281,35 +288,49 @@ def save_checkpoint(path, model, meta, log_rows=()):
 
 
 def read_checkpoint_config(path):
-    """config.json of the checkpoint directory path, or a CheckpointError that says what is wrong."""
+    """config.json of the checkpoint directory path, or a CheckpointError that says what is wrong.
+    A Hugging Face GPT-2 directory counts as a checkpoint too (see is_hf_gpt2)."""
     if not os.path.isdir(path):
         hint = f" (an interrupted save left the previous one at {path}.old)" if os.path.isdir(f"{path}.old") else ""
         raise CheckpointError(f"{path}: no such checkpoint directory{hint}")
-    for name in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise CheckpointError(f"{path} is not a checkpoint: it has no {name}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} is not a checkpoint: it has no config.json")
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return json.load(f)
+            info = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}/config.json is not a JSON object")
+    if not is_hf_gpt2(info) and not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise CheckpointError(f"{path} is not a checkpoint: it has no model.safetensors")
+    return info
 
 
 def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
     """Load a checkpoint directory -> (model, config dict). Refuses, with a message naming both
-    sides, a head other than `head` or a tokenizer other than `tokenizer` (None: accept any)."""
+    sides, a head other than `head` or a tokenizer other than `tokenizer` (None: accept any).
+    A Hugging Face GPT-2 directory loads too, as an lm checkpoint of tokenizer "gpt2": so every
+    stage's --init (or --policy) takes one with no change to the stage."""
     info = read_checkpoint_config(path)
-    try:
-        config = GPTConfig(**info["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json has no valid model config: {e}") from None
+    hf = is_hf_gpt2(info)
+    if hf:
+        config, info = hf_checkpoint_info(info, path)
+    else:
+        try:
+            config = GPTConfig(**info["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}/config.json has no valid model config: {e}") from None
     if head is not None and config.head != head:
         raise CheckpointError(f"{path} has a {config.head} head, but a {head} head is needed here")
     if tokenizer is not None and info.get("tokenizer") != tokenizer:
         raise CheckpointError(f"{path} was trained with tokenizer {info.get('tokenizer')!r}, "
                               f"but this run uses {tokenizer!r}")
     model = GPT(config)
-    load_state(model, load_file(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
+    if hf:
+        load_hf_state(model, path)
+    else:
+        load_state(model, load_file(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
     return model.to(device), info
 
 
@@ -325,3 +346,152 @@ def load_state(model, state, source):
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[name].shape)}")
     model.load_state_dict(state)
+
+# -----------------------------------------------------------------------------
+# GPT-2 weights: a Hugging Face GPT2LMHeadModel directory, read and written
+#
+# The directory holds config.json (HF's field names) and model.safetensors. Tensor names are ours
+# with or without the "transformer." prefix (GPT2LMHeadModel saves them with it, GPT2Model without).
+# GPT-2's four matrices per block are Conv1D modules, whose weight is stored (in, out): the
+# transpose of nn.Linear's (out, in). The lm head is wte itself, so lm_head.weight is absent or a
+# copy of wte. attn.bias and attn.masked_bias, in files from older transformers, are the causal
+# mask, not weights: skipped. Dropout is off in a model loaded this way (RLHF fine-tuning runs
+# without it); GPT-2's own configs say 0.1.
+
+HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # not "c_attn.bias"
+HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)  # GPT2Config's
+
+
+def is_hf_gpt2(info):
+    """Whether a config.json (a dict) is Hugging Face's GPT-2 config rather than one of ours."""
+    return info.get("model_type") == "gpt2" or ("n_embd" in info and "n_layer" in info)
+
+
+def hf_checkpoint_info(hf, path):
+    """(GPTConfig, checkpoint config dict) of a HF GPT-2 config.json, refusing a variant this GPT
+    does not compute the same way. The tokenizer is GPT-2's, unless the directory was written by
+    export_hf, which records the one it was trained with."""
+    def field(name):
+        return hf.get(name, HF_DEFAULTS.get(name))
+    refusals = {  # what this GPT cannot compute: the field, and what this GPT has instead
+        "activation_function": (field("activation_function") in (None, "gelu_new", "gelu_pytorch_tanh"), "gelu_new"),
+        "n_inner": (field("n_inner") in (None, 4 * field("n_embd")), "4 * n_embd"),
+        "layer_norm_epsilon": (field("layer_norm_epsilon") in (None, 1e-5), "1e-5"),
+        "tie_word_embeddings": (field("tie_word_embeddings") is not False, "lm_head tied to wte"),
+        "scale_attn_by_inverse_layer_idx": (not field("scale_attn_by_inverse_layer_idx"), "false"),
+        "scale_attn_weights": (field("scale_attn_weights") is not False, "true"),
+        "add_cross_attention": (not field("add_cross_attention"), "false"),
+    }
+    for name, (ok, ours) in refusals.items():
+        if not ok:
+            raise CheckpointError(f"{path}/config.json: {name} {field(name)!r} is not supported (this GPT has {ours})")
+    try:
+        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", HF_DEFAULTS["n_positions"])),
+                           vocab_size=field("vocab_size"), n_layer=field("n_layer"), n_head=field("n_head"),
+                           n_embd=field("n_embd"), dropout=0.0)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json is not a usable GPT-2 config: {e}") from None
+    info = {"model": asdict(config), "tokenizer": hf.get("rlhf_tokenizer", "gpt2"), "stage": "hf", "parent": None,
+            "args": {}, "metrics": {}}
+    if "rlhf_tokenizer_fingerprint" in hf:
+        info["tokenizer_fingerprint"] = hf["rlhf_tokenizer_fingerprint"]
+    return config, info
+
+
+def read_hf_tensors(path):
+    """{name: tensor} of a HF directory's model.safetensors, or of the shards that
+    model.safetensors.index.json lists; each name mapped to the file it came from."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise CheckpointError(f"{path} has pytorch_model.bin only, a pickle, which is never loaded here: "
+                              f"use the model.safetensors that the model's page also offers")
+    else:
+        raise CheckpointError(f"{path} is not a checkpoint: it has no model.safetensors")
+    tensors, where = {}, {}
+    for file in files:
+        for name, tensor in load_file(file).items():
+            tensors[name], where[name] = tensor, file
+    return tensors, where
+
+
+def load_hf_state(model, path):
+    """Copy a HF GPT-2 directory's weights into model (built from its config), checking that every
+    tensor is there, has the right shape, and that nothing else is."""
+    tensors, where = read_hf_tensors(path)
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+    state = {}
+    for name, want in model.state_dict().items():
+        key = prefix + name.removeprefix("transformer.")
+        if key not in tensors:
+            raise CheckpointError(f"{path}: the weights have no tensor {key}")
+        tensor, conv1d = tensors.pop(key), name.endswith(HF_CONV1D)
+        expected = want.shape[::-1] if conv1d else want.shape  # Conv1D: (in, out)
+        if tensor.shape != expected:
+            raise CheckpointError(f"{where[key]}: {key} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(expected)}")
+        state[name] = tensor.t() if conv1d else tensor
+    head = tensors.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, state["transformer.wte.weight"].to(head.dtype)):
+        raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight; this GPT ties them")
+    extra = [k for k in tensors if not k.endswith(HF_BUFFERS)]
+    if extra:
+        raise CheckpointError(f"{where[extra[0]]}: unexpected tensor {extra[0]} ({len(extra)} in all) for the "
+                              f"config.json beside it")
+    model.load_state_dict(state)
+
+
+def load_hf_gpt2(path):
+    """(GPT, checkpoint config dict) of a HF GPT-2 directory: GPT.from_pretrained."""
+    info = read_checkpoint_config(path)
+    if not is_hf_gpt2(info):
+        raise CheckpointError(f"{path}/config.json is not a Hugging Face GPT-2 config (no model_type 'gpt2')")
+    config, info = hf_checkpoint_info(info, path)
+    model = GPT(config)
+    load_hf_state(model, path)
+    return model, info
+
+
+def export_hf(model, out_dir, tokenizer=None):
+    """Write model (an lm head) to out_dir as a Hugging Face GPT-2 directory that
+    transformers.GPT2LMHeadModel.from_pretrained loads: model.safetensors with HF's names and
+    Conv1D layout, config.json with HF's fields. tokenizer: the checkpoint's {"tokenizer",
+    "tokenizer_fingerprint"}, recorded as rlhf_* fields so that load_checkpoint reads it back.
+    Atomic, like save_checkpoint."""
+    if model.config.head != "lm":
+        raise CheckpointError(f"only a language model exports to GPT-2's layout, not a {model.config.head} head")
+    c = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        state[name] = (tensor.t() if name.endswith(HF_CONV1D) else tensor).contiguous()
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0, "initializer_range": 0.02,
+              "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32"}
+    if tokenizer:
+        config["rlhf_tokenizer"] = tokenizer["tokenizer"]
+        if "tokenizer_fingerprint" in tokenizer:
+            config["rlhf_tokenizer_fingerprint"] = tokenizer["tokenizer_fingerprint"]
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, "config.json"), config)
+
+
+if __name__ == "__main__":
+    # python -m model export CKPT_DIR OUT_DIR: a checkpoint of any stage (lm head) -> HF GPT-2 directory
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python -m model export CKPT_DIR OUT_DIR")
+    try:
+        exported, meta = load_checkpoint(sys.argv[2], head="lm")
+        export_hf(exported, sys.argv[3], {k: meta[k] for k in ("tokenizer", "tokenizer_fingerprint") if k in meta})
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {sys.argv[3]}: GPT-2 layout, {exported.num_params():,} parameters, tokenizer {meta.get('tokenizer')}")

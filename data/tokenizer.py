@@ -27,14 +27,24 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from common import UserError
+
 # GPT-2's split: words, numbers, punctuation runs, whitespace (never merged across).
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 BUILTIN_PATH = Path(__file__).parent / "builtin.tiktoken"
 BUILTIN_VOCAB_SIZE = 2048  # an upper bound: training stops early when no pair occurs twice
-GPT2_FILES = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+GPT2_FILES = {  # what tiktoken reads for "gpt2", and the sha256 it expects of each
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+class TokenizerFilesMissing(UserError, FileNotFoundError):
+    """tiktoken's files for a tokenizer are not in its cache (a UserError: one line, no traceback)."""
 
 
 class Tokenizer:
@@ -75,7 +85,10 @@ def get_tokenizer(name):
         return Tokenizer("builtin", enc, PAD, ranks)
     if name == "gpt2":
         check_tiktoken_cache(GPT2_FILES, name)
-        enc = tiktoken.get_encoding("gpt2")
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except (OSError, ValueError) as e:  # should not happen after the check: tiktoken went for the network
+            raise TokenizerFilesMissing(f"tiktoken could not load the gpt2 tokenizer from its cache ({e})") from None
         return Tokenizer("gpt2", enc, EOT, enc._mergeable_ranks)
     raise ValueError(f"unknown tokenizer {name!r}: use 'builtin' or 'gpt2'")
 
@@ -83,7 +96,6 @@ def get_tokenizer(name):
 def tokenizer_for(info, path):
     """The tokenizer the checkpoint at path (config dict info) was trained with, refusing one that
     has changed since it was trained (same name, other vocabulary)."""
-    from common import UserError
     tok = get_tokenizer(info["tokenizer"])
     want = info.get("tokenizer_fingerprint", tok.fingerprint)
     if want != tok.fingerprint or info["model"]["vocab_size"] != tok.n_vocab:
@@ -93,18 +105,26 @@ def tokenizer_for(info, path):
     return tok
 
 
-def check_tiktoken_cache(urls, name):
-    """tiktoken downloads a missing file on first use; we refuse instead of touching the network."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+def check_tiktoken_cache(files, name):
+    """tiktoken downloads a missing (or corrupt) file on first use; we refuse instead of touching the
+    network. files: {url: sha256}. tiktoken keeps the file of url at CACHE/sha1(url)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
     if cache is None:
         import tempfile
         cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    missing = [u for u in urls if not os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))]
-    if missing:
-        raise FileNotFoundError(
-            f"the {name} tokenizer is not in tiktoken's cache ({cache}) and nothing is downloaded at run "
-            f"time: on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
-            f"tiktoken.get_encoding('{name}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR")
+    how = (f"nothing is downloaded at run time: on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c "
+           f"\"import tiktoken; tiktoken.get_encoding('{name}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR")
+    if cache == "":
+        raise TokenizerFilesMissing(f"TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off; {how}")
+    for url, sha256 in files.items():
+        path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
+        if not os.path.exists(path):
+            raise TokenizerFilesMissing(f"the {name} tokenizer is not in tiktoken's cache ({path}, the file of {url} "
+                                        f"is missing); {how}")
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                raise TokenizerFilesMissing(f"{path} in tiktoken's cache is not the file of {url} (its sha256 "
+                                            f"differs); {how}")
 
 
 def load_ranks(path):

@@ -70,3 +70,19 @@ def test_gpt2_without_cache_says_how_to_provide_it(tmp_path, monkeypatch):
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer 'llama'"):
         get_tokenizer("llama")
+
+
+def test_gpt2_with_a_corrupt_cache_refuses_without_the_network(tmp_path, monkeypatch):
+    """A cached file that fails tiktoken's hash check would make tiktoken download it again: refused first."""
+    import hashlib
+
+    from common import UserError
+    from data.tokenizer import GPT2_FILES
+    for url in GPT2_FILES:
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_text("not the file")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=r"is not the file of https://\S+vocab.bpe \(its sha256 differs\)"):
+        get_tokenizer("gpt2")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR is empty"):
+        get_tokenizer("gpt2")
