@@ -3,7 +3,7 @@ Direct Preference Optimization (DPO): the policy learns from preference pairs di
 reward model and no sampling during training.
 
     python dpo.py                            # out/sft + built-in rated pairs -> out/dpo (about 2 minutes on CPU)
-    python dpo.py --data prefs.jsonl         # {"prompt", "chosen", "rejected"} rows instead
+    python dpo.py --data prefs.jsonl         # your preference pairs instead (formats: data/formats.py)
     python dpo.py --loss_type ipo --beta 0.5 # a variant (see dpo_loss)
 
 Rafailov et al. 2023 ("Direct Preference Optimization: Your Language Model is Secretly a Reward
@@ -51,12 +51,12 @@ import torch.nn.functional as F
 
 import common
 import kernels
-from data.formats import preference_rows
+from data.formats import encode_rows, preference_rows
 from data.raters import Raters, model_sampler, preference_pairs
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
-from sft import collate, encode
+from sft import collate, example
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -64,11 +64,11 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 @dataclass
 class Config(Raters):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
     init: str = "out/sft"
-    """the policy to fine-tune, and the frozen reference (a language model)"""
+    """the policy to fine-tune, and the frozen reference (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/dpo"
     """where the fine-tuned checkpoint is written"""
     data: str = ""
-    """a JSONL file of {"prompt", "chosen", "rejected"} rows; empty: the built-in rated pairs"""
+    """preference pairs: prompt/chosen/rejected, HH-RLHF transcripts or OpenAI rows (.jsonl, .jsonl.gz, .json); empty: the built-in rated pairs"""
     n_prompts: int = 1200
     """built-in training prompts to rate pairs for (as in reward.py)"""
     pairs_per_prompt: int = 4
@@ -146,10 +146,12 @@ def built_in_pairs(cfg, model, tok, device):
                             model_sampler(model, tok, cfg.sft_samples, gen))
 
 
-def encode_pair(tok, row, block_size, where):
-    """A pair as two sft.encode examples (ids, targets): prompt + response + EOS, the targets
-    IGNORE_INDEX on the prompt, so only the response tokens count."""
-    return tuple(encode(tok, row["prompt"], row[k], block_size, where) for k in ("chosen", "rejected"))
+def encode_pairs(tok, rows, block_size):
+    """Each pair as two sft.example (ids, targets): prompt + response + EOS, the targets
+    IGNORE_INDEX on the prompt, so only the response tokens count. Fit to the context as every
+    stage does (formats.fit): returns (pairs, the rows kept, a line with the counts)."""
+    encoded, kept, report = encode_rows(tok, rows, ("chosen", "rejected"), block_size)
+    return [tuple(example(p, r) for r in responses) for p, responses in encoded], kept, report
 
 
 def sequence_logps(model, x, y):
@@ -203,9 +205,9 @@ def main(cfg):
     t0 = time.time()
     rows = preference_rows(cfg.data) if cfg.data else built_in_pairs(cfg, model, tok, device)
     random.Random(cfg.seed).shuffle(rows)  # as reward.py: the same held-out pairs
+    pairs, rows, report = encode_pairs(tok, rows, model.config.block_size)
+    print(report)
     n_val = max(1, int(cfg.val_fraction * len(rows)))
-    pairs = [encode_pair(tok, r, model.config.block_size, r.get("where", f"built-in pair {i}"))
-             for i, r in enumerate(rows)]
     val, train = pairs[:n_val], pairs[n_val:]
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")

@@ -39,13 +39,13 @@ from model import left_pad, load_checkpoint, save_checkpoint
 @dataclass
 class Config:
     policy: str = "out/sft"
-    """the policy's starting point, also the frozen reference of the KL penalty"""
+    """the policy's starting point, also the frozen reference of the KL penalty (or a Hugging Face GPT-2 directory)"""
     reward: str = "out/rm"
     """the reward model (also the value model's starting point)"""
     out_dir: str = "out/ppo"
     """where the trained policy is written"""
     data: str = ""
-    """a JSONL file of {"prompt"} rows; empty: the built-in training prompts"""
+    """prompts: {"prompt"} or chat rows, or the prompts of any SFT or preference file (formats: data/formats.py); empty: the built-in training prompts"""
     iterations: int = 100
     """rollout-and-learn iterations"""
     rollout_batch: int = 64
@@ -218,11 +218,12 @@ def main(cfg):
         prompts = prompt_rows(cfg.data)
     else:  # training prompts of every kind, none from the evaluation set
         prompts = [q.prompt for q in training_questions(4000, seed=cfg.seed + 7)]
+    # a long prompt loses its start, as in every stage (data/formats.py, "Long examples")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
-    too_long = [i for i, p in enumerate(prompts) if len(tok.encode(p)) > max_prompt]
-    if too_long:
-        raise common.UserError(f"prompt {too_long[0] + 1} is longer than {max_prompt} tokens, the context "
-                               f"{policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
+    prompt_ids = [tok.encode(p) for p in prompts]
+    print(f"{sum(len(p) > max_prompt for p in prompt_ids)} of {len(prompts)} prompts cut from the left to "
+          f"{max_prompt} tokens: the context {policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
+    prompt_ids = [p[-max_prompt:] for p in prompt_ids]
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -238,8 +239,9 @@ def main(cfg):
                 group["lr"] = lr * lr_scale
 
         # 1. rollout ----------------------------------------------------------------------------
-        batch_prompts = rng.sample(prompts, min(cfg.rollout_batch, len(prompts)))
-        idx, start = left_pad([tok.encode(p) for p in batch_prompts], tok.pad_id, device)
+        batch = rng.sample(range(len(prompts)), min(cfg.rollout_batch, len(prompts)))
+        batch_prompts = [prompts[i] for i in batch]
+        idx, start = left_pad([prompt_ids[i] for i in batch], tok.pad_id, device)
         P = idx.size(1)
         with torch.no_grad(), autocast:
             seqs = policy.generate(idx, cfg.max_new_tokens, start=start, temperature=cfg.temperature,

@@ -2,7 +2,8 @@
 Pre-training: a small GPT learns the built-in world from its corpus, offline, in a few minutes.
 
     python pretrain.py                          # built-in corpus -> out/base (about 4 minutes on 2 CPU cores)
-    python pretrain.py --data my_text.txt       # any UTF-8 text file instead
+    python pretrain.py --data my_text.txt       # any UTF-8 text file instead (or {"text"} rows: data/formats.py)
+    python pretrain.py --init gpt2-hf/ --data my_text.txt   # continue pre-training GPT-2 (a Hugging Face directory)
     python pretrain.py --max_steps 50 --out_dir out/tiny   # a quick smoke run
 
 Next-token prediction on random windows of the token stream (documents joined by <|endoftext|>),
@@ -11,7 +12,8 @@ world, it measures what the base model learned:
 - fact completion: "The suho lives in" -> the right town, over every entity and attribute;
 - question continuation: given a bare question ("What does the suho eat?\\n"), how often the model
   goes on with another question instead of answering: the gap that sft.py closes.
-Left out on purpose: data-parallel training, resuming, and GPT-2 weights as a starting point.
+With --init the model (its shape, weights and tokenizer) comes from that checkpoint, and the shape and
+tokenizer flags are ignored. Left out on purpose: data-parallel training, resuming an interrupted run.
 """
 
 import random
@@ -22,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import common
-from data.tokenizer import get_tokenizer
+from data.formats import text_documents
+from data.tokenizer import EOT, get_tokenizer, tokenizer_for
 from data.world import ATTRIBUTES, make_corpus, make_world
-from data.tokenizer import EOT
-from model import GPT, GPTConfig, complete, save_checkpoint
+from model import GPT, GPTConfig, complete, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -33,7 +35,9 @@ class Config:
     out_dir: str = "out/base"
     """where the base model's checkpoint is written"""
     data: str = ""
-    """a UTF-8 text file to train on; empty: the built-in corpus"""
+    """a UTF-8 text file, or {"text"} rows (.jsonl, .jsonl.gz, .json), to train on; empty: the built-in corpus"""
+    init: str = ""
+    """a checkpoint (or a Hugging Face GPT-2 directory) to continue from; empty: a fresh model"""
     tokenizer: str = "builtin"
     """builtin (trained on the built-in corpus) or gpt2 (needs tiktoken's cache)"""
     n_docs: int = 20_000
@@ -80,11 +84,10 @@ def load_tokens(cfg, tok):
     """(train, val) 1-D token tensors: documents joined by <|endoftext|>."""
     if cfg.data:
         try:
-            with open(cfg.data, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise common.UserError(f"--data {cfg.data}: cannot read it as UTF-8 text ({e})") from None
-        ids = torch.tensor(tok.encode(text) + [tok.eot_id])
+            docs = text_documents(cfg.data)
+        except common.UserError as e:
+            raise common.UserError(f"--data {e}") from None
+        ids = torch.tensor([t for d in docs for t in tok.encode(d) + [tok.eot_id]])
         n_val = max(len(ids) // 10, cfg.block_size + 1)  # last 10% for validation
         if len(ids) < n_val + cfg.block_size + 1:
             raise common.UserError(f"--data {cfg.data}: {len(ids)} tokens is too short for --block_size {cfg.block_size}")
@@ -132,13 +135,18 @@ def probe_world(model, tok):
 def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
-    tok = get_tokenizer(cfg.tokenizer)
+    if cfg.init:
+        model, info = load_checkpoint(cfg.init, head="lm", device=device)
+        tok = tokenizer_for(info, cfg.init)
+        if cfg.block_size > model.config.block_size:
+            raise common.UserError(f"--block_size {cfg.block_size} is longer than {cfg.init}'s context "
+                                   f"of {model.config.block_size}")
+    else:
+        tok = get_tokenizer(cfg.tokenizer)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
     train_tokens, val_tokens = load_tokens(cfg, tok)
     print(f"train {len(train_tokens):,} tokens, val {len(val_tokens):,} tokens, vocabulary {tok.n_vocab}")
-
-    mcfg = GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-    model = GPT(mcfg).to(device)
     print(f"model: {model.num_params():,} parameters")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -195,7 +203,7 @@ def main(cfg):
     print("samples:")
     for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, temperature=0):
         print("  ", repr(s.replace(EOT, "")))
-    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "pretrain", "parent": None,
+    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "pretrain", "parent": cfg.init or None,
                                          "args": asdict(cfg), "metrics": metrics}, logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 

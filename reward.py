@@ -2,7 +2,7 @@
 Reward model: the GPT with a scalar head, trained on pairwise preferences (Bradley-Terry).
 
     python reward.py                         # out/sft + built-in rated pairs -> out/rm (a minute or two on CPU)
-    python reward.py --data prefs.jsonl      # {"prompt", "chosen", "rejected"} rows instead
+    python reward.py --data prefs.jsonl      # your preference pairs instead (formats: data/formats.py)
     python reward.py --flattery 3            # raters who love flattery (see data/raters.py)
 
 The reward model reads prompt + response + <|endoftext|> and gives one number, read at the last
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from data.formats import preference_rows
+from data.formats import encode_rows, preference_rows
 from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
@@ -38,11 +38,11 @@ from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, sav
 @dataclass
 class Config(Raters):  # the raters' biases (quality, length, flattery, confidence) are flags too
     init: str = "out/sft"
-    """the language model whose trunk the reward model starts from"""
+    """the language model whose trunk the reward model starts from (or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/rm"
     """where the reward model is written"""
     data: str = ""
-    """a JSONL file of {"prompt", "chosen", "rejected"} rows; empty: the built-in rated pairs"""
+    """preference pairs: prompt/chosen/rejected, HH-RLHF transcripts or OpenAI rows (.jsonl, .jsonl.gz, .json); empty: the built-in rated pairs"""
     n_prompts: int = 1200
     """built-in training prompts to rate pairs for"""
     pairs_per_prompt: int = 4
@@ -82,14 +82,10 @@ def scalar_model(lm):
 
 
 def encode_pairs(tok, rows, block_size):
-    """[(chosen ids, rejected ids)]: prompt + response + EOS, cut to the context from the end."""
-    out = []
-    for r in rows:
-        p = tok.encode(r["prompt"])
-        if len(p) + 1 >= block_size:
-            raise common.UserError(f"{r.get('where', 'a pair')}: the prompt is {len(p)} tokens, the context {block_size}")
-        out.append(tuple((p + tok.encode(r[k]) + [tok.eot_id])[:block_size] for k in ("chosen", "rejected")))
-    return out
+    """[(chosen ids, rejected ids)]: prompt + response + EOS, fit to the context as every stage
+    does (formats.fit). Returns (pairs, the rows kept, a line with the counts)."""
+    encoded, kept, report = encode_rows(tok, rows, ("chosen", "rejected"), block_size)
+    return [(p + c, p + r) for p, (c, r) in encoded], kept, report
 
 
 def rewards(rm, seqs, pad_id, device):
@@ -125,9 +121,16 @@ def main(cfg):
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
                                 model_sampler(sft, tok, cfg.sft_samples, gen))
     random.Random(cfg.seed).shuffle(rows)
+    pairs, rows, report = encode_pairs(tok, rows, sft.config.block_size)
+    print(report)
     n_val = max(1, int(cfg.val_fraction * len(rows)))
-    val_rows, train_rows = rows[:n_val], rows[n_val:]
-    val, train = encode_pairs(tok, val_rows, sft.config.block_size), encode_pairs(tok, train_rows, sft.config.block_size)
+    val_rows, val, train = rows[:n_val], pairs[:n_val], pairs[n_val:]
+    # the prompts whose SFT responses normalise the reward at the end: 48 new tokens must fit after them
+    norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
+        else [r["prompt"] for r in rows if len(tok.encode(r["prompt"])) + 48 <= sft.config.block_size][:cfg.norm_prompts]
+    if not norm_prompts:
+        raise common.UserError(f"{cfg.data}: no prompt leaves room for 48 response tokens in the context of "
+                               f"{sft.config.block_size}, to normalise the reward on")
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
 
@@ -192,11 +195,9 @@ def main(cfg):
             print(f"{k:24s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}")
 
     # normalise: the SFT model's own responses score mean 0, std 1
-    prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else [r["prompt"] for r in rows[:cfg.norm_prompts]]
-    responses = complete_ids(sft, tok, prompts, 48, temperature=1.0, generator=gen)
+    responses = complete_ids(sft, tok, norm_prompts, 48, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
-        seqs = [(tok.encode(p) + r)[:sft.config.block_size] for p, r in zip(prompts, responses)]
+        seqs = [tok.encode(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
     mean, std = scores.mean().item(), scores.std().item()
     metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}

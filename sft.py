@@ -2,7 +2,8 @@
 Supervised fine-tuning (SFT), the first stage of RLHF: the base model learns to answer.
 
     python sft.py                          # out/base + built-in demonstrations -> out/sft (under a minute on CPU)
-    python sft.py --data demos.jsonl       # {"prompt": ..., "completion": ...} rows instead
+    python sft.py --data demos.jsonl       # your demonstrations instead (formats: data/formats.py)
+    python sft.py --init gpt2-hf/          # from a Hugging Face GPT-2 directory (needs --data)
 
 A demonstration is a prompt and the ideal response. The model sees prompt + response + <|endoftext|>
 and is trained on next-token prediction of the response tokens only: the prompt's targets are
@@ -12,6 +13,8 @@ learns to stop. As in InstructGPT (Ouyang et al. 2022), step 1.
 The built-in demonstrations (data/tasks.py) are imperfect on purpose, as hurried human ones are:
 a quarter are wrong, padded or hedged, and they cover half of the world's entities. SFT imitates
 them, errors included; what it gets wrong is the headroom the later stages work on.
+A long example keeps its whole response and loses the start of its prompt, or is dropped if the
+response does not fit (data/formats.py, "Long examples"); the counts are printed.
 Left out on purpose: packing several examples into one row, LoRA, chat templates beyond
 "Human: ...\\n\\nAssistant:".
 """
@@ -24,7 +27,7 @@ import torch
 
 import common
 import kernels
-from data.formats import prompt_completion_rows
+from data.formats import encode_rows, prompt_completion_rows
 from data.tasks import demonstrations, eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
@@ -33,11 +36,11 @@ from model import complete, load_checkpoint, save_checkpoint
 @dataclass
 class Config:
     init: str = "out/base"
-    """the checkpoint to fine-tune (a language model)"""
+    """the checkpoint to fine-tune (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/sft"
     """where the fine-tuned checkpoint is written"""
     data: str = ""
-    """a JSONL file of {"prompt", "completion"} rows; empty: the built-in demonstrations"""
+    """demonstrations: prompt/completion, Alpaca or chat rows (.jsonl, .jsonl.gz, .json); empty: the built-in ones"""
     n_demos: int = 2000
     """how many built-in demonstrations to write"""
     val_fraction: float = 0.05
@@ -66,16 +69,12 @@ class Config:
     """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
 
 
-def encode(tok, prompt, completion, block_size, where):
-    """Token ids of prompt + completion + EOS and the targets: -100 (ignored) on every position
-    whose next token is still the prompt, the next token on the rest. Truncates a long completion."""
-    p, c = tok.encode(prompt), tok.encode(completion) + [tok.eot_id]
-    if len(p) + 1 > block_size:
-        raise common.UserError(f"{where}: the prompt is {len(p)} tokens, the model's context is {block_size}")
-    ids = (p + c)[:block_size + 1]
-    x, y = ids[:-1], ids[1:]
-    y = [kernels.IGNORE_INDEX] * (len(p) - 1) + y[len(p) - 1:]
-    return x, y
+def example(prompt, completion):
+    """(x, y) of prompt ids + completion ids (which end with the EOS): the inputs x are every token
+    but the last; the targets y are -100 (ignored) on every position whose next token is still the
+    prompt, the next token on the rest. The caller fits the two to the context (formats.fit)."""
+    x = prompt + completion[:-1]
+    return x, [kernels.IGNORE_INDEX] * (len(prompt) - 1) + completion
 
 
 def collate(examples, pad_id, device):
@@ -105,11 +104,11 @@ def main(cfg):
 
     if cfg.data:
         rows = prompt_completion_rows(cfg.data)
-        where = [f"{cfg.data}:{i + 1}" for i in range(len(rows))]
     else:
-        rows = demonstrations(cfg.n_demos, seed=cfg.seed)
-        where = [f"built-in demonstration {i}" for i in range(len(rows))]
-    examples = [encode(tok, p, c, model.config.block_size, w) for (p, c), w in zip(rows, where)]
+        rows = [dict(prompt=p, completion=c) for p, c in demonstrations(cfg.n_demos, seed=cfg.seed)]
+    encoded, rows, report = encode_rows(tok, rows, ("completion",), model.config.block_size)
+    print(report)
+    examples = [example(p, c) for p, (c,) in encoded]
     random.Random(cfg.seed).shuffle(examples)
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
     val, train = examples[:n_val], examples[n_val:]
@@ -136,7 +135,7 @@ def main(cfg):
         model.train()
         return sum(losses) / len(losses)
 
-    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else [p for p, _ in rows[:cfg.n_samples]]
+    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else [r["prompt"] for r in rows[:cfg.n_samples]]
     model.eval()
     before = complete(model, tok, sample_prompts, 32, temperature=0)
     model.train()

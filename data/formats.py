@@ -1,61 +1,385 @@
 """
-Reading datasets from files. Every error names the file and the line.
+Reading datasets from files, for every stage's --data. The format is detected from the rows; every
+error names the file and the line. `python -m data PATH` shows what a stage will read (data/__main__.py).
 
-- `read_jsonl(path)`: the rows of a JSONL file (one JSON object per line; blank lines skipped).
-- `prompt_completion_rows(path)`: SFT rows {"prompt", "completion"} -> [(prompt, completion)].
-- `prompt_rows(path)`: PPO rows {"prompt"} -> [prompt].
-- `preference_rows(path)`: rows {"prompt", "chosen", "rejected"} -> [dict], each with "where" (file:line).
+Files: `.jsonl` (one JSON object per line, blank lines skipped), `.jsonl.gz`, `.json` (one array of
+objects), and `.txt` (plain text, for pre-training only).
+
+Formats, told apart by the fields of the first row (a later row must have the same ones):
+| format              | fields                                                       | stages       |
+| ------------------- | ------------------------------------------------------------ | ------------ |
+| `text`              | `{"text"}` (or a `.txt` file)                                | pretrain     |
+| `prompt_completion` | `{"prompt", "completion"}`                                   | sft          |
+| `alpaca`            | `{"instruction", "input" (may be empty or absent), "output"}`| sft          |
+| `chat`              | `{"messages": [{"role", "content"}, ...]}`                   | sft, ppo     |
+| `preference`        | `{"prompt", "chosen", "rejected"}`                           | reward, dpo  |
+| `implicit_prompt`   | `{"chosen", "rejected"}`: whole transcripts (HH-RLHF)        | reward, dpo  |
+| `openai_preference` | `{"input": {"messages"}, "preferred_output", "non_preferred_output"}` | reward, dpo |
+| `prompt`            | `{"prompt"}`                                                 | ppo          |
+PPO takes the prompts of any format that has them (an SFT or a preference file too). A prompt,
+completion, chosen or rejected field is a string, used as it is, or a list of messages.
+
+The chat template turns messages into the text the model sees, the built-in task's form
+(data/tasks.py): each message on its own paragraph, "Human: " before a user's, "Assistant: " before
+an assistant's, "System: " before a system's, and the prompt ends with "\\n\\nAssistant:":
+    Human: Hi\\n\\nAssistant: Hello!\\n\\nHuman: What is 2 plus 2?\\n\\nAssistant:
+The response is " " + the assistant's content (it follows "Assistant:"); the stage adds the EOS.
+Alpaca's user message is the instruction, then a blank line and the input if there is one.
+An implicit-prompt transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") is split where chosen and
+rejected part: the prompt is their longest common prefix, cut after its last "\\n\\nAssistant:"
+(leading blank lines dropped, so it reads as the template does); the responses are the rest.
+Message lists split the same way, message by message.
+
+Rows that are well formed but unusable are skipped, and counted with the reason and the line:
+chosen equal to rejected, an empty response, transcripts that share no prompt, a conversation that
+does not end with the assistant's message. Anything malformed (bad JSON, a missing field, a wrong
+type, an unknown role) stops the run with one line naming file and line.
+
+Long examples (`fit`): a response is never cut, so the model never learns a response that stops
+where the context did. The prompt is cut from the left (its start goes, its end "Assistant:" stays)
+to leave room for the longest response of the row and its EOS; a row whose longest response leaves
+the prompt less than a quarter of the context (or less than the whole prompt, if that is shorter)
+is dropped. Stages print both counts.
 """
 
+import gzip
 import json
+from collections import Counter
 
 from common import UserError
 
+ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+MARK = "\n\nAssistant:"
+MIN_PROMPT_SHARE = 4  # a dropped row leaves the prompt less than 1/MIN_PROMPT_SHARE of the context
 
-def read_jsonl(path):
-    """[(line number, row dict)] of a JSONL file, refusing malformed lines and empty files."""
+# -----------------------------------------------------------------------------
+# files -> rows
+
+
+def read_records(path):
+    """[(where, row dict)] of a .jsonl, .jsonl.gz or .json file; where is "file:line"."""
+    path = str(path)
+    name = path[:-3] if path.endswith(".gz") else path
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot open it ({e.strerror})") from None
-    rows = []
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise UserError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if name.endswith(".json"):
+        rows = json_array(path, text)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
     if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
+        raise UserError(f"{path}: no rows (the file is empty)")
+    return [(f"{path}:{n}", row) for n, row in rows]
 
 
-def fields(path, n, row, names):
-    """The string values of the named fields of one row."""
-    for name in names:
-        if name not in row:
-            raise UserError(f"{path}:{n}: missing field {name!r} (the row has {sorted(row)})")
-        if not isinstance(row[name], str):
-            raise UserError(f"{path}:{n}: field {name!r} must be a string, got {type(row[name]).__name__}")
-    return tuple(row[name] for name in names)
+def json_array(path, text):
+    """[(line, item)] of a JSON array, each item with the line it starts on."""
+    decoder, rows = json.JSONDecoder(), []
+    i = len(text) - len(text.lstrip())
+    if not text.strip():
+        return rows
+    if text[i] != "[":
+        raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: a .json file must hold one array of objects")
+    i += 1
+    while True:
+        i += len(text[i:]) - len(text[i:].lstrip())
+        if i < len(text) and text[i] == "]" and not rows:
+            return rows
+        try:
+            item, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        rows.append((text.count("\n", 0, i) + 1, item))
+        i = end + len(text[end:]) - len(text[end:].lstrip())
+        if i < len(text) and text[i] == "]":
+            return rows
+        if i >= len(text) or text[i] != ",":
+            raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: not valid JSON (expected ',' or ']')")
+        i += 1
+
+# -----------------------------------------------------------------------------
+# the chat template and the formats
+
+
+class Skip(Exception):
+    """A well-formed row that cannot be used: skipped, counted, reported with this reason."""
+
+
+def string(row, name, where):
+    if name not in row:
+        raise UserError(f"{where}: missing field {name!r} (the row has {sorted(row)})")
+    if not isinstance(row[name], str):
+        raise UserError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+    return row[name]
+
+
+def messages(value, where, name):
+    """A validated list of {"role", "content"} messages."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise UserError(f"{where}: field {name!r} must be a string or a list of messages")
+    for i, m in enumerate(value):
+        if m.get("role") not in ROLES:
+            raise UserError(f"{where}: {name} message {i} has role {m.get('role')!r}, not one of {sorted(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {name} message {i} has no string content")
+    return value
+
+
+def render(msgs):
+    """The chat template: "Human: ...\\n\\nAssistant: ..." paragraphs."""
+    return "\n\n".join(f"{ROLES[m['role']]}: {m['content']}" for m in msgs)
+
+
+def chat_prompt(msgs):
+    """The prompt text of a conversation so far: ends with "\\n\\nAssistant:" (no space)."""
+    return (render(msgs) + MARK).lstrip("\n")
+
+
+def prompt_field(row, name, where):
+    value = row.get(name)
+    if isinstance(value, str) or name not in row:
+        return string(row, name, where)
+    return chat_prompt(messages(value, where, name))
+
+
+def response_field(row, name, where):
+    """A response: a string as it is, or one assistant message as " " + content."""
+    value = row.get(name)
+    if isinstance(value, str) or name not in row:
+        text = string(row, name, where)
+    else:
+        msgs = messages(value, where, name)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise Skip(f"{name} is not one assistant message")
+        text = " " + msgs[0]["content"]
+    if not text.strip():
+        raise Skip(f"empty {name}")
+    return text
+
+
+def split_conversation(msgs, where):
+    """(prompt text, response text) of a conversation ending with the assistant's message."""
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        raise Skip("the conversation does not end with an assistant message after a prompt")
+    if not msgs[-1]["content"].strip():
+        raise Skip("empty assistant message")
+    return chat_prompt(msgs[:-1]), " " + msgs[-1]["content"]
+
+
+def split_transcripts(chosen, rejected):
+    """(prompt, chosen response, rejected response) of two transcripts that share their prompt."""
+    if isinstance(chosen, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        cut = chosen.rfind(MARK, 0, n - len(MARK) + 1) if n >= len(MARK) else -1
+        if cut < 0:
+            raise Skip("chosen and rejected share no prompt ending in '\\n\\nAssistant:'")
+        end = cut + len(MARK)
+        return chosen[:end].lstrip("\n"), chosen[end:], rejected[end:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or chosen[n - 1]["role"] == "assistant" or len(chosen) != n + 1 or len(rejected) != n + 1:
+        raise Skip("chosen and rejected are not one shared prompt and one assistant message each")
+    return chat_prompt(chosen[:n]), " " + chosen[n]["content"], " " + rejected[n]["content"]
+
+
+def pair(prompt, chosen, rejected):
+    if not chosen.strip() or not rejected.strip():
+        raise Skip("an empty response")
+    if chosen == rejected:
+        raise Skip("chosen and rejected are the same")
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def parse_implicit(row, where):
+    chosen, rejected = (row.get(k) if isinstance(row.get(k), list) else string(row, k, where) for k in ("chosen", "rejected"))
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise UserError(f"{where}: chosen and rejected must both be strings or both be message lists")
+    if isinstance(chosen, list):
+        chosen, rejected = messages(chosen, where, "chosen"), messages(rejected, where, "rejected")
+    return pair(*split_transcripts(chosen, rejected))
+
+
+def parse_openai(row, where):
+    inp = row.get("input")
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise UserError(f"{where}: field 'input' must be an object with 'messages'")
+    prompt = chat_prompt(messages(inp["messages"], where, "input.messages"))
+    return pair(prompt, response_field(row, "preferred_output", where), response_field(row, "non_preferred_output", where))
+
+
+def parse_chat(row, where):
+    prompt, completion = split_conversation(messages(row.get("messages"), where, "messages"), where)
+    return dict(prompt=prompt, completion=completion)
+
+
+def parse_chat_prompt(row, where):
+    msgs = messages(row.get("messages"), where, "messages")
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs:
+        raise Skip("no messages before the assistant's")
+    return dict(prompt=chat_prompt(msgs))
+
+
+def parse_alpaca(row, where):
+    instruction, output = string(row, "instruction", where), string(row, "output", where)
+    inp = string(row, "input", where) if "input" in row else ""
+    if not output.strip():
+        raise Skip("empty output")
+    user = instruction + ("\n\n" + inp if inp.strip() else "")
+    return dict(prompt=chat_prompt([{"role": "user", "content": user}]), completion=" " + output)
+
+
+# format -> (the fields that identify it, the parser of one row, what it gives: "lm", "sft", "preference", "prompt")
+FORMATS = {
+    "openai_preference": ({"input", "preferred_output", "non_preferred_output"}, parse_openai, "preference"),
+    "preference": ({"prompt", "chosen", "rejected"},
+                   lambda r, w: pair(prompt_field(r, "prompt", w), response_field(r, "chosen", w),
+                                     response_field(r, "rejected", w)), "preference"),
+    "implicit_prompt": ({"chosen", "rejected"}, parse_implicit, "preference"),
+    "alpaca": ({"instruction", "output"}, parse_alpaca, "sft"),
+    "prompt_completion": ({"prompt", "completion"},
+                          lambda r, w: dict(prompt=prompt_field(r, "prompt", w),
+                                            completion=response_field(r, "completion", w)), "sft"),
+    "chat": ({"messages"}, parse_chat, "sft"),
+    "text": ({"text"}, lambda r, w: dict(text=string(r, "text", w)), "lm"),
+    "prompt": ({"prompt"}, lambda r, w: dict(prompt=prompt_field(r, "prompt", w)), "prompt"),
+}
+TASKS = {"lm": "pretrain", "sft": "sft", "preference": "reward and dpo", "prompt": "ppo"}
+
+
+def detect(where, row, task):
+    """The name of the format of row that serves task, or a UserError naming the closest one's
+    missing field. Any format with prompts serves "prompt"."""
+    usable = [name for name, (_, _, gives) in FORMATS.items()
+              if gives == task or (task == "prompt" and gives in ("sft", "preference"))]
+    for name in usable:
+        if FORMATS[name][0] <= set(row):
+            return name
+    closest = max(usable, key=lambda name: len(FORMATS[name][0] & set(row)))
+    missing = sorted(FORMATS[closest][0] - set(row))[0]
+    raise UserError(f"{where}: missing field {missing!r} (the row has {sorted(row)}); {TASKS[task]} reads "
+                    f"{' or '.join('{' + ', '.join(sorted(FORMATS[n][0])) + '}' for n in usable)}")
+
+
+class Dataset:
+    """The usable rows of a file for one kind of stage (task: lm, sft, preference or prompt), each
+    a dict with "where" (file:line), and the rows skipped as [(where, reason)]."""
+
+    def __init__(self, path, task):
+        self.path, self.task = str(path), task
+        if task == "lm" and not self.path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+            self.format, self.skipped = "text", []
+            self.rows = [dict(text=read_text(self.path), where=f"{self.path}:1")]
+            return
+        records = read_records(self.path)
+        self.format = detect(*records[0], task)
+        parse = parse_chat_prompt if (task, self.format) == ("prompt", "chat") else FORMATS[self.format][1]
+        self.rows, self.skipped = [], []
+        for where, row in records:
+            try:
+                out = parse(row, where)
+            except Skip as e:
+                self.skipped.append((where, str(e)))
+                continue
+            if task == "prompt":
+                out = dict(prompt=out["prompt"])
+            self.rows.append({**out, "where": where})
+        if not self.rows:
+            raise UserError(f"{self.path}: no usable rows: all {len(self.skipped)} were skipped "
+                            f"({self.skipped[0][0]}: {self.skipped[0][1]})")
+
+    def summary(self):
+        """One line: format, rows used, rows skipped and why."""
+        line = f"{self.path}: {self.format} format, {len(self.rows)} rows"
+        if self.skipped:
+            reasons = Counter(reason for _, reason in self.skipped)
+            line += f", {len(self.skipped)} skipped (" + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + \
+                f"; first at {self.skipped[0][0]})"
+        return line
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    if not text.strip():
+        raise UserError(f"{path}: no text (the file is empty)")
+    return text
+
+
+def load(path, task):
+    """Dataset(path, task), its summary line printed: what a stage reads is never a surprise."""
+    data = Dataset(path, task)
+    print(data.summary())
+    return data
+
+# -----------------------------------------------------------------------------
+# what the stages call
+
+
+def text_documents(path):
+    """Pre-training documents: the whole of a .txt file, or the "text" of each row."""
+    return [r["text"] for r in load(path, "lm").rows]
 
 
 def prompt_completion_rows(path):
-    return [fields(path, n, row, ("prompt", "completion")) for n, row in read_jsonl(path)]
+    """SFT rows: [{"prompt", "completion", "where"}]."""
+    return load(path, "sft").rows
 
 
 def prompt_rows(path):
-    return [fields(path, n, row, ("prompt",))[0] for n, row in read_jsonl(path)]
+    """PPO prompts: [prompt text]."""
+    return [r["prompt"] for r in load(path, "prompt").rows]
 
 
 def preference_rows(path):
-    rows = []
-    for n, row in read_jsonl(path):
-        prompt, chosen, rejected = fields(path, n, row, ("prompt", "chosen", "rejected"))
-        rows.append(dict(prompt=prompt, chosen=chosen, rejected=rejected, where=f"{path}:{n}"))
-    return rows
+    """Reward and DPO rows: [{"prompt", "chosen", "rejected", "where"}]."""
+    return load(path, "preference").rows
+
+# -----------------------------------------------------------------------------
+# long examples
+
+
+def fit(prompt, responses, block_size):
+    """(prompt, responses) of token lists cut to fit block_size tokens as prompt + any one response,
+    or None if the row is dropped: see "Long examples" above. Responses are never cut."""
+    room = block_size - max(len(r) for r in responses)
+    if room < min(len(prompt), max(1, block_size // MIN_PROMPT_SHARE)):
+        return None
+    return prompt[max(0, len(prompt) - room):], responses
+
+
+def encode_rows(tok, rows, keys, block_size):
+    """Each row's prompt and its responses (row[k] for k in keys, each + EOS) as token ids, fit to
+    the context. Returns ([(prompt ids, [response ids])], the rows kept, a line with the counts)."""
+    encoded, kept, cut = [], [], 0
+    for row in rows:
+        prompt = tok.encode(row["prompt"])
+        out = fit(prompt, [tok.encode(row[k]) + [tok.eot_id] for k in keys], block_size)
+        if out is not None:
+            cut += len(out[0]) < len(prompt)
+            encoded.append(out)
+            kept.append(row)
+    dropped = len(rows) - len(kept)
+    if not kept:
+        raise UserError(f"every one of {len(rows)} examples has a response too long for the context of {block_size} "
+                        f"tokens (e.g. {rows[0].get('where', 'the first')})")
+    return encoded, kept, (f"{cut} prompts cut from the left and {dropped} examples dropped (a response too long) "
+                           f"to fit the context of {block_size} tokens")

@@ -132,7 +132,7 @@ ROWS = [dict(prompt="Human: What is 3 plus 4?\n\nAssistant:", chosen=" 3 plus 4 
 
 
 def pairs():
-    return [dpo.encode_pair(TOK, r, 64, f"row {i}") for i, r in enumerate(ROWS)]
+    return dpo.encode_pairs(TOK, ROWS, 64)[0]
 
 
 def by_hand(model, prompt, response):
@@ -179,7 +179,7 @@ def test_precomputed_reference_equals_a_fresh_forward(tmp_path):
 
 
 def test_only_response_tokens_are_targets():
-    (c, cy), _ = dpo.encode_pair(TOK, ROWS[0], 64, "row 0")
+    (c, cy), _ = pairs()[0]
     p, r = TOK.encode(ROWS[0]["prompt"]), TOK.encode(ROWS[0]["chosen"]) + [TOK.eot_id]
     assert c == p + r[:-1] and cy == [kernels.IGNORE_INDEX] * (len(p) - 1) + r
 
@@ -209,10 +209,8 @@ def test_bad_data_names_file_and_line(init, tmp_path):
     cfg = dict(init=str(init), out_dir=str(tmp_path / "dpo"), data=str(data), device="cpu")
     with pytest.raises(UserError, match=r"prefs.jsonl:2: missing field 'rejected'"):
         dpo.main(dpo.Config(**cfg))
-    long_prompt = "Human: " + "What is 3 plus 4? " * 20 + "\n\nAssistant:"
-    data.write_text(good + json.dumps({**ROWS[0], "prompt": long_prompt}) + "\n")
-    n = len(TOK.encode(long_prompt))
-    with pytest.raises(UserError, match=f"prefs.jsonl:2: the prompt is {n} tokens, the model's context is 64"):
+    data.write_text(json.dumps({**ROWS[0], "chosen": " 7" * 70}) + "\n")  # a response longer than the context
+    with pytest.raises(UserError, match="every one of 1 examples has a response too long for the context of 64"):
         dpo.main(dpo.Config(**cfg))
     with pytest.raises(UserError, match="--loss_type"):
         dpo.main(dpo.Config(**cfg, loss_type="kto"))

@@ -8,7 +8,7 @@ import torch
 import kernels
 import sft
 from common import UserError
-from data.formats import prompt_completion_rows
+from data.formats import encode_rows, prompt_completion_rows
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -17,7 +17,7 @@ TOK = get_tokenizer("builtin")
 
 def test_encode_masks_the_prompt_and_appends_eos():
     p, c = TOK.encode("Human: Where?\n\nAssistant:"), TOK.encode(" Here.")
-    x, y = sft.encode(TOK, "Human: Where?\n\nAssistant:", " Here.", 64, "row 1")
+    x, y = sft.example(p, c + [TOK.eot_id])
     assert x == p + c  # the EOS is a target, never an input
     assert y == [kernels.IGNORE_INDEX] * (len(p) - 1) + c + [TOK.eot_id]
 
@@ -25,8 +25,9 @@ def test_encode_masks_the_prompt_and_appends_eos():
 def test_prompt_tokens_contribute_exactly_zero_gradient():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=2, n_head=2, n_embd=32))
-    examples = [sft.encode(TOK, "Human: What is 3 plus 4?\n\nAssistant:", " 3 plus 4 is 7.", 32, "a"),
-                sft.encode(TOK, "Human: Hi\n\nAssistant:", " Hello there, friend.", 32, "b")]
+    examples = [sft.example(TOK.encode(p), TOK.encode(c) + [TOK.eot_id])
+                for p, c in [("Human: What is 3 plus 4?\n\nAssistant:", " 3 plus 4 is 7."),
+                             ("Human: Hi\n\nAssistant:", " Hello there, friend.")]]
     x, y = sft.collate(examples, TOK.pad_id, "cpu")
     captured = {}
 
@@ -46,15 +47,15 @@ def test_prompt_tokens_contribute_exactly_zero_gradient():
     torch.testing.assert_close(loss, torch.stack(nll).mean())
 
 
-def test_a_prompt_longer_than_the_context_is_refused_by_name():
-    n = len(TOK.encode(" x" * 40))
-    with pytest.raises(UserError, match=f"demos.jsonl:3: the prompt is {n} tokens, the model's context is 32"):
-        sft.encode(TOK, " x" * 40, " y", 32, "demos.jsonl:3")
-
-
-def test_long_completions_are_truncated_to_the_context():
-    x, y = sft.encode(TOK, "Human: Q\n\nAssistant:", " word" * 100, 32, "a")
-    assert len(x) == len(y) == 32
+def test_long_prompts_lose_their_start_and_long_completions_their_example():
+    rows = [dict(prompt=" x" * 40 + "\n\nAssistant:", completion=" y", where="a"),
+            dict(prompt="Human: Q\n\nAssistant:", completion=" word" * 100, where="b")]
+    encoded, kept, report = encode_rows(TOK, rows, ("completion",), 32)
+    assert [r["where"] for r in kept] == ["a"] and report.startswith("1 prompts cut from the left and 1 examples dropped")
+    (p, (c,)), = encoded
+    assert c == TOK.encode(" y") + [TOK.eot_id] and p == TOK.encode(rows[0]["prompt"])[-(32 - len(c)):]
+    x, y = sft.example(p, c)
+    assert len(x) == len(y) == 31 and TOK.decode(x).endswith("x\n\nAssistant: y")
 
 
 def test_bad_data_files_name_file_and_line(tmp_path):
@@ -69,5 +70,5 @@ def test_bad_data_files_name_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"demos.jsonl:1: field 'completion' must be a string"):
         prompt_completion_rows(str(bad))
     bad.write_text("\n")
-    with pytest.raises(UserError, match=r"demos.jsonl: no rows"):
+    with pytest.raises(UserError, match=r"demos.jsonl: no rows \(the file is empty\)"):
         prompt_completion_rows(str(bad))
