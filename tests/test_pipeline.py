@@ -33,7 +33,8 @@ def sft_ckpt(base):
 def test_sft_writes_a_child_of_the_base(base, sft_ckpt):
     model, info = load_checkpoint(sft_ckpt, head="lm", tokenizer="builtin")
     assert info["stage"] == "sft" and info["parent"] == str(base)
-    assert info["metrics"]["steps"] == round(190 / 16) and info["metrics"]["demonstrations"] == 190
+    # 200 demonstrations, 4 of them dropped (their responses do not fit the tiny context of 64), 9 held out
+    assert info["metrics"]["steps"] == round(187 / 16) and info["metrics"]["demonstrations"] == 187
     lines = (sft_ckpt / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 0 and "val_loss" in json.loads(lines[-1])
 
