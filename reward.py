@@ -125,11 +125,12 @@ def main(cfg):
     print(report)
     n_val = max(1, int(cfg.val_fraction * len(rows)))
     val_rows, val, train = rows[:n_val], pairs[:n_val], pairs[n_val:]
-    # the prompts whose SFT responses normalise the reward at the end: 48 new tokens must fit after them
+    # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
+    room = min(48, sft.config.block_size // 2)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else [r["prompt"] for r in rows if len(tok.encode(r["prompt"])) + 48 <= sft.config.block_size][:cfg.norm_prompts]
+        else [r["prompt"] for r in rows if len(tok.encode(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
     if not norm_prompts:
-        raise common.UserError(f"{cfg.data}: no prompt leaves room for 48 response tokens in the context of "
+        raise common.UserError(f"{cfg.data}: no prompt leaves room for {room} response tokens in the context of "
                                f"{sft.config.block_size}, to normalise the reward on")
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
@@ -195,7 +196,7 @@ def main(cfg):
             print(f"{k:24s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}")
 
     # normalise: the SFT model's own responses score mean 0, std 1
-    responses = complete_ids(sft, tok, norm_prompts, 48, temperature=1.0, generator=gen)
+    responses = complete_ids(sft, tok, norm_prompts, room, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
         seqs = [tok.encode(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])

@@ -127,7 +127,7 @@ def string(row, name, where):
 def messages(value, where, name):
     """A validated list of {"role", "content"} messages."""
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise UserError(f"{where}: field {name!r} must be a string or a list of messages")
+        raise UserError(f"{where}: field {name!r} must be a string or a list of messages, got {type(value).__name__}")
     for i, m in enumerate(value):
         if m.get("role") not in ROLES:
             raise UserError(f"{where}: {name} message {i} has role {m.get('role')!r}, not one of {sorted(ROLES)}")
@@ -183,7 +183,7 @@ def split_transcripts(chosen, rejected):
         n = 0
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
             n += 1
-        cut = chosen.rfind(MARK, 0, n - len(MARK) + 1) if n >= len(MARK) else -1
+        cut = chosen.rfind(MARK, 0, n)  # the last marker wholly inside the shared prefix
         if cut < 0:
             raise Skip("chosen and rejected share no prompt ending in '\\n\\nAssistant:'")
         end = cut + len(MARK)
@@ -270,7 +270,7 @@ def detect(where, row, task):
     for name in usable:
         if FORMATS[name][0] <= set(row):
             return name
-    closest = max(usable, key=lambda name: len(FORMATS[name][0] & set(row)))
+    closest = max(usable, key=lambda name: (len(FORMATS[name][0] & set(row)), -len(FORMATS[name][0])))
     missing = sorted(FORMATS[closest][0] - set(row))[0]
     raise UserError(f"{where}: missing field {missing!r} (the row has {sorted(row)}); {TASKS[task]} reads "
                     f"{' or '.join('{' + ', '.join(sorted(FORMATS[n][0])) + '}' for n in usable)}")

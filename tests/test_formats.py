@@ -1,0 +1,176 @@
+"""data/formats.py: every format detected and read from a file written here, the chat template, HH-RLHF
+transcripts, bad files named by file and line, the policy for long examples, `python -m data`, and the
+stages run end to end on real-format files (and from an exported GPT-2 directory)."""
+
+import gzip
+import json
+
+import pytest
+
+import data.__main__ as inspect_data
+import dpo
+import pretrain
+import reward
+import sft
+from common import UserError
+from data.formats import Dataset, chat_prompt, fit, preference_rows, prompt_completion_rows, prompt_rows
+from data.tasks import PROMPT
+from model import export_hf, load_checkpoint
+
+HH_CHOSEN = "\n\nHuman: Where does the suho live?\n\nAssistant: It lives in Velmor."
+HH_REJECTED = "\n\nHuman: Where does the suho live?\n\nAssistant: It lives in Oskar. Great question!"
+USER, ASSISTANT = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}
+Q = "Where does the suho live?"
+P = PROMPT.format(question=Q)  # the built-in prompt form: "Human: ...\n\nAssistant:"
+
+
+def write(path, rows):
+    """rows as .jsonl, .jsonl.gz or a .json array, by the file's name."""
+    if path.name.endswith(".json"):
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+CASES = [  # (rows, task, detected format, the first row as a stage gets it)
+    ([{"text": "one doc"}, {"text": "two"}], "lm", "text", {"text": "one doc"}),
+    ([{"prompt": P, "completion": " It lives in Velmor."}], "sft", "prompt_completion",
+     {"prompt": P, "completion": " It lives in Velmor."}),
+    ([{"instruction": Q, "input": "", "output": "In Velmor."}], "sft", "alpaca", {"prompt": P, "completion": " In Velmor."}),
+    ([{"instruction": "Add.", "input": "2 and 3", "output": "5"}], "sft", "alpaca",
+     {"prompt": "Human: Add.\n\n2 and 3\n\nAssistant:", "completion": " 5"}),
+    ([{"messages": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT, {"role": "user", "content": Q},
+                    {"role": "assistant", "content": "In Velmor."}]}], "sft", "chat",
+     {"prompt": f"System: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: {Q}\n\nAssistant:", "completion": " In Velmor."}),
+    ([{"prompt": P, "chosen": " A.", "rejected": " B."}], "preference", "preference", {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"prompt": [{"role": "user", "content": Q}], "chosen": [{"role": "assistant", "content": "A."}],
+       "rejected": [{"role": "assistant", "content": "B."}]}], "preference", "preference",
+     {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}], "preference", "implicit_prompt",
+     {"prompt": P, "chosen": " It lives in Velmor.", "rejected": " It lives in Oskar. Great question!"}),
+    ([{"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "Go away."}]}], "preference",
+     "implicit_prompt", {"prompt": "Human: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}),
+    ([{"input": {"messages": [{"role": "user", "content": Q}]}, "preferred_output": [{"role": "assistant", "content": "A."}],
+       "non_preferred_output": [{"role": "assistant", "content": "B."}]}], "preference", "openai_preference",
+     {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"prompt": P}], "prompt", "prompt", {"prompt": P}),
+    ([{"messages": [USER, ASSISTANT]}], "prompt", "chat", {"prompt": "Human: Hi\n\nAssistant:"}),
+    ([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}], "prompt", "implicit_prompt", {"prompt": P}),
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+@pytest.mark.parametrize("rows, task, fmt, first", CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)])
+def test_each_format_is_detected_and_read(tmp_path, suffix, rows, task, fmt, first):
+    path = write(tmp_path / f"data{suffix}", rows)
+    data = Dataset(path, task)
+    assert data.format == fmt and data.skipped == [] and len(data.rows) == len(rows)
+    assert data.rows[0] == {**first, "where": f"{path}:{2 if suffix == '.json' else 1}"}
+
+
+def test_the_chat_template_is_the_built_in_prompt_form():
+    assert chat_prompt([{"role": "user", "content": Q}]) == P == f"Human: {Q}\n\nAssistant:"
+
+
+def test_hh_transcripts_that_part_early(tmp_path):
+    middle = dict(chosen="\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!",
+                  rejected="\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Finally.")
+    same_words = dict(chosen="\n\nHuman: Hi\n\nAssistant: Yes, I can.", rejected="\n\nHuman: Hi\n\nAssistant: Yes, but no.")
+    first_turn = dict(chosen="\n\nHuman: Hi\n\nAssistant: A", rejected="\n\nHuman: Ho\n\nAssistant: A")
+    path = write(tmp_path / "hh.jsonl", [middle, same_words, first_turn, dict(chosen=HH_CHOSEN, rejected=HH_CHOSEN)])
+    rows = preference_rows(path)
+    # they part at the first assistant turn: the prompt ends at the last "Assistant:" they share
+    assert rows[0]["prompt"] == "Human: Hi\n\nAssistant:"
+    assert rows[0]["chosen"] == " Hello.\n\nHuman: Bye\n\nAssistant: Bye!"
+    assert rows[0]["rejected"] == " Go away.\n\nHuman: Bye\n\nAssistant: Finally."
+    # a shared first word stays in the responses, not in the prompt
+    assert (rows[1]["prompt"], rows[1]["chosen"], rows[1]["rejected"]) == ("Human: Hi\n\nAssistant:", " Yes, I can.", " Yes, but no.")
+    assert Dataset(path, "preference").skipped == [
+        (f"{path}:3", "chosen and rejected share no prompt ending in '\\n\\nAssistant:'"),
+        (f"{path}:4", "chosen and rejected are the same")]
+
+
+def test_bad_files_are_named_by_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n\n" + '{"prompt": "a"\n')
+    with pytest.raises(UserError, match=r"d.jsonl:3: not valid JSON"):
+        prompt_completion_rows(bad)
+    bad.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:2: missing field 'completion'"):
+        prompt_completion_rows(bad)
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:1: messages message 0 has role 'robot'"):
+        prompt_completion_rows(bad)
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:1: missing field 'chosen' \(the row has \['answer', 'question'\]\); "
+                                        r"reward and dpo reads"):
+        preference_rows(bad)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(UserError, match=r"d.jsonl:1: expected a JSON object, got list"):
+        prompt_rows(bad)
+    arr = tmp_path / "d.json"
+    arr.write_text('[\n {"prompt": "a"},\n {"prompt": 3}\n]')
+    with pytest.raises(UserError, match=r"d.json:3: field 'prompt' must be a string or a list of messages, got int"):
+        prompt_rows(arr)
+    arr.write_text('[\n {"prompt": "a"},\n {"prompt": }\n]')
+    with pytest.raises(UserError, match=r"d.json:3: not valid JSON"):
+        prompt_rows(arr)
+    for empty, text in ((bad, "\n \n"), (arr, "[ ]"), (tmp_path / "e.txt", "  \n")):
+        empty.write_text(text)
+        with pytest.raises(UserError, match=r": no (rows|text) \(the file is empty\)"):
+            Dataset(empty, "lm" if empty.suffix == ".txt" else "prompt")
+    bad.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " b"}) + "\n")
+    with pytest.raises(UserError, match=r"no usable rows: all 1 were skipped \(\S+d.jsonl:1: chosen and rejected are the same\)"):
+        preference_rows(bad)
+    capsys.readouterr()
+
+
+def test_long_examples_lose_the_prompts_start_or_are_dropped():
+    prompt = list(range(30))
+    assert fit(prompt, [[1] * 10, [2] * 5], 32) == (prompt[-22:], [[1] * 10, [2] * 5])  # room for the longer response
+    assert fit(prompt, [[1] * 24], 32) == (prompt[-8:], [[1] * 24])  # a quarter of the context is left to the prompt
+    assert fit(prompt, [[1] * 25], 32) is None  # less than a quarter: dropped
+    assert fit([7, 8], [[1] * 30], 32) == ([7, 8], [[1] * 30])  # a short prompt needs only itself
+
+
+def test_python_m_data_shows_what_a_stage_reads(tmp_path, capsys):
+    path = write(tmp_path / "hh.jsonl", [dict(chosen=HH_CHOSEN, rejected=HH_REJECTED), dict(chosen=HH_CHOSEN, rejected=HH_CHOSEN)])
+    inspect_data.main(str(path), inspect_data.Config(block_size=64))
+    out = capsys.readouterr().out
+    assert f"{path}: implicit_prompt format, 1 rows, 1 skipped" in out and f"skipped {path}:2: chosen and rejected are the same" in out
+    assert "0 prompts cut from the left and 0 examples dropped" in out
+    assert f"prompt, " in out and repr(P) in out and repr(" It lives in Velmor.<|endoftext|>") in out
+
+# -----------------------------------------------------------------------------
+# the stages on files of these formats, a couple of steps each on a tiny model
+
+
+def test_stages_end_to_end_on_real_formats(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Human: Where does the suho live?\n\nAssistant: It lives in Velmor.\n\n" * 40)
+    base = tmp_path / "base"
+    pretrain.main(pretrain.Config(out_dir=str(base), data=str(corpus), max_steps=3, n_layer=1, n_head=2, n_embd=32,
+                                  block_size=64, batch_size=4, warmup_steps=1, log_every=1, eval_every=3,
+                                  eval_batches=1, device="cpu"))
+    model, info = load_checkpoint(base)
+    export_hf(model, tmp_path / "hf", {k: info[k] for k in ("tokenizer", "tokenizer_fingerprint")})
+
+    alpaca = write(tmp_path / "alpaca.json", [{"instruction": f"Where does the {n} live?", "input": "",
+                                               "output": "It lives in Velmor."} for n in ("suho", "gomi", "tavi", "rell")])
+    sft.main(sft.Config(init=str(tmp_path / "hf"), out_dir=str(tmp_path / "sft"), data=str(alpaca), epochs=1,
+                        batch_size=2, n_samples=1, device="cpu"))
+    _, info = load_checkpoint(tmp_path / "sft", head="lm", tokenizer="builtin")
+    assert info["parent"] == str(tmp_path / "hf") and info["metrics"]["demonstrations"] == 3
+
+    hh = write(tmp_path / "hh.jsonl.gz", [dict(chosen=HH_CHOSEN.replace("suho", n), rejected=HH_REJECTED.replace("suho", n))
+                                          for n in ("suho", "gomi", "tavi", "rell", "pim")])
+    reward.main(reward.Config(init=str(tmp_path / "sft"), out_dir=str(tmp_path / "rm"), data=str(hh), batch_size=2,
+                              norm_prompts=4, device="cpu"))
+    info = load_checkpoint(tmp_path / "rm", head="scalar")[1]
+    assert info["metrics"]["train_pairs"] == 4 and info["metrics"]["val_pairs"] == 1
+    dpo.main(dpo.Config(init=str(tmp_path / "sft"), out_dir=str(tmp_path / "dpo"), data=str(hh), batch_size=2, epochs=1,
+                        n_samples=1, device="cpu"))
+    info = load_checkpoint(tmp_path / "dpo", head="lm")[1]
+    assert info["metrics"]["steps"] == 2 and info["metrics"]["train_pairs"] == 4
