@@ -16,7 +16,8 @@ Formats, told apart by the fields of the first row (a later row must have the sa
 | `implicit_prompt`   | `{"chosen", "rejected"}`: whole transcripts (HH-RLHF)        | reward, dpo  |
 | `openai_preference` | `{"input": {"messages"}, "preferred_output", "non_preferred_output"}` | reward, dpo |
 | `prompt`            | `{"prompt"}`                                                 | ppo          |
-PPO takes the prompts of any format that has them (an SFT or a preference file too). A prompt,
+PPO takes the prompts of any format that has them (an SFT or a preference file too), and SFT
+takes a preference file too, learning its chosen responses (as is usual with HH-RLHF). A prompt,
 completion, chosen or rejected field is a string, used as it is, or a list of messages.
 
 The chat template turns messages into the text the model sees, the built-in task's form
@@ -266,7 +267,8 @@ def detect(where, row, task):
     """The name of the format of row that serves task, or a UserError naming the closest one's
     missing field. Any format with prompts serves "prompt"."""
     usable = [name for name, (_, _, gives) in FORMATS.items()
-              if gives == task or (task == "prompt" and gives in ("sft", "preference"))]
+              if gives == task or (task == "prompt" and gives in ("sft", "preference"))
+              or (task == "sft" and gives == "preference")]
     for name in usable:
         if FORMATS[name][0] <= set(row):
             return name
@@ -298,6 +300,8 @@ class Dataset:
                 continue
             if task == "prompt":
                 out = dict(prompt=out["prompt"])
+            elif task == "sft" and "chosen" in out:  # SFT on a preference file: the chosen responses
+                out = dict(prompt=out["prompt"], completion=out["chosen"])
             self.rows.append({**out, "where": where})
         if not self.rows:
             raise UserError(f"{self.path}: no usable rows: all {len(self.skipped)} were skipped "

@@ -45,6 +45,7 @@ CASES = [  # (rows, task, detected format, the first row as a stage gets it)
                     {"role": "assistant", "content": "In Velmor."}]}], "sft", "chat",
      {"prompt": f"System: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: {Q}\n\nAssistant:", "completion": " In Velmor."}),
     ([{"prompt": P, "chosen": " A.", "rejected": " B."}], "preference", "preference", {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}], "sft", "implicit_prompt", {"prompt": P, "completion": " It lives in Velmor."}),
     ([{"prompt": [{"role": "user", "content": Q}], "chosen": [{"role": "assistant", "content": "A."}],
        "rejected": [{"role": "assistant", "content": "B."}]}], "preference", "preference",
      {"prompt": P, "chosen": " A.", "rejected": " B."}),
