@@ -74,8 +74,14 @@ def attention_ref(q, k, v, causal=True, sm_scale=None, kv_start=None):
     Tq, Tk = q.size(-2), k.size(-2)
     assert Tq <= Tk or not causal, f"causal attention needs Tq <= Tk, got Tq={Tq}, Tk={Tk}"
     sm_scale = 1.0 / math.sqrt(q.size(-1)) if sm_scale is None else sm_scale
-    if kv_start is None and (Tq == Tk or not causal):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
+    if kv_start is None and (Tq == Tk or Tq == 1 or not causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=sm_scale)
+    if Tq == 1:  # one decoding step: the mask below in fewer ops (the causal mask hides nothing)
+        start = kv_start.to(q.device).view(-1, 1, 1, 1)
+        empty = start >= Tk  # [B, 1, 1, 1]: a row of padding alone sees no key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(torch.arange(Tk, device=q.device) >= start) | empty,
+                                             scale=sm_scale)
+        return out.masked_fill(empty, 0.0)
     mask = visible_keys(Tq, Tk, causal, kv_start, q.device)
     sees_nothing = ~mask.any(-1, keepdim=True)  # [B, 1, Tq, 1]
     # let empty rows attend everywhere (no NaN in any backend), then zero their output

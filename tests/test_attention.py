@@ -104,6 +104,19 @@ def test_ragged_kv_start(Tq, Tk, kv_start):
         assert (x.transpose(1, 2)[sees_nothing.to(DEVICE)] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_decoding_step_equals_general_path(causal):
+    """attention_ref builds the mask of one query (a decoding step, Tq = 1) in fewer ops: its output must
+    be the last row of the general path's, a row of padding alone (kv_start = Tk) included."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 2, 9, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    kv_start = torch.tensor([0, 4, 9])
+    full = attention_ref(q, k, v, causal=causal, kv_start=kv_start)  # the general masked path
+    step = attention_ref(q[:, :, -1:], k, v, causal=causal, kv_start=kv_start)
+    torch.testing.assert_close(step, full[:, :, -1:], rtol=1e-12, atol=1e-12)
+    assert (step[2] == 0).all()
+
+
 def test_custom_scale_and_strided_inputs():
     """q, k, v as the model makes them (views of [B, T, H, D] buffers), a head dim that is not contiguous
     (copied by the wrapper), a strided upstream gradient, and an explicit sm_scale."""

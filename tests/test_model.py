@@ -167,3 +167,14 @@ def test_sample_filters():
     hot = torch.bincount(sample(logits, temperature=2.0, generator=gen), minlength=4) / 4000
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
     torch.testing.assert_close(hot, expected / expected.sum(), atol=0.03, rtol=0)
+
+
+def test_sample_never_draws_a_filtered_token_at_the_top_of_the_cdf(monkeypatch):
+    """sample() locates one uniform number u per row in the CDF. With u at its largest value below 1
+    (and u * total rounding up to total), it must still land on the last token that has mass, not on
+    the filtered tokens after it."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).expand(3, 5)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1 - 2**-24, dtype=kw.get("dtype")))
+    assert sample(logits, top_k=3).tolist() == [2, 2, 2]
+    assert sample(logits, top_p=0.5).tolist() == [0, 0, 0]
+    assert sample(logits).tolist() == [4, 4, 4]

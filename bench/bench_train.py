@@ -1,0 +1,181 @@
+"""
+Benchmark of one training step of every stage: tokens/s and model FLOPs utilisation (MFU).
+
+    OMP_NUM_THREADS=1 python -m pytest bench/bench_train.py -s
+
+Each stage's step is built from the stage's own functions, on the default pipeline model (pretrain.py's
+Config, built-in tokenizer) with random weights, at the stage's default batch size, on its built-in
+data: forward, loss, backward, gradient clipping and the AdamW update, as its loop runs them.
+- pretrain: 32 windows of 128 tokens, cross-entropy on every position;
+- sft: 32 random demonstrations, right-padded (sft.collate), sft.sft_loss;
+- reward: 32 pairs of similar length, chosen and rejected in one batch (reward.rewards), bradley_terry_loss;
+- dpo: 32 random pairs in one batch of 64 rows (dpo.batch_logps), dpo_loss; the reference log-probs,
+  computed once before training, are not part of a step;
+- ppo: a minibatch of 16 prompts + 24 sampled tokens: the policy's clipped loss and the value
+  model's loss, two backward passes, two updates (the rollout is not part of a step).
+Model FLOPs are counted as in the PaLM paper's MFU: 6 per parameter of a matrix multiply per position
+(2 forward, 4 backward) over every position of the batch, padding included, plus the causal attention
+scores (6 * n_layer * T * n_embd per position: half of the T x T square) and the lm head where a
+stage applies it; embedding lookups, LayerNorms, softmaxes and the optimizer count nothing. The
+utilisation is against two ceilings measured in the same run: a large square matmul (the machine's
+peak) and the model's own widest matmul, (B*T, n_embd) @ (n_embd, 4 n_embd) (the ceiling at this
+width). On a CPU it runs on one thread (see conftest.py), in under a minute.
+sft and dpo draw random batches, half padding. Batches of similar length (common.batch_indices, as
+reward.py draws them) would remove most of it, but on the built-in task a demonstration's length goes
+with its question kind and style, so such batches are lopsided: bucketed SFT ran 2.6x faster (71 s
+-> 28 s on one thread) and ended at a validation loss of 1.38 instead of 0.39. They stay random.
+"""
+
+import random
+import time
+
+import torch
+
+import dpo
+import ppo
+import reward
+import sft
+from common import batch_indices
+from data.raters import Raters, preference_pairs
+from data.tasks import demonstrations, training_questions
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, left_pad
+from pretrain import Config as PretrainConfig
+
+STEPS = 6  # timed steps per stage, after WARMUP
+WARMUP = 2
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device, m, k, n, dtype, repeat=10):
+    """Best GFLOP/s of an (m, k) @ (k, n) matmul."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best * 1e-9
+
+
+def step_flops(cfg, B, T, head_positions):
+    """Model FLOPs of forward + backward of one model over a (B, T) batch whose lm head is applied
+    at head_positions positions (0 for a scalar head)."""
+    C, L = cfg.n_embd, cfg.n_layer
+    return 6 * B * T * 12 * L * C * C + 6 * B * L * T * T * C + 6 * head_positions * cfg.vocab_size * C
+
+
+def stage_steps(cfg, tok, device):
+    """{stage: (models, make_batch, loss)}. make_batch() -> (inputs, rows, T, real tokens, lm-head
+    positions of each model); loss(*inputs) -> the step's loss, as the stage computes it."""
+    rng = random.Random(0)
+    lm = GPT(cfg).to(device)
+    rm = reward.scalar_model(lm)
+
+    def pretrain_batch():
+        x = torch.randint(0, cfg.vocab_size, (32, cfg.block_size + 1), device=device)
+        return (x[:, :-1], x[:, 1:]), 32, cfg.block_size, 32 * cfg.block_size, (32 * cfg.block_size,)
+
+    demos = [sft.encode(tok, p, c, cfg.block_size, "demo") for p, c in demonstrations(512, seed=0)]
+
+    def sft_batch():  # a random batch, as sft.py draws them
+        x, y = sft.collate(rng.sample(demos, 32), tok.pad_id, device)
+        return (x, y), *x.shape, int((x != tok.pad_id).sum()), (x.numel(),)
+
+    rows = preference_pairs(300, 4, Raters(), seed=0)
+    rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)
+    rm_order = batch_indices([max(len(c), len(r)) for c, r in rm_pairs], 32, rng)  # as reward.py batches
+
+    def reward_batch():
+        seqs = [s for j in next(rm_order) for s in rm_pairs[j]]  # chosen, rejected, chosen, ...
+        return (seqs,), len(seqs), max(map(len, seqs)), sum(map(len, seqs)), (0,)
+
+    def reward_loss(seqs):
+        r = reward.rewards(rm, seqs, tok.pad_id, device).float()
+        return reward.bradley_terry_loss(r[0::2], r[1::2])
+
+    dpo_pairs = [dpo.encode_pair(tok, r, cfg.block_size, "pair") for r in rows]
+
+    def dpo_batch():  # a random batch, as dpo.py draws them
+        pairs = rng.sample(dpo_pairs, 32)
+        T = max(len(x) for pair in pairs for x, _ in pair)
+        return (pairs,), 64, T, sum(len(x) for pair in pairs for x, _ in pair), (64 * T,)
+
+    def dpo_step_loss(pairs):
+        chosen, rejected = dpo.batch_logps(lm, pairs, tok.pad_id, device, "sigmoid")
+        ref = torch.zeros_like(chosen)
+        return dpo.dpo_loss(chosen, rejected, ref, ref, 0.5, "sigmoid", 0.1)[0].mean()
+
+    questions = [q.prompt for q in training_questions(256, seed=0)]
+    R = ppo.Config().max_new_tokens
+    value_model = reward.scalar_model(lm)
+
+    def ppo_batch():
+        idx, start = left_pad([tok.encode(p) for p in rng.sample(questions, 16)], tok.pad_id, device)
+        seqs = torch.cat([idx, torch.randint(0, cfg.vocab_size, (16, R), device=device)], dim=1)
+        return (seqs, start, idx.size(1)), *seqs.shape, int((seqs != tok.pad_id).sum()), (16 * R, 0)
+
+    def ppo_loss(seqs, start, P):
+        mask = torch.ones(seqs.size(0), R, device=device)
+        logprobs = ppo.response_logprobs(lm, seqs, start, P, 1.0)
+        pg_loss = ppo.policy_loss(logprobs, logprobs.detach() - 0.01, torch.randn_like(logprobs), mask, 0.2)[0]
+        values = ppo.response_values(value_model, seqs, start, P).float()
+        return pg_loss + ppo.value_loss(values, values.detach() + 0.1, torch.randn_like(values), mask, 0.2)
+
+    return {
+        "pretrain": ((lm,), pretrain_batch, lambda x, y: lm(x, y)[1]),
+        "sft": ((lm,), sft_batch, lambda x, y: sft.sft_loss(lm, x, y)),
+        "reward": ((rm,), reward_batch, reward_loss),
+        "dpo": ((lm,), dpo_batch, dpo_step_loss),
+        "ppo": ((lm, value_model), ppo_batch, ppo_loss),
+    }
+
+
+def test_train_benchmark(device):
+    tok = get_tokenizer("builtin")
+    p = PretrainConfig()
+    cfg = GPTConfig(block_size=p.block_size, vocab_size=tok.n_vocab, n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    peak = max(matmul_gflops(device, 2048, 2048, 2048, dtype) for _ in range(2))
+    narrow = matmul_gflops(device, 32 * cfg.block_size, cfg.n_embd, 4 * cfg.n_embd, dtype)
+    print(f"\n{device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {dtype}; model: {cfg.n_layer} layers, "
+          f"{cfg.n_head} heads, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, random weights")
+    print(f"matmul peak (2048^3): {peak:.1f} GFLOP/s; the model's widest matmul ({32 * cfg.block_size}x{cfg.n_embd} @ "
+          f"{cfg.n_embd}x{4 * cfg.n_embd}): {narrow:.1f} GFLOP/s ({narrow / peak:.0%} of peak)\n")
+    print(f"{'stage':<8} | {'rows x T':>8} | {'padding':>7} | {'ms/step':>7} | {'tokens/s':>8} | {'GFLOP/s':>7} | "
+          f"{'MFU':>5} | {'of narrow':>9} | {'useful MFU':>10}")
+    t0 = time.time()
+    for name, (models, make_batch, loss_fn) in stage_steps(cfg, tok, device).items():
+        opt = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=1e-4)
+        batches = [make_batch() for _ in range(WARMUP + STEPS)]
+        for i, (inputs, *_) in enumerate(batches):
+            if i == WARMUP:
+                sync(device)
+                t = time.perf_counter()
+            with autocast:
+                loss = loss_fn(*inputs)
+            loss.backward()
+            for m in models:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        dt = (time.perf_counter() - t) / STEPS
+        timed = batches[WARMUP:]
+        positions = sum(rows * T for _, rows, T, _, _ in timed)
+        real = sum(n for *_, n, _ in timed)
+        flops = sum(step_flops(cfg, rows, T, head) for _, rows, T, _, heads in timed for head in heads)
+        gflops = flops / STEPS / dt * 1e-9
+        rows, T = timed[0][1], max(T for _, _, T, _, _ in timed)
+        print(f"{name:<8} | {f'{rows}x{T}':>8} | {1 - real / positions:>7.0%} | {dt * 1e3:>7.0f} | {real / STEPS / dt:>8.0f} | "
+              f"{gflops:>7.1f} | {gflops / peak:>5.0%} | {gflops / narrow:>9.0%} | {gflops / peak * real / positions:>10.0%}",
+              flush=True)
+    print(f"rows x T: the longest padded batch; padding: share of positions that are padding; tokens/s: real "
+          f"tokens only; useful MFU: MFU without the padding's FLOPs ({time.time() - t0:.0f} s)")
