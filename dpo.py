@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import common
 import kernels
-from data.formats import encode_rows, preference_rows
+from data.formats import encode_rows, preference_rows, split_by_prompt
 from data.raters import Raters, model_sampler, preference_pairs
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
@@ -69,14 +69,14 @@ class Config(Raters):  # the raters' biases are flags too, with reward.py's defa
     """where the fine-tuned checkpoint is written"""
     data: str = ""
     """preference pairs: prompt/chosen/rejected, HH-RLHF transcripts or OpenAI rows (.jsonl, .jsonl.gz, .json); empty: the built-in rated pairs"""
-    n_prompts: int = 1200
+    n_prompts: int = 3000
     """built-in training prompts to rate pairs for (as in reward.py)"""
-    pairs_per_prompt: int = 4
+    pairs_per_prompt: int = 6
     """rated pairs per prompt (as in reward.py)"""
-    sft_samples: int = 2
+    sft_samples: int = 0
     """samples from the init model per prompt, added to the scripted candidates (as in reward.py)"""
     val_fraction: float = 0.1
-    """share of the pairs held out for reward accuracy (as in reward.py: the same held-out pairs)"""
+    """share of the prompts whose pairs are held out for reward accuracy (as in reward.py: the same held-out pairs)"""
     beta: float = 0.5
     """strength of the implicit KL penalty: the implicit reward is beta * log pi / pi_ref"""
     loss_type: str = "sigmoid"
@@ -204,11 +204,11 @@ def main(cfg):
 
     t0 = time.time()
     rows = preference_rows(cfg.data) if cfg.data else built_in_pairs(cfg, model, tok, device)
-    random.Random(cfg.seed).shuffle(rows)  # as reward.py: the same held-out pairs
-    pairs, rows, report = encode_pairs(tok, rows, model.config.block_size)
-    print(report)
-    n_val = max(1, int(cfg.val_fraction * len(rows)))
-    val, train = pairs[:n_val], pairs[n_val:]
+    val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)  # as reward.py: the same held-out pairs
+    train, _, report = encode_pairs(tok, train_rows, model.config.block_size)
+    print(f"training pairs: {report}")
+    val, _, report = encode_pairs(tok, val_rows, model.config.block_size)
+    print(f"held-out pairs: {report}")
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
 
@@ -217,7 +217,7 @@ def main(cfg):
     t0 = time.time()
     ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast)
     ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast)
-    print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
+    print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 

@@ -10,8 +10,8 @@ token (the EOS). Trained so that the chosen response of each pair scores higher:
     loss = -log sigmoid(r(chosen) - r(rejected))
 the Bradley-Terry likelihood of the raters' choices (InstructGPT, Ouyang et al. 2022; Stiennon et
 al. 2020). Details written out below: the trunk starts from the SFT model, the head from a small
-normal (std 1/sqrt(n_embd + 1)), dropout is off, one pass over the data (more overfits), and at the
-end the reward is normalised (a gain and a bias in config.json) so that the SFT model's own
+normal (std 1/sqrt(n_embd + 1)), dropout is off, the learning rate stays constant after its warm-up,
+and at the end the reward is normalised (a gain and a bias in config.json) so that the SFT model's own
 responses score mean 0 and std 1: PPO's KL coefficient then means the same whatever the RM.
 
 On the built-in task the pairs come from simulated raters whose taste is known, so the report
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from data.formats import encode_rows, preference_rows
+from data.formats import encode_rows, preference_rows, split_by_prompt
 from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
@@ -43,20 +43,20 @@ class Config(Raters):  # the raters' biases (quality, length, flattery, confiden
     """where the reward model is written"""
     data: str = ""
     """preference pairs: prompt/chosen/rejected, HH-RLHF transcripts or OpenAI rows (.jsonl, .jsonl.gz, .json); empty: the built-in rated pairs"""
-    n_prompts: int = 1200
+    n_prompts: int = 3000
     """built-in training prompts to rate pairs for"""
-    pairs_per_prompt: int = 4
+    pairs_per_prompt: int = 6
     """rated pairs per prompt"""
-    sft_samples: int = 2
+    sft_samples: int = 0
     """samples from the init model per prompt, added to the scripted candidates (as InstructGPT did)"""
     val_fraction: float = 0.1
-    """share of the pairs held out for accuracy"""
-    epochs: float = 1.0
+    """share of the prompts whose pairs are held out for accuracy"""
+    epochs: float = 2.0
     """passes over the training pairs"""
     batch_size: int = 32
     """pairs per step"""
     lr: float = 3e-4
-    """peak learning rate (linear warm-up, linear decay)"""
+    """learning rate (after a linear warm-up, constant)"""
     warmup_steps: int = 10
     """steps of linear warm-up"""
     grad_clip: float = 1.0
@@ -120,15 +120,15 @@ def main(cfg):
     else:  # candidates: the scripted styles plus the SFT model's own answers
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
                                 model_sampler(sft, tok, cfg.sft_samples, gen))
-    random.Random(cfg.seed).shuffle(rows)
-    pairs, rows, report = encode_pairs(tok, rows, sft.config.block_size)
-    print(report)
-    n_val = max(1, int(cfg.val_fraction * len(rows)))
-    val_rows, val, train = rows[:n_val], pairs[:n_val], pairs[n_val:]
+    val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
+    train, train_rows, report = encode_pairs(tok, train_rows, sft.config.block_size)
+    print(f"training pairs: {report}")
+    val, val_rows, report = encode_pairs(tok, val_rows, sft.config.block_size)
+    print(f"held-out pairs: {report}")
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
     room = min(48, sft.config.block_size // 2)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else [r["prompt"] for r in rows if len(tok.encode(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
+        else [r["prompt"] for r in train_rows if len(tok.encode(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
     if not norm_prompts:
         raise common.UserError(f"{cfg.data}: no prompt leaves room for {room} response tokens in the context of "
                                f"{sft.config.block_size}, to normalise the reward on")
@@ -140,8 +140,8 @@ def main(cfg):
     rm.train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    def lr_at(step):
-        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+    def lr_at(step):  # no decay: on the built-in pairs it stopped the learning of right from wrong halfway
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
 
     @torch.no_grad()
     def evaluate():

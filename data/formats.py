@@ -45,6 +45,7 @@ is dropped. Stages print both counts.
 
 import gzip
 import json
+import random
 from collections import Counter
 
 from common import UserError
@@ -356,6 +357,22 @@ def prompt_rows(path):
 def preference_rows(path):
     """Reward and DPO rows: [{"prompt", "chosen", "rejected", "where"}]."""
     return load(path, "preference").rows
+
+
+def split_by_prompt(rows, fraction, seed):
+    """(held-out rows, training rows), shuffled: the pairs of about `fraction` of the distinct
+    prompts are held out, so no prompt is in both. Held-out accuracy then measures what carries over
+    to new prompts, not the memory of a pair seen in training (the built-in raters, like real ones,
+    rate some pairs more than once)."""
+    rng = random.Random(seed)
+    prompts = sorted({r["prompt"] for r in rows})
+    if len(prompts) < 2:
+        raise UserError(f"{rows[0].get('where', 'the data') if rows else 'the data'}: the pairs need at least two "
+                        f"distinct prompts, one to train on and one to hold out")
+    rng.shuffle(prompts)
+    held = set(prompts[:min(len(prompts) - 1, max(1, round(fraction * len(prompts))))])
+    rows = rng.sample(rows, len(rows))
+    return [r for r in rows if r["prompt"] in held], [r for r in rows if r["prompt"] not in held]
 
 # -----------------------------------------------------------------------------
 # long examples
