@@ -171,7 +171,8 @@ def setup_distributed(device):
 
 
 def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank: torchrun's RANK, also before the process group is joined."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size():
@@ -271,14 +272,21 @@ def accumulate(model, micro_batches, loss_fn):
     normaliser (the number of examples, or of target tokens, in the whole batch), so that the parts
     of every micro-batch on every process add up to the loss of the batch. DDP averages gradients
     over processes, so each part is scaled by the number of processes before backward.
-    Returns the batch's loss (summed over processes), the same on every process."""
-    total = 0.0
+    Returns the batch's loss (summed over processes), the same on every process. loss_fn may also
+    return (loss part, {name: a sum over the items}): then returns (loss, {name: the sum over the
+    whole batch}), for the stage's diagnostics."""
+    total, sums = 0.0, {}
     for i, (items, weight) in enumerate(micro_batches):
         with model.sync(i == len(micro_batches) - 1):
-            loss = loss_fn(items) * weight
-            (loss * world_size()).backward()
-        total += loss.detach().float()
-    return all_reduce(total)
+            out = loss_fn(items)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            (loss * weight * world_size()).backward()
+        total += loss.detach().float() * weight
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+    if not isinstance(out, tuple):
+        return all_reduce(total)
+    return all_reduce(total), {k: all_reduce(v) for k, v in sums.items()}
 
 
 def check_finite(loss, step, out_dir):
