@@ -87,7 +87,8 @@ def parse_args(cls, argv=None):
     if "--help" in argv or "-h" in argv:
         docs = field_docs(cls)
         print((inspect.getdoc(sys.modules[cls.__module__]) or "").split("\n\n")[0] + "\n")
-        for name, f in fields.items():
+        shared = {f.name for f in dataclasses.fields(Batched)}  # every stage's flags, listed last
+        for name, f in sorted(fields.items(), key=lambda item: item[0] in shared):
             print(f"  --{name} {types[name].__name__} (default {f.default!r})\n      {docs.get(name, '')}")
         sys.exit(0)
     values, i = {}, 0

@@ -151,13 +151,10 @@ def main(cfg):
 
     logger = common.Logger()
     rng = random.Random(cfg.seed)
-    order = []
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
     state = common.TrainState(cfg, "sft", optimizers={"adamw": optimizer}, rngs={"order": rng})
-    first = 0
-    if cfg.resume:
-        first, extra = state.restore(model, logger)
-        order = extra["order"]
+    first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
+    order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0
     for step in range(first, steps):
         if len(order) < cfg.batch_size:  # a fresh shuffle of the training set for each epoch
