@@ -55,7 +55,8 @@ def test_dpo_on_two_processes_with_accumulation_matches_one(tiny_chain, tmp_path
                 n_samples=1, device="cpu")
     dpo.main(dpo.Config(out_dir=str(tmp_path / "one"), **args))
     torchrun("dpo.py", {**args, "out_dir": tmp_path / "two", "micro_batch_size": 2})
-    assert_same_training(tmp_path / "one", tmp_path / "two", ("loss", "accuracy", "margin", "chosen_reward", "logp_chosen"))
+    # not "accuracy": at step 0 the policy is the reference, and chosen > rejected compares rounding noise
+    assert_same_training(tmp_path / "one", tmp_path / "two", ("loss", "margin", "chosen_reward", "logp_chosen"))
 
 
 def test_ppo_runs_two_iterations_on_two_processes(tiny_chain, tmp_path):
