@@ -1,7 +1,8 @@
 """
 Plumbing shared by every stage, and nothing else: the command line from a config dataclass, device
-and dtype, seeding, logging to stdout and metrics.jsonl, and atomic directory writes. No algorithm
-code lives here; each stage's algorithm is in its own file.
+and dtype, seeding, data-parallel setup (torchrun), logging to stdout and metrics.jsonl from rank 0,
+atomic directory writes, and the resume state of a run. No algorithm code lives here; each stage's
+algorithm is in its own file.
 """
 
 import ast
@@ -9,6 +10,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -18,10 +20,34 @@ import time
 import typing
 
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 class UserError(Exception):
     """Bad input from the user (an argument, a file, a checkpoint): reported as one line, exit 1."""
+
+
+class NumericalError(UserError):
+    """Training diverged (a loss that is NaN or infinite): reported as one line with the step, exit 1.
+    Nothing is written after it, so out_dir keeps the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Resumable:
+    """Flags of every stage: periodic resume checkpoints (a stage's Config inherits them)."""
+    save_every: int = 0
+    """steps between checkpoints with resume state written to out_dir (0: only the final checkpoint)"""
+    resume: bool = False
+    """continue the interrupted run whose resume state is in out_dir (same arguments, same number of processes)"""
+
+
+@dataclasses.dataclass
+class Batched(Resumable):
+    """Flags of every stage that trains on batches of examples: gradient accumulation as well."""
+    micro_batch_size: int = 0
+    """examples per forward pass on each process (0: batch_size / processes); the batch_size stays the global one"""
 
 # -----------------------------------------------------------------------------
 # command line: every field of a stage's config dataclass is a --flag
@@ -61,7 +87,8 @@ def parse_args(cls, argv=None):
     if "--help" in argv or "-h" in argv:
         docs = field_docs(cls)
         print((inspect.getdoc(sys.modules[cls.__module__]) or "").split("\n\n")[0] + "\n")
-        for name, f in fields.items():
+        shared = {f.name for f in dataclasses.fields(Batched)}  # every stage's flags, listed last
+        for name, f in sorted(fields.items(), key=lambda item: item[0] in shared):
             print(f"  --{name} {types[name].__name__} (default {f.default!r})\n      {docs.get(name, '')}")
         sys.exit(0)
     values, i = {}, 0
@@ -88,12 +115,17 @@ def parse_args(cls, argv=None):
 
 def run(main, config_cls):
     """The entry point of every stage: parse the command line, run main(config), and turn a
-    UserError into one line on stderr and exit status 1 (no traceback for bad input)."""
+    UserError into one line on stderr (from rank 0 only, under torchrun) and exit status 1 (no
+    traceback for bad input). Leaves the process group, if main joined one."""
     try:
         main(parse_args(config_cls))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 # -----------------------------------------------------------------------------
 # device, dtype, seeding
@@ -101,10 +133,13 @@ def run(main, config_cls):
 
 def setup_device(device="auto", dtype="auto"):
     """Returns (device, autocast context). auto: CUDA if there is one, else CPU; on CUDA autocast
-    to bfloat16 (float16 if the card lacks it), on CPU plain float32."""
+    to bfloat16 (float16 if the card lacks it), on CPU plain float32. Under torchrun it also joins
+    the process group (see setup_distributed), and each process takes the GPU of its local rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = setup_distributed(device)
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -117,6 +152,152 @@ def setup_device(device="auto", dtype="auto"):
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
+
+# -----------------------------------------------------------------------------
+# data parallel: one process per GPU (or CPU share) under torchrun; every helper is a no-op alone
+
+
+def setup_distributed(device):
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and return this process's device:
+    cuda:LOCAL_RANK on CUDA. Every process runs the whole stage; only rank 0 prints to stdout (the
+    others' stdout goes to /dev/null) and writes checkpoints (model.save_checkpoint asks is_main)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def rank():
+    """This process's rank: torchrun's RANK, also before the process group is joined."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def all_reduce(x, op="sum"):
+    """x (a number or a tensor) summed, or maxed (op="max"), over every process. Returns a tensor
+    for a tensor, a float for a number; alone, x itself."""
+    if not dist.is_initialized():
+        return x
+    t = x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = t.to(on)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return out.to(t.device) if torch.is_tensor(x) else out.item()
+
+
+def all_gather(t):
+    """[t of rank 0, t of rank 1, ...]: a tensor of the same shape from every process."""
+    if not dist.is_initialized():
+        return [t]
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = [torch.empty_like(t, device=on) for _ in range(world_size())]
+    dist.all_gather(out, t.to(on))
+    return [o.to(t.device) for o in out]
+
+
+def check_batch(batch_size, micro_batch_size, what="--batch_size"):
+    """Refuse a global batch that the processes and micro-batches do not divide evenly."""
+    n = world_size()
+    micro = micro_batch_size or batch_size // max(1, n)
+    if micro < 1 or batch_size % (n * micro):
+        raise UserError(f"{what} {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} "
+                        f"x {n} processes")
+
+
+def shard(batch, micro_batch_size):
+    """This process's share of a global batch (a list), cut into micro-batches: a list of
+    (items, weight). The shares are contiguous slices, as even as the batch allows. A process whose
+    share is empty (a short last batch) gets one item with weight 0, so that it still joins the
+    gradient all-reduce while adding nothing to it."""
+    n, r = world_size(), rank()
+    mine = batch[r * len(batch) // n:(r + 1) * len(batch) // n]
+    if not mine:
+        return [(batch[:1], 0.0)]
+    micro = micro_batch_size or len(mine)
+    return [(mine[i:i + micro], 1.0) for i in range(0, len(mine), micro)]
+
+
+class _Call(torch.nn.Module):
+    """Makes any method of model a forward pass that DistributedDataParallel can see."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+class DataParallel:
+    """The model as a training loop sees it. Alone, calls go straight to the model. Under torchrun,
+    its forward passes (model(...) and model.hidden_states(...)) go through DistributedDataParallel,
+    whose backward averages the gradients over processes; every other attribute (the tied
+    transformer.wte.weight, config, ...) is the model's own. Use `sync(last)` around each
+    micro-batch: the all-reduce runs on the last one only (gradient accumulation)."""
+
+    def __init__(self, model):
+        self.module = model
+        self.ddp = None
+        if world_size() > 1:
+            device = next(model.parameters()).device
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                _Call(model), device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp("forward", *args, **kwargs) if self.ddp else self.module(*args, **kwargs)
+
+    def hidden_states(self, *args, **kwargs):
+        return self.ddp("hidden_states", *args, **kwargs) if self.ddp else self.module.hidden_states(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def sync(self, last):
+        return self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
+
+
+def accumulate(model, micro_batches, loss_fn):
+    """Forward and backward over this process's micro-batches (from shard). loss_fn(items) returns
+    the micro-batch's part of the global batch's loss: its sum over the items divided by the global
+    normaliser (the number of examples, or of target tokens, in the whole batch), so that the parts
+    of every micro-batch on every process add up to the loss of the batch. DDP averages gradients
+    over processes, so each part is scaled by the number of processes before backward.
+    Returns the batch's loss (summed over processes), the same on every process. loss_fn may also
+    return (loss part, {name: a sum over the items}): then returns (loss, {name: the sum over the
+    whole batch}), for the stage's diagnostics."""
+    total, sums = 0.0, {}
+    for i, (items, weight) in enumerate(micro_batches):
+        with model.sync(i == len(micro_batches) - 1):
+            out = loss_fn(items)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            (loss * weight * world_size()).backward()
+        total += loss.detach().float() * weight
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+    if not isinstance(out, tuple):
+        return all_reduce(total)
+    return all_reduce(total), {k: all_reduce(v) for k, v in sums.items()}
+
+
+def check_finite(loss, step, out_dir):
+    """Stop the stage, naming the step, if the loss is NaN or infinite. Raised before the optimizer
+    step, so the weights never take the bad update, and nothing more is written: out_dir keeps its
+    last good checkpoint."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NumericalError(f"step {step}: the loss is {value}; stopped before the update. {out_dir} keeps its "
+                             f"last good checkpoint (see its config.json), if this run wrote one (--save_every)")
 
 def batch_indices(lengths, batch_size, rng, group=16):
     """Endless batches of indices into a dataset whose examples have these lengths. Each epoch is a
@@ -141,7 +322,8 @@ class Logger:
         self.t0 = time.time()
 
     def log(self, **metrics):
-        """Print `key value | key value ...` and keep the row (written into the checkpoint)."""
+        """Print `key value | key value ...` (rank 0's stdout only, under torchrun) and keep the row
+        (written into the checkpoint)."""
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
         row["elapsed"] = round(time.time() - self.t0, 2)
         self.rows.append(row)
@@ -182,3 +364,143 @@ def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+# -----------------------------------------------------------------------------
+# resume state: safetensors for tensors, JSON for the rest, no pickle. It is written into the
+# checkpoint directory by model.save_checkpoint, inside the same atomic write as the weights.
+
+
+def save_state(directory, tensors, info, name="resume"):
+    """Write a dict of tensors to directory/name.safetensors and a JSON-able dict to name.json."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(directory, f"{name}.safetensors"))
+    write_json(os.path.join(directory, f"{name}.json"), info)
+
+
+def load_state(directory, name="resume"):
+    """(tensors, info) written by save_state, or a UserError naming the file that is missing or broken."""
+    paths = [os.path.join(directory, f"{name}.{ext}") for ext in ("safetensors", "json")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: {path} does not exist: {directory} holds no resume state "
+                            f"(its run finished, or never saved one: see --save_every)")
+    try:
+        tensors = load_file(paths[0])
+        with open(paths[1]) as f:
+            info = json.load(f)
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume: {directory}: cannot read the resume state ({e})") from None
+    return tensors, info
+
+
+def optimizer_state(optimizer, prefix):
+    """An optimizer's state_dict as named tensors ({prefix}.{param index}.{key}) and JSON (its
+    param groups, and any non-tensor state)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{i}.{key}"] = value
+            else:
+                scalars[f"{i}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, prefix, tensors, info):
+    """The inverse of optimizer_state."""
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            i, key = name[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[key] = value
+    for name, value in info["scalars"].items():
+        i, key = name.split(".", 1)
+        state.setdefault(int(i), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def python_rng_state(rng):
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_rng_state(rng, state):
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+class TrainState:
+    """What a killed run needs to go on as if it had never stopped, beside the weights of the
+    checkpoint itself: the optimizers, every random number generator (Python's and torch's global
+    ones, CUDA's, and the torch.Generator and random.Random objects the stage keeps), extra models
+    (PPO's value model), and the stage's own JSON (a data position, a KL coefficient). torch's
+    generators differ by process under torchrun (a stage seeds its samplers by rank), so each
+    process's is kept; a resumed run must use as many processes as the interrupted one."""
+
+    def __init__(self, cfg, stage, optimizers=None, generators=None, rngs=None, models=None):
+        self.cfg, self.stage = cfg, stage
+        self.optimizers, self.generators = optimizers or {}, generators or {}
+        self.rngs, self.models = rngs or {}, models or {}
+
+    def due(self, step, steps):
+        """Whether the end of step (0-based) is a time to save: every save_every steps, but not
+        after the last one (the final checkpoint follows)."""
+        every = self.cfg.save_every
+        return every > 0 and (step + 1) % every == 0 and step + 1 < steps
+
+    def capture(self, step, **extra):
+        """(tensors, info) to pass to save_checkpoint(..., resume=...). Every process must call it
+        (it gathers their generators); only rank 0's result is written. step: steps done."""
+        tensors, info = {}, {"stage": self.stage, "step": step, "world_size": world_size(),
+                             "args": dataclasses.asdict(self.cfg), "extra": extra, "optimizers": {}}
+        for name, opt in self.optimizers.items():
+            t, info["optimizers"][name] = optimizer_state(opt, f"optimizer.{name}")
+            tensors.update(t)
+        for name, model in self.models.items():
+            tensors.update({f"model.{name}.{k}": v for k, v in model.state_dict().items()})
+        per_process = {"torch": torch.get_rng_state(), **{f"generator.{n}": g.get_state() for n, g in self.generators.items()}}
+        if torch.cuda.is_available():
+            per_process.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        for name, state in per_process.items():
+            for r, s in enumerate(all_gather(state)):
+                tensors[f"rng.{r}.{name}"] = s
+        info["python_random"] = python_rng_state(random)
+        info["rngs"] = {name: python_rng_state(rng) for name, rng in self.rngs.items()}
+        return tensors, info
+
+    def restore(self, model, logger):
+        """Load the resume state of cfg.out_dir into model, the optimizers, generators and extra
+        models, and logger's rows; returns (steps done, the stage's extra JSON). Refuses state
+        from another stage, other arguments or another number of processes."""
+        out_dir = self.cfg.out_dir
+        tensors, info = load_state(out_dir)
+        where = os.path.join(out_dir, "resume.json")
+        if info.get("stage") != self.stage:
+            raise UserError(f"--resume: {where} is the state of a {info.get('stage')} run, not of {self.stage}")
+        if info["world_size"] != world_size():
+            raise UserError(f"--resume: {where} was written by {info['world_size']} processes; resume with as many, "
+                            f"not {world_size()}")
+        now = dataclasses.asdict(self.cfg)
+        for key, value in info["args"].items():
+            if key not in ("resume", "save_every") and now.get(key) != value:
+                raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r}")
+        weights = load_file(os.path.join(out_dir, "model.safetensors"))
+        model.load_state_dict(weights)
+        for name, m in self.models.items():
+            prefix = f"model.{name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for name, opt in self.optimizers.items():
+            load_optimizer_state(opt, f"optimizer.{name}", tensors, info["optimizers"][name])
+        r = rank()
+        torch.set_rng_state(tensors[f"rng.{r}.torch"])
+        for name, g in self.generators.items():
+            g.set_state(tensors[f"rng.{r}.generator.{name}"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[f"rng.{r}.cuda.{i}"] for i in range(torch.cuda.device_count())])
+        set_python_rng_state(random, info["python_random"])
+        for name, rng in self.rngs.items():
+            set_python_rng_state(rng, info["rngs"][name])
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            logger.rows = [json.loads(line) for line in f]
+        print(f"resumed {out_dir} after step {info['step']}")
+        return info["step"], info["extra"]

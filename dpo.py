@@ -62,7 +62,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class Config(Raters):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
+class Config(Raters, common.Batched):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
     init: str = "out/sft"
     """the policy to fine-tune, and the frozen reference (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/dpo"
@@ -196,6 +196,7 @@ def main(cfg):
     t_start = time.time()
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    common.check_batch(cfg.batch_size, cfg.micro_batch_size)
     model, info = load_checkpoint(cfg.init, head="lm", device=device)
     tok = tokenizer_for(info, cfg.init)
     # dropout off throughout: policy and reference log-probs must differ by the weights alone.
@@ -224,7 +225,7 @@ def main(cfg):
     def lr_at(step):
         return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
 
-    def pair_loss(batch, ref_chosen, ref_rejected):
+    def pair_loss(batch, ref_chosen, ref_rejected, model=model):
         """Mean loss of a batch of pairs, and the numbers logged about it."""
         with autocast:
             chosen, rejected = batch_logps(model, batch, tok.pad_id, device, cfg.loss_type)
@@ -251,18 +252,29 @@ def main(cfg):
         else [r["prompt"] for r in rows[:cfg.n_samples]]
     before = complete(model, tok, sample_prompts, 32, temperature=0)
 
+    def meta(metrics):
+        return {**tok.identity, "stage": "dpo", "parent": cfg.init, "args": asdict(cfg), "metrics": metrics}
+
+    def loss_part(items):  # a micro-batch's share of the batch's mean loss, and its diagnostics summed
+        loss, stats = pair_loss([train[i] for i in items], ref_train[0][items], ref_train[1][items], train_model)
+        return loss * len(items) / len(idx), {k: v * len(items) for k, v in stats.items()}
+
     logger = common.Logger()
     rng = random.Random(cfg.seed)
-    order = []
+    train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
+    state = common.TrainState(cfg, "dpo", optimizers={"adamw": optimizer}, rngs={"order": rng})
+    first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
+    order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0
-    for step in range(steps):
+    for step in range(first, steps):
         if len(order) < cfg.batch_size:  # a fresh shuffle of the training pairs for each epoch
             order += rng.sample(range(len(train)), len(train))
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss, stats = pair_loss([train[i] for i in idx], ref_train[0][idx], ref_train[1][idx])
-        loss.backward()
+        loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size), loss_part)
+        stats = {k: v / len(idx) for k, v in sums.items()}
+        common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -276,6 +288,9 @@ def main(cfg):
             if step % (5 * cfg.log_every) == 0 or step == steps - 1:
                 row.update(evaluate())
             logger.log(**row)
+        if state.due(step, steps):
+            save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows,
+                            resume=state.capture(step + 1, order=order))
 
     after = complete(model, tok, sample_prompts, 32, temperature=0)
     print("held-out prompts, before -> after DPO:")
@@ -283,8 +298,7 @@ def main(cfg):
         print(f"  {p!r}\n    init: {b!r}\n    dpo:  {a!r}")
     metrics = {**evaluate(), "train_loss": loss.item(), "steps": steps, "train_pairs": len(train), "val_pairs": len(val),
                "wall_s": round(time.time() - t_start, 1)}
-    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "dpo", "parent": cfg.init,
-                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    save_checkpoint(cfg.out_dir, model, meta(metrics), logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
-from common import UserError, atomic_directory, write_json
+from common import UserError, atomic_directory, is_main, save_state, write_json
 
 
 @dataclass
@@ -289,10 +289,16 @@ class CheckpointError(UserError):
     pass
 
 
-def save_checkpoint(path, model, meta, log_rows=()):
+def save_checkpoint(path, model, meta, log_rows=(), resume=None):
     """Write model and meta (tokenizer, stage, parent, args, metrics, ...) to the directory path,
-    atomically: a failure at any point leaves the previous checkpoint at path untouched."""
+    atomically: a failure at any point leaves the previous checkpoint at path untouched. resume:
+    (tensors, info) from common.TrainState.capture, written beside the weights (resume.safetensors,
+    resume.json). Under torchrun only rank 0 writes; the other processes return at once."""
+    if not is_main():
+        return
     with atomic_directory(path) as tmp:
+        if resume is not None:
+            save_state(tmp, *resume)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(tmp, "model.safetensors"))
         write_json(os.path.join(tmp, "config.json"), {"model": asdict(model.config), **meta})

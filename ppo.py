@@ -17,6 +17,12 @@ Each iteration:
 The algorithm is Schulman et al. 2017 as used for language models by Ziegler et al. 2019, Stiennon
 et al. 2020 and Ouyang et al. 2022; every detail of "The N Implementation Details of RLHF with PPO"
 (Huang et al. 2024) that matters here is written out below, with a comment saying why.
+Under torchrun each process samples its share of the rollout batch (its sampler seeded by its
+rank), advantages are whitened and diagnostics averaged over every process's responses, and each
+gradient step averages the processes' minibatch gradients (DDP): a minibatch's mean is over its
+own tokens on each process, so with N > 1 the tokens weigh slightly differently than alone.
+A minibatch whose importance ratio exceeds --max_ratio (or is not finite) takes no step: it is
+counted in the log (skipped) instead of pulling the policy off a cliff.
 Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-training loss mix
 (PPO-ptx), and generation and training in separate processes.
 """
@@ -37,7 +43,7 @@ from model import left_pad, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class Config:
+class Config(common.Resumable):  # and --save_every, --resume (common.py): here a step is an iteration
     policy: str = "out/sft"
     """the policy's starting point, also the frozen reference of the KL penalty (or a Hugging Face GPT-2 directory)"""
     reward: str = "out/rm"
@@ -74,6 +80,8 @@ class Config:
     """responses per gradient step"""
     clip_range: float = 0.2
     """PPO's clip of the probability ratio"""
+    max_ratio: float = 100.0
+    """skip (and count) a minibatch step whose largest token probability ratio pi / pi_old exceeds this"""
     vf_clip_range: float = 0.2
     """clip of the value prediction around its rollout value"""
     gamma: float = 1.0
@@ -103,11 +111,16 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def global_masked_mean(x, mask):
+    """masked_mean over the entries of every process (under torchrun): the batch as one."""
+    return common.all_reduce((x * mask).sum()) / common.all_reduce(mask.sum()).clamp(min=1)
+
+
 def whiten(x, mask, shift_mean=True):
-    """Normalise x to zero mean and unit variance over the masked entries (0 elsewhere).
-    shift_mean=False keeps the mean (used for rewards: their sign matters)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Normalise x to zero mean and unit variance over the masked entries (0 elsewhere), of every
+    process's rollouts. shift_mean=False keeps the mean (used for rewards: their sign matters)."""
+    mean = global_masked_mean(x, mask)
+    var = global_masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -200,6 +213,8 @@ def response_values(value_model, seqs, start, P):
 def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    common.check_batch(cfg.rollout_batch, 0, "--rollout_batch")
+    common.check_batch(cfg.minibatch_size, 0, "--minibatch_size")
     policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
     tok = tokenizer_for(info, cfg.policy)
     ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
@@ -228,11 +243,18 @@ def main(cfg):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * common.rank())  # each process its own samples
+    rng = random.Random(cfg.seed)  # the same on every process: the same prompts, cut in shares
     logger = common.Logger()
+    train_policy, train_value = common.DataParallel(policy), common.DataParallel(value_model)
+    state = common.TrainState(cfg, "ppo", optimizers={"policy": optimizer, "value": value_optimizer},
+                              generators={"sampler": gen}, rngs={"prompts": rng}, models={"value": value_model})
+    first = 0
+    if cfg.resume:
+        first, extra = state.restore(policy, logger)
+        kl_ctl.value = extra["kl_coef"]
 
-    for it in range(cfg.iterations):
+    for it in range(first, cfg.iterations):
         lr_scale = min((it + 1) / cfg.warmup_iterations, (cfg.iterations - it) / max(1, cfg.iterations - cfg.warmup_iterations))
         for opt, lr in ((optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
             for group in opt.param_groups:
@@ -240,6 +262,7 @@ def main(cfg):
 
         # 1. rollout ----------------------------------------------------------------------------
         batch = rng.sample(range(len(prompts)), min(cfg.rollout_batch, len(prompts)))
+        batch = common.shard(batch, 0)[0][0]  # this process's share of the prompts
         batch_prompts = [prompts[i] for i in batch]
         idx, start = left_pad([prompt_ids[i] for i in batch], tok.pad_id, device)
         P = idx.size(1)
@@ -283,22 +306,32 @@ def main(cfg):
 
         # 5. learn: several epochs of minibatches over this batch ---------------------------------
         stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max")}
-        B = seqs.size(0)
+        B, minibatch, skipped = seqs.size(0), cfg.minibatch_size // common.world_size(), 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-            for i in range(0, B, cfg.minibatch_size):
-                mb = order[i:i + cfg.minibatch_size].to(device)
+            for i in range(0, B, minibatch):
+                mb = order[i:i + minibatch].to(device)
                 m = mask[mb]
                 with autocast:
-                    new_logprobs = response_logprobs(policy, seqs[mb], start[mb], P, cfg.temperature)
+                    new_logprobs = response_logprobs(train_policy, seqs[mb], start[mb], P, cfg.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                    values = response_values(value_model, seqs[mb], start[mb], P).float()
+                    values = response_values(train_value, seqs[mb], start[mb], P).float()
                     vf_loss = value_loss(values, old_values[mb], returns[mb], m, cfg.vf_clip_range)
-                pg_loss.backward()
+                pg_loss.backward()  # on every process even when skipped below: DDP's all-reduce needs them all
                 vf_loss.backward()
+                # an exploding ratio (the policy moved far from the rollout's) would take a huge step: skip it
+                ratio_max = common.all_reduce(torch.where(m > 0, ratio.detach(), 0).max().float(), "max")
+                skip = not ratio_max.isfinite() or ratio_max > cfg.max_ratio
+                if skip:
+                    skipped += 1
+                    print(f"iteration {it}: skipped a minibatch step, its importance ratio reached {ratio_max.item():.4g} "
+                          f"(--max_ratio {cfg.max_ratio})")
+                else:
+                    common.check_finite(common.all_reduce(pg_loss.detach() + vf_loss.detach()), it, cfg.out_dir)
                 for model, opt in ((policy, optimizer), (value_model, value_optimizer)):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
+                    if not skip:
+                        opt.step()
                     opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     log_ratio = new_logprobs - old_logprobs[mb]
@@ -310,7 +343,7 @@ def main(cfg):
                     stats["ratio_max"].append((ratio * m).max().item())
 
         if cfg.adaptive_kl:
-            kl_ctl.update(kl.sum(1).mean().item(), B)
+            kl_ctl.update(common.all_reduce(kl.sum(1).mean().item()) / common.world_size(), cfg.rollout_batch)
 
         # diagnostics -----------------------------------------------------------------------------
         texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
@@ -324,10 +357,17 @@ def main(cfg):
             pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]), vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]),
             explained_variance=explained_variance.item(), ratio_mean=sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
             ratio_max=max(stats["ratio_max"]), length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
-            kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0])
+            kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0], skipped=skipped)
         if not cfg.data:  # monitoring only: the gold judge never enters the loss
             row["gold"] = sum(gold_score(p, t) for p, t in zip(batch_prompts, texts)) / len(texts)
+        # every process's share counts the same: the mean of their means (the largest ratio_max)
+        row = {k: v if isinstance(v, int) or k == "kl_coef" else common.all_reduce(v, "max") if k == "ratio_max"
+               else common.all_reduce(v) / common.world_size() for k, v in row.items()}
         logger.log(**row)
+        if state.due(it, cfg.iterations):
+            save_checkpoint(cfg.out_dir, policy, {**tok.identity, "stage": "ppo", "parent": cfg.policy, "reward": cfg.reward,
+                                                  "args": asdict(cfg), "metrics": {"steps_done": it + 1}}, logger.rows,
+                            resume=state.capture(it + 1, kl_coef=kl_ctl.value))
 
     print("samples from the last rollout:")
     for p, t in list(zip(batch_prompts, texts))[:4]:

@@ -13,7 +13,9 @@ world, it measures what the base model learned:
 - question continuation: given a bare question ("What does the suho eat?\\n"), how often the model
   goes on with another question instead of answering: the gap that sft.py closes.
 With --init the model (its shape, weights and tokenizer) comes from that checkpoint, and the shape and
-tokenizer flags are ignored. Left out on purpose: data-parallel training, resuming an interrupted run.
+tokenizer flags are ignored. Under torchrun every process draws the same global batch of windows
+and trains on its share (common.shard). Left out on purpose: packing documents without crossing
+their boundaries, gradient checkpointing.
 """
 
 import random
@@ -31,7 +33,7 @@ from model import GPT, GPTConfig, complete, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class Config:
+class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size (common.py)
     out_dir: str = "out/base"
     """where the base model's checkpoint is written"""
     data: str = ""
@@ -135,6 +137,7 @@ def probe_world(model, tok):
 def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    common.check_batch(cfg.batch_size, cfg.micro_batch_size)
     if cfg.init:
         model, info = load_checkpoint(cfg.init, head="lm", device=device)
         tok = tokenizer_for(info, cfg.init)
@@ -164,16 +167,25 @@ def main(cfg):
         model.train()
         return sum(losses) / len(losses)
 
+    def meta(metrics):
+        return {**tok.identity, "stage": "pretrain", "parent": cfg.init or None, "args": asdict(cfg), "metrics": metrics}
+
+    def loss_part(rows):  # a micro-batch's share of the batch's mean loss (every row has block_size targets)
+        with autocast:
+            return train_model(x[rows], y[rows])[1] * len(rows) / cfg.batch_size
+
     logger = common.Logger()
+    train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
+    state = common.TrainState(cfg, "pretrain", optimizers={"adamw": optimizer}, generators={"batches": gen})
+    first = state.restore(model, logger)[0] if cfg.resume else 0
     tokens_per_step = cfg.batch_size * cfg.block_size
     t_last = time.time()
-    for step in range(cfg.max_steps):
+    for step in range(first, cfg.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = get_batch(train_tokens, cfg, gen, device)
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
+        x, y = get_batch(train_tokens, cfg, gen, device)  # the global batch: every process draws the same
+        loss = common.accumulate(train_model, common.shard(list(range(cfg.batch_size)), cfg.micro_batch_size), loss_part)
+        common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -190,6 +202,8 @@ def main(cfg):
             if step % cfg.eval_every == 0 or last:
                 row["val_loss"] = val_loss()
             logger.log(**row)
+        if state.due(step, cfg.max_steps):
+            save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows, resume=state.capture(step + 1))
 
     model.eval()
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "tokens_seen": cfg.max_steps * tokens_per_step,
@@ -203,8 +217,7 @@ def main(cfg):
     print("samples:")
     for s in complete(model, tok, ["The", "What", "Human: What does the"], 40, temperature=0):
         print("  ", repr(s.replace(EOT, "")))
-    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "pretrain", "parent": cfg.init or None,
-                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    save_checkpoint(cfg.out_dir, model, meta(metrics), logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 
 

@@ -36,7 +36,7 @@ from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, sav
 
 
 @dataclass
-class Config(Raters):  # the raters' biases (quality, length, flattery, confidence) are flags too
+class Config(Raters, common.Batched):  # the raters' biases (quality, length, flattery, confidence) are flags too
     init: str = "out/sft"
     """the language model whose trunk the reward model starts from (or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/rm"
@@ -107,6 +107,7 @@ def bradley_terry_loss(r_chosen, r_rejected):
 def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    common.check_batch(cfg.batch_size, cfg.micro_batch_size)
     sft, info = load_checkpoint(cfg.init, head="lm", device=device)
     sft.eval()
     tok = tokenizer_for(info, cfg.init)
@@ -155,28 +156,42 @@ def main(cfg):
         rm.train()
         return margins
 
+    def loss_part(items):  # a micro-batch's share of the batch's mean loss, and its diagnostics summed
+        with autocast:  # chosen and rejected in one forward pass
+            r = rewards(train_model, [c for c, _ in items] + [r for _, r in items], tok.pad_id, device).float()
+            r_chosen, r_rejected = r[:len(items)], r[len(items):]
+            loss = bradley_terry_loss(r_chosen, r_rejected)
+        return loss * len(items) / len(batch), {"correct": (r_chosen > r_rejected).sum(), "margin": (r_chosen - r_rejected).sum()}
+
     logger = common.Logger()
     batches = common.batch_indices([max(len(c), len(r)) for c, r in train], cfg.batch_size, random.Random(cfg.seed))
-    for step in range(steps):
+    train_model = common.DataParallel(rm)  # under torchrun: gradients averaged over processes
+    state = common.TrainState(cfg, "reward", optimizers={"adamw": optimizer}, generators={"sampler": gen})
+    first = 0
+    if cfg.resume:
+        first, _ = state.restore(rm, logger)
+        for _ in range(first):  # the data position: batch_indices replayed from its seed
+            next(batches)
+    for step in range(first, steps):
         batch = [train[i] for i in next(batches)]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        with autocast:  # chosen and rejected in one forward pass
-            r = rewards(rm, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
-            r_chosen, r_rejected = r[:len(batch)], r[len(batch):]
-            loss = bradley_terry_loss(r_chosen, r_rejected)
-        loss.backward()
+        loss, sums = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size), loss_part)
+        common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == steps - 1:
-            row = dict(step=step, loss=loss.item(), accuracy=(r_chosen > r_rejected).float().mean().item(),
-                       margin=(r_chosen - r_rejected).mean().item(), lr=lr_at(step))
+            row = dict(step=step, loss=loss.item(), accuracy=sums["correct"] / len(batch), margin=sums["margin"] / len(batch),
+                       lr=lr_at(step))
             if step % (5 * cfg.log_every) == 0 or step == steps - 1:
                 margins = evaluate()
                 row.update(val_accuracy=sum(m > 0 for m in margins) / len(margins), val_margin=sum(margins) / len(margins))
             logger.log(**row)
+        if state.due(step, steps):
+            save_checkpoint(cfg.out_dir, rm, {**tok.identity, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
+                                              "metrics": {"steps_done": step + 1}}, logger.rows, resume=state.capture(step + 1))
 
     # held-out accuracy, overall and by kind of pair, against the Bayes rate of the raters
     rm.eval()

@@ -34,7 +34,7 @@ from model import complete, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class Config:
+class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size (common.py)
     init: str = "out/base"
     """the checkpoint to fine-tune (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/sft"
@@ -99,6 +99,7 @@ def sft_loss(model, x, y):
 def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    common.check_batch(cfg.batch_size, cfg.micro_batch_size)
     model, info = load_checkpoint(cfg.init, head="lm", device=device)
     tok = tokenizer_for(info, cfg.init)
 
@@ -140,30 +141,43 @@ def main(cfg):
     before = complete(model, tok, sample_prompts, 32, temperature=0)
     model.train()
 
+    def meta(metrics):
+        return {**tok.identity, "stage": "sft", "parent": cfg.init, "args": asdict(cfg), "metrics": metrics}
+
+    def loss_part(items):  # a micro-batch's share of the batch's loss: its tokens' NLL / the batch's tokens
+        x, y = collate(items, tok.pad_id, device)
+        with autocast:
+            return sft_loss(train_model, x, y) * (y != kernels.IGNORE_INDEX).sum() / n_targets
+
     logger = common.Logger()
     rng = random.Random(cfg.seed)
-    order = []
+    train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
+    state = common.TrainState(cfg, "sft", optimizers={"adamw": optimizer}, rngs={"order": rng})
+    first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
+    order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0
-    for step in range(steps):
+    for step in range(first, steps):
         if len(order) < cfg.batch_size:  # a fresh shuffle of the training set for each epoch
             order += rng.sample(range(len(train)), len(train))
         batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        x, y = collate(batch, tok.pad_id, device)
-        with autocast:
-            loss = sft_loss(model, x, y)
-        loss.backward()
+        n_targets = sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in batch)
+        loss = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size), loss_part)
+        common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += x.numel()
+        tokens += sum(len(x) for x, _ in batch)
 
         if step % cfg.log_every == 0 or step == steps - 1:
             dt, t_last = time.time() - t_last, time.time()
             logger.log(step=step, loss=loss.item(), val_loss=val_loss(), lr=lr_at(step), tok_per_s=round(tokens / dt))
             tokens = 0
+        if state.due(step, steps):
+            save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows,
+                            resume=state.capture(step + 1, order=order))
 
     model.eval()
     after = complete(model, tok, sample_prompts, 32, temperature=0)
@@ -172,8 +186,7 @@ def main(cfg):
         print(f"  {p!r}\n    base: {b!r}\n    sft:  {a!r}")
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "steps": steps, "demonstrations": len(train),
                "wall_s": round(time.time() - logger.t0, 1)}
-    save_checkpoint(cfg.out_dir, model, {**tok.identity, "stage": "sft", "parent": cfg.init,
-                                         "args": asdict(cfg), "metrics": metrics}, logger.rows)
+    save_checkpoint(cfg.out_dir, model, meta(metrics), logger.rows)
     print(f"wrote {cfg.out_dir}: {metrics}")
 
 

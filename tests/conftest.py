@@ -14,3 +14,25 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """A tiny base, SFT and reward model (a few seconds), shared by the robustness, resume and
+    data-parallel tests: {"base": path, "sft": path, "rm": path}."""
+    import pretrain
+    import reward
+    import sft
+    root = tmp_path_factory.mktemp("chain")
+    pretrain.main(pretrain.Config(out_dir=str(root / "base"), max_steps=40, n_docs=300, batch_size=8, warmup_steps=5,
+                                  log_every=20, eval_every=40, eval_batches=1, device="cpu", **TINY_MODEL))
+    sft.main(sft.Config(init=str(root / "base"), out_dir=str(root / "sft"), n_demos=200, epochs=1, batch_size=16,
+                        log_every=5, n_samples=1, device="cpu"))
+    reward.main(reward.Config(init=str(root / "sft"), out_dir=str(root / "rm"), n_prompts=40, pairs_per_prompt=2,
+                              sft_samples=1, norm_prompts=16, batch_size=8, log_every=2, device="cpu"))
+    return {name: str(root / name) for name in ("base", "sft", "rm")}

@@ -1,0 +1,161 @@
+"""Bad input: each is refused with one line that names the file, line or argument, exit status 1,
+and the checkpoint already in out_dir is left byte for byte as it was. Numerical faults: a NaN loss
+stops the stage at its step, keeping the last good checkpoint; PPO skips an exploding ratio."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import common
+import dpo
+import ppo
+import reward
+import sft
+
+
+def snapshot(path):
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+@pytest.fixture
+def out_dir(tiny_chain, tmp_path):
+    """An out_dir that already holds a checkpoint (a copy of the SFT model): no failure may touch it."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_chain["sft"], out)
+    return out
+
+
+def run_stage(stage, argv, capsys, monkeypatch):
+    """The stage as its command line runs it (common.run): returns (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [stage.__name__ + ".py", *argv])
+    with pytest.raises(SystemExit) as e:
+        common.run(stage.main, stage.Config)
+        sys.exit(0)
+    return e.value.code, capsys.readouterr().err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": " Go away."}
+
+
+@pytest.mark.parametrize("case", ["malformed_json", "missing_field", "empty_file", "response_never_fits",
+                                  "init_missing", "init_not_a_checkpoint", "lm_where_scalar_needed",
+                                  "scalar_where_lm_needed", "tokenizer_mismatch", "unknown_key", "wrong_type",
+                                  "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches"])
+def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
+    before = snapshot(out_dir)
+    sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
+    common_args = ["--out_dir", str(out_dir), "--device", "cpu"]
+    if case == "malformed_json":
+        data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, '{"prompt": "a", "completion"'])
+        stage, argv, message = sft, ["--init", sft_ckpt, "--data", data], f"{data}:2: not valid JSON"
+    elif case == "missing_field":
+        data = write_jsonl(tmp_path / "d.jsonl", [PAIR, {"prompt": "x", "chosen": "y"}])
+        stage, argv, message = dpo, ["--init", sft_ckpt, "--data", data], f"{data}:2: missing field 'rejected'"
+    elif case == "empty_file":
+        data = write_jsonl(tmp_path / "d.jsonl", [])
+        stage, argv, message = reward, ["--init", sft_ckpt, "--data", data], f"{data}: no rows (the file is empty)"
+    elif case == "response_never_fits":
+        data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Human: Talk.\n\nAssistant:", "completion": " la" * 200}])
+        stage, argv = sft, ["--init", sft_ckpt, "--data", data]
+        message = f"every one of 1 examples has a response too long for the context of 64 tokens (e.g. {data}:1)"
+    elif case == "init_missing":
+        stage, argv, message = sft, ["--init", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such checkpoint directory"
+    elif case == "init_not_a_checkpoint":
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "config.json").write_text("{not json")
+        stage, argv, message = dpo, ["--init", str(tmp_path / "notes")], f"{tmp_path / 'notes'}/config.json is not valid JSON"
+    elif case == "lm_where_scalar_needed":
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", sft_ckpt]
+        message = f"{sft_ckpt} has a lm head, but a scalar head is needed here"
+    elif case == "scalar_where_lm_needed":
+        stage, argv, message = sft, ["--init", rm_ckpt], f"{rm_ckpt} has a scalar head, but a lm head is needed here"
+    elif case == "tokenizer_mismatch":  # a reward model trained with another tokenizer than the policy
+        other = tmp_path / "rm_gpt2"
+        shutil.copytree(rm_ckpt, other)
+        info = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**info, "tokenizer": "gpt2"}))
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", str(other)]
+        message = f"{other} was trained with tokenizer 'gpt2', but this run uses 'builtin'"
+    elif case == "unknown_key":
+        stage, argv, message = dpo, ["--init", sft_ckpt, "--betta", "0.1"], "unknown argument --betta"
+    elif case == "wrong_type":
+        stage, argv, message = reward, ["--init", sft_ckpt, "--epochs", "many"], "--epochs: expected float, got 'many'"
+    elif case == "ppo_no_room_for_prompt":
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", rm_ckpt, "--max_new_tokens", "63"]
+        message = f"--max_new_tokens 63 leaves no room for a prompt in {sft_ckpt}'s context of 64"
+    elif case == "resume_without_state":  # out_dir holds a finished checkpoint: nothing to resume
+        stage, argv = sft, ["--init", sft_ckpt, "--n_demos", "40", "--resume"]
+        message = f"--resume: {out_dir}/resume.safetensors does not exist"
+    elif case == "uneven_micro_batches":
+        stage, argv = sft, ["--init", sft_ckpt, "--batch_size", "8", "--micro_batch_size", "3"]
+        message = "--batch_size 8 is not a multiple of --micro_batch_size 3 x 1 processes"
+    status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
+    assert status == 1
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert snapshot(out_dir) == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or p.endswith(".old")]  # no half write left
+
+
+def nan_from_step(monkeypatch, module, name, step):
+    """Make module.name return NaN (its first output, if a tuple) from the given training step on
+    (counting its calls with gradients)."""
+    real, calls = getattr(module, name), [0]
+
+    def poisoned(*args, **kwargs):  # training calls only: evaluation runs without gradients
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        calls[0] += 1
+        if calls[0] <= step:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+    monkeypatch.setattr(module, name, poisoned)
+
+
+def test_a_nan_loss_stops_sft_at_its_step_and_keeps_the_last_good_checkpoint(tiny_chain, out_dir, monkeypatch):
+    cfg = sft.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_demos=200, epochs=1, batch_size=16,
+                     log_every=100, n_samples=1, device="cpu")
+    before = snapshot(out_dir)
+    nan_from_step(monkeypatch, sft, "sft_loss", 7)
+    with pytest.raises(common.NumericalError, match=r"^step 7: the loss is nan; stopped before the update"):
+        sft.main(cfg)
+    assert snapshot(out_dir) == before  # no --save_every: the old checkpoint stays
+    cfg.save_every = 3
+    monkeypatch.undo()
+    nan_from_step(monkeypatch, sft, "sft_loss", 7)
+    with pytest.raises(common.NumericalError, match=r"^step 7: the loss is nan"):
+        sft.main(cfg)
+    state = json.loads((out_dir / "resume.json").read_text())
+    info = json.loads((out_dir / "config.json").read_text())
+    assert state["step"] == 6 and info["metrics"] == {"steps_done": 6} and info["stage"] == "sft"
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 1  # the step-0 log line
+
+
+def test_a_nan_loss_stops_dpo(tiny_chain, out_dir, monkeypatch):
+    before = snapshot(out_dir)
+    nan_from_step(monkeypatch, dpo, "dpo_loss", 2)
+    with pytest.raises(common.NumericalError, match=r"^step 2: the loss is nan"):
+        dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_prompts=10, pairs_per_prompt=2,
+                            sft_samples=0, batch_size=4, n_samples=1, device="cpu"))
+    assert snapshot(out_dir) == before
+
+
+def test_ppo_skips_and_counts_minibatches_whose_ratio_explodes(tiny_chain, tmp_path):
+    """With --max_ratio just above 1 every minibatch after the first of an iteration is 'exploding'
+    (the first is on-policy: ratio exactly 1), so exactly 3 of the 4 steps are skipped each time."""
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), iterations=2,
+                        rollout_batch=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8, warmup_iterations=1,
+                        max_ratio=1 + 1e-6, device="cpu"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [3, 3]
+    assert all(r["ratio_max"] > 1 + 1e-6 for r in rows)

@@ -1,0 +1,115 @@
+"""Resume: a run killed after a save and resumed with --resume ends exactly where the same run,
+never interrupted, ends: the same weights, bit for bit, and the same logged losses (on CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpo
+import ppo
+import reward
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_same_run(a, b, keys):
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [[{k: r[k] for k in keys if k in r} for r in map(json.loads, open(os.path.join(p, "metrics.jsonl")))]
+            for p in (a, b)]
+    assert rows[0] == rows[1] and len(rows[0]) > 2
+    assert not os.path.exists(os.path.join(b, "resume.json"))  # a finished run leaves no resume state
+
+
+def interrupt_at(monkeypatch, module, name, step):
+    """Raise KeyboardInterrupt (as a kill would stop the run) at the given call of module.name with gradients."""
+    real, calls = getattr(module, name), [0]
+
+    def dying(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] > step:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, dying)
+
+
+def test_sft_killed_with_sigkill_resumes_to_the_same_weights(tiny_chain, tmp_path):
+    args = dict(init=tiny_chain["base"], n_demos=400, epochs=3, batch_size=8, log_every=4, n_samples=1, device="cpu",
+                save_every=5)
+    sft.main(sft.Config(out_dir=str(tmp_path / "whole"), **args))
+    killed = tmp_path / "killed"
+    argv = [sys.executable, "sft.py", "--out_dir", str(killed)] + [f"--{k}={v}" for k, v in args.items()]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (killed / "resume.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads((killed / "resume.json").read_text())["step"]
+    assert 5 <= step < 137  # killed mid-run: 137 steps in all
+    sft.main(sft.Config(out_dir=str(killed), resume=True, **args))
+    assert_same_run(tmp_path / "whole", killed, ("step", "loss", "val_loss", "lr"))
+
+
+def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, micro_batch_size=4,
+                log_every=2, n_samples=1, device="cpu", save_every=3)
+    dpo.main(dpo.Config(out_dir=str(tmp_path / "whole"), **args))
+    interrupt_at(monkeypatch, dpo, "dpo_loss", 2 * 7)  # two micro-batches a step: dies in step 7, after the save of step 6
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(dpo.Config(out_dir=str(tmp_path / "killed"), **args))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "killed" / "resume.json").read_text())["step"] == 6
+    dpo.main(dpo.Config(out_dir=str(tmp_path / "killed"), resume=True, **args))
+    assert_same_run(tmp_path / "whole", tmp_path / "killed", ("step", "loss", "accuracy", "margin", "val_loss"))
+
+
+def test_reward_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
+    args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, norm_prompts=16, batch_size=8,
+                log_every=1, device="cpu", save_every=4)
+    reward.main(reward.Config(out_dir=str(tmp_path / "whole"), **args))
+    interrupt_at(monkeypatch, reward, "bradley_terry_loss", 6)
+    with pytest.raises(KeyboardInterrupt):
+        reward.main(reward.Config(out_dir=str(tmp_path / "killed"), **args))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "killed" / "resume.json").read_text())
+    assert state["step"] == 4 and state["stage"] == "reward"
+    reward.main(reward.Config(out_dir=str(tmp_path / "killed"), resume=True, **args))
+    assert_same_run(tmp_path / "whole", tmp_path / "killed", ("step", "loss", "accuracy", "val_accuracy"))
+    norms = [json.loads((tmp_path / p / "config.json").read_text())["reward_norm"] for p in ("whole", "killed")]
+    assert norms[0] == norms[1]  # the sampler's generator was restored too
+
+
+def test_ppo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
+    args = dict(policy=tiny_chain["sft"], reward=tiny_chain["rm"], iterations=4, rollout_batch=8, minibatch_size=4,
+                ppo_epochs=1, max_new_tokens=8, warmup_iterations=1, adaptive_kl=True, target_kl=0.01, kl_horizon=10,
+                device="cpu", save_every=2)
+    ppo.main(ppo.Config(out_dir=str(tmp_path / "whole"), **args))
+    interrupt_at(monkeypatch, ppo, "policy_loss", 2 * 3)  # two minibatches an iteration: dies in iteration 3
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main(ppo.Config(out_dir=str(tmp_path / "killed"), **args))
+    monkeypatch.undo()
+    ppo.main(ppo.Config(out_dir=str(tmp_path / "killed"), resume=True, **args))
+    assert_same_run(tmp_path / "whole", tmp_path / "killed", ("iteration", "score", "kl", "pg_loss", "vf_loss", "kl_coef"))
+    rows = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]  # the adaptive controller moved, and its value was resumed
+
+
+def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=0, batch_size=8, n_samples=1,
+                device="cpu", save_every=2, out_dir=str(tmp_path / "run"))
+    interrupt_at(monkeypatch, dpo, "dpo_loss", 3)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(dpo.Config(**args))
+    with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5"):
+        dpo.main(dpo.Config(**{**args, "beta": 0.3, "resume": True}))
