@@ -95,3 +95,17 @@ def test_candidates_always_hold_a_right_and_a_wrong_ideal_answer():
             assert not gold_parts(q.prompt, cands["ideal-wrong"], w)["correct"]
             assert cands["sft"] == " stopped." + EOT  # the sample that never stopped is dropped
             assert all(r.startswith(" ") and r.endswith(EOT) for r in cands.values())
+
+
+def test_held_out_pairs_share_no_prompt_with_training():
+    from common import UserError
+    from data.formats import split_by_prompt
+    rows = preference_pairs(50, 4, Raters(), seed=0)  # some pairs rated twice, as real raters do
+    val, train = split_by_prompt(rows, 0.2, seed=0)
+    assert sorted(map(str, val + train)) == sorted(map(str, rows))
+    val_prompts = {r["prompt"] for r in val}
+    assert not val_prompts & {r["prompt"] for r in train}
+    assert len(val_prompts) == round(0.2 * len({r["prompt"] for r in rows}))
+    assert split_by_prompt(rows, 0.2, seed=0) == (val, train)
+    with pytest.raises(UserError, match="at least two distinct prompts"):
+        split_by_prompt([r for r in rows if r["prompt"] == rows[0]["prompt"]], 0.2, seed=0)
