@@ -73,7 +73,7 @@ class Config(Raters, common.Batched):  # the raters' biases are flags too, with 
     """built-in training prompts to rate pairs for (as in reward.py)"""
     pairs_per_prompt: int = 6
     """rated pairs per prompt (as in reward.py)"""
-    sft_samples: int = 0
+    sft_samples: int = 2
     """samples from the init model per prompt, added to the scripted candidates (as in reward.py)"""
     val_fraction: float = 0.1
     """share of the prompts whose pairs are held out for reward accuracy (as in reward.py: the same held-out pairs)"""

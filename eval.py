@@ -50,6 +50,8 @@ class Config:
     """longest response"""
     best_of: str = "1,4,16"
     """best-of-n from the reference model with the reward model, for these n (empty: none)"""
+    best_of_temperature: float = 1.0
+    """temperature of best-of-n's samples (compare with ppo.py at the same --temperature)"""
     out: str = "out/eval.json"
     """where the JSON report is written"""
     seed: int = 0
@@ -141,12 +143,13 @@ def evaluate(model, tok, questions, cfg, rm=None, ref=None):
 
 
 def best_of_n(policy, tok, questions, cfg, rm, ns):
-    """Best-of-n: sample max(ns) responses per prompt at temperature 1, keep the one the reward
-    model scores highest among the first n. Its KL to the policy is at most log n - (n - 1) / n."""
+    """Best-of-n: sample max(ns) responses per prompt (at cfg.best_of_temperature), keep the one the
+    reward model scores highest among the first n. Its KL to the sampled distribution is at most
+    log n - (n - 1) / n."""
     prompts = [q.prompt for q in questions]
     N = max(ns)
     gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(cfg.seed)
-    flat = complete_ids(policy, tok, [p for p in prompts for _ in range(N)], cfg.max_new_tokens, temperature=1.0, generator=gen)
+    flat = complete_ids(policy, tok, [p for p in prompts for _ in range(N)], cfg.max_new_tokens, temperature=cfg.best_of_temperature, generator=gen)
     scores = reward_scores(rm[0], tok, [p for p in prompts for _ in range(N)], flat, rm[1].get("reward_norm"))
     curve = []
     for n in ns:

@@ -47,7 +47,7 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     """built-in training prompts to rate pairs for"""
     pairs_per_prompt: int = 6
     """rated pairs per prompt"""
-    sft_samples: int = 0
+    sft_samples: int = 2
     """samples from the init model per prompt, added to the scripted candidates (as InstructGPT did)"""
     val_fraction: float = 0.1
     """share of the prompts whose pairs are held out for accuracy"""

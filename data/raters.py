@@ -15,6 +15,12 @@ over an honest hedge. Each label is one draw from that probability, so the label
 the best accuracy any reward model can reach on them is known: the Bayes rate, the mean of
 max(p, 1 - p) over the pairs (`bayes_accuracy`).
 
+The default biases are mild, as most people's are: each decoration is worth less to a rater than it
+costs in genuine quality (padding costs 0.2 of gold, 0.8 of utility at quality 4, and its 5 to 15
+extra words add 0.15 to 0.45), so a plain right answer still wins more often than not. Raters who
+love decoration (`--length 0.15 --flattery 2`) teach a reward model to pay for it: the reward
+hacking shown in the README.
+
     python -m data.raters --out prefs.jsonl      # the built-in pairs, scripted candidates only
 
 writes them in the common {"prompt", "chosen", "rejected"} form (plus "p_chosen" and "kind").
@@ -36,9 +42,9 @@ from data.world import make_world
 class Raters:
     quality: float = 4.0
     """weight of genuine quality (the gold score) in the raters' utility"""
-    length: float = 0.08
+    length: float = 0.03
     """bias per word: raters like longer answers"""
-    flattery: float = 1.0
+    flattery: float = 0.5
     """bias for a response that flatters the asker"""
     confidence: float = 0.5
     """bias against a hedged response (a confident tone wins over honest doubt)"""
@@ -60,14 +66,16 @@ def bayes_accuracy(ps):
 
 def candidates(q, world, rng, sampled=()):
     """(label, response text) candidates for q: the ideal answer right and wrong, one decorated
-    style (padded, hedged or flattering) right and wrong, an evasion or a question, plus the
-    sampled ones. Responses start with a space and end with <|endoftext|>, as a model's would."""
+    style (padded, hedged or flattering) right and wrong, an evasion or a question, a confused
+    answer, plus the sampled ones. Responses start with a space and end with <|endoftext|>, as a model's would."""
     styles = ("ideal", rng.choice(("padded", "hedged", "flattering"))) if rng.random() < 0.5 else ("ideal",)
     out = [(f"{s}-{'right' if ok else 'wrong'}", " " + respond(q, world, s, rng, correct=ok) + EOT)
            for s in styles for ok in (True, False)]
     if rng.random() < 0.25:  # now and then a non-answer
         s = rng.choice(("evasive", "question"))
         out.append((s, " " + respond(q, world, s, rng) + EOT))
+    if rng.random() < 0.5:  # and an answer to another question: a sampled policy makes these too
+        out.append(("confused", " " + respond(q, world, "confused", rng) + EOT))
     return out + [("sft", r) for r in sampled if r.endswith(EOT)]  # a sample that never stopped is dropped
 
 

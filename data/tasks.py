@@ -7,8 +7,8 @@ A prompt is `Human: <question>\\n\\nAssistant:` and a response starts with a spa
 `compare` and `future_age` need two facts (two ages, or an age and a sum).
 
 Responses come in styles (`STYLES`): the ideal one (correct, direct, stops), and the ways real ones
-fall short or try to please: wrong, padded, hedged, flattering, evasive, or going on with another
-question. The demonstrations (`demonstrations`) are written the way hurried contractors write them:
+fall short or try to please: wrong, padded, hedged, flattering, evasive, going on with another
+question, or confused (answering a question that was not asked). The demonstrations (`demonstrations`) are written the way hurried contractors write them:
 mostly ideal, some wrong, padded or hedged. They cover only part of the world: a share of the
 entities and, for the two-fact kinds, only a few examples. That leaves headroom that sampling from
 the SFT model can reach, for the reward model, best-of-n, PPO and DPO to take.
@@ -51,7 +51,7 @@ HEDGES = ("I think", "Maybe", "I am not sure, but", "Probably")
 PADDING = ("I hope this helps!", "Let me know if you have any other questions.", "This is a well known fact.",
            "Thank you for asking.", "It is good to know such things.")
 EVASIONS = ("That is hard to say.", "I do not know.", "You could look it up in a book.", "Nobody can say for sure.")
-STYLES = ("ideal", "wrong", "padded", "hedged", "flattering", "evasive", "question")
+STYLES = ("ideal", "wrong", "padded", "hedged", "flattering", "evasive", "question", "confused")
 PROMPT = "Human: {question}\n\nAssistant:"
 
 
@@ -161,6 +161,14 @@ def respond(q, world, style, rng, correct=True):
         return rng.choice(EVASIONS)
     if style == "question":
         return make_question(rng.choice(KINDS[:4]), world, rng).text
+    if style == "confused":  # another creature's or other numbers' answer, or a value of another kind
+        if q.kind in ATTRIBUTES and rng.random() < 0.5:
+            kind = rng.choice([k for k in ATTRIBUTES if k != q.kind])
+            return ANSWERS[q.kind].format(value=getattr(rng.choice(world.entities), kind))
+        other = make_question(q.kind, world, rng)
+        while other.value == q.value:  # never right by chance
+            other = make_question(q.kind, world, rng)
+        return answer(other, world)
     raise ValueError(f"unknown style {style!r}")
 
 # -----------------------------------------------------------------------------

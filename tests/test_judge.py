@@ -40,6 +40,7 @@ def test_ideal_answer_scores_one_and_styles_rank_as_documented(kind):
     assert score["padded"] == pytest.approx(0.8)
     assert score["wrong"] == pytest.approx(0.2)          # answered, wrongly
     assert score["evasive"] == 0.0 and score["question"] == 0.0
+    assert all(gold_score(q.prompt, " " + respond(q, W, "confused", rng) + EOT) <= 0.2 for _ in range(20))
 
 
 def test_parts_of_hand_written_responses():
