@@ -2,7 +2,7 @@
 Direct Preference Optimization (DPO): the policy learns from preference pairs directly, with no
 reward model and no sampling during training.
 
-    python dpo.py                            # out/sft + built-in rated pairs -> out/dpo (about 2 minutes on CPU)
+    python dpo.py                            # out/sft + built-in rated pairs -> out/dpo (about 7 minutes on 2 CPU cores)
     python dpo.py --data prefs.jsonl         # your preference pairs instead (formats: data/formats.py)
     python dpo.py --loss_type ipo --beta 0.5 # a variant (see dpo_loss)
 
@@ -29,14 +29,14 @@ split), so DPO's held-out reward accuracy compares with the reward model's, and 
 DPO with PPO on the same labels.
 
 The defaults (beta 0.5, cDPO with eps 0.1, 2 epochs at lr 1e-4) were tuned on the built-in task,
-whose raters are noisy (a label agrees with the raters' own preference 82% of the time: the Bayes
-rate) and like long answers.
-Plain DPO at beta 0.1 learns that taste: its answers grow padding until they no longer stop, and
-the gold score falls by half. A larger beta and label smoothing both bound how far one pair pushes
-(the cDPO loss of a pair is smallest at beta * m = log((1 - eps) / eps), not at infinity); with
-them DPO raises the share of correct answers and its answers stay short. About 2 minutes on a
-2-core CPU: a quarter sampling the SFT model for the pairs (as reward.py does) and computing the
-reference log-probs, the rest training (2 epochs of 0.35M tokens).
+whose raters are noisy (a label agrees with the raters' own preference about 83% of the time: the
+Bayes rate) and like long answers. Plain DPO at beta 0.1 learned that taste on an earlier version
+of the pairs: its answers grew padding until they no longer stopped, and the gold score fell by
+half. A larger beta and label smoothing both bound how far one pair pushes (the cDPO loss of a pair
+is smallest at beta * m = log((1 - eps) / eps), not at infinity). On the default pairs (14k, the
+reward model's) it reaches held-out reward accuracy 0.78 and gold 0.665 against SFT's 0.642 (KL
+0.28). About 7 minutes on a 2-core CPU: sampling the SFT model for the pairs (as reward.py does),
+the reference log-probs, then 880 steps.
 Left out on purpose: an SFT loss term on the chosen responses (RPO), sampling fresh pairs from the
 policy during training (online DPO), reference-free variants (SimPO, ORPO), and the many other loss
 types of TRL's DPOTrainer.

@@ -1,7 +1,7 @@
 """
 PPO against the reward model, with a per-token KL penalty to the frozen SFT model: step 3 of RLHF.
 
-    python ppo.py                            # out/sft + out/rm -> out/ppo (about 4 minutes on 2 CPU cores)
+    python ppo.py                            # out/sft + out/rm -> out/ppo (about 3 minutes on 2 CPU cores)
     python ppo.py --kl_coef 0 --out_dir out/ppo_nokl     # no leash: watch the reward get hacked
     python ppo.py --adaptive_kl --target_kl 2            # Ziegler et al.'s adaptive KL controller
 
@@ -60,7 +60,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     """the longest response; a response cut here has no EOS"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     """weight of the KL penalty in the per-token reward"""
     kl_estimator: str = "k1"
     """k1: log pi - log pi_ref (unbiased); k3: (r - 1) - log r with r = pi_ref / pi (unbiased, never negative)"""
@@ -88,7 +88,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     """discount"""
     lam: float = 0.95
     """GAE lambda"""
-    lr: float = 3e-5
+    lr: float = 1e-5
     """policy learning rate (peak)"""
     value_lr: float = 1e-4
     """value model learning rate (peak)"""

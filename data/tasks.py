@@ -145,6 +145,18 @@ def wrong_value(q, world, rng):
     return q.value + off
 
 
+def confused(q, world, rng):
+    """An answer to a question that was not asked: of another kind, a value of another kind in the
+    right sentence, or the same kind about other creatures or numbers."""
+    r = rng.random()
+    if r < 0.4:
+        return answer(make_question(rng.choice([k for k in KINDS if k != q.kind]), world, rng), world)
+    if r < 0.7 and q.kind in ATTRIBUTES:
+        kind = rng.choice([k for k in ATTRIBUTES if k != q.kind])
+        return ANSWERS[q.kind].format(value=getattr(rng.choice(world.entities), kind))
+    return answer(make_question(q.kind, world, rng), world)
+
+
 def respond(q, world, style, rng, correct=True):
     """A response (without the leading space and EOS) to q in one of STYLES; the answering styles
     (ideal, padded, hedged, flattering) state a wrong answer when correct is False."""
@@ -161,14 +173,11 @@ def respond(q, world, style, rng, correct=True):
         return rng.choice(EVASIONS)
     if style == "question":
         return make_question(rng.choice(KINDS[:4]), world, rng).text
-    if style == "confused":  # another creature's or other numbers' answer, or a value of another kind
-        if q.kind in ATTRIBUTES and rng.random() < 0.5:
-            kind = rng.choice([k for k in ATTRIBUTES if k != q.kind])
-            return ANSWERS[q.kind].format(value=getattr(rng.choice(world.entities), kind))
-        other = make_question(q.kind, world, rng)
-        while other.value == q.value:  # never right by chance
-            other = make_question(q.kind, world, rng)
-        return answer(other, world)
+    if style == "confused":  # never right by chance: the right value is nowhere in it
+        said = confused(q, world, rng)
+        while str(q.value) in re.findall(r"\w+", said):
+            said = confused(q, world, rng)
+        return said
     raise ValueError(f"unknown style {style!r}")
 
 # -----------------------------------------------------------------------------

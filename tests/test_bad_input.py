@@ -144,7 +144,7 @@ def test_a_nan_loss_stops_dpo(tiny_chain, out_dir, monkeypatch):
     before = snapshot(out_dir)
     nan_from_step(monkeypatch, dpo, "dpo_loss", 2)
     with pytest.raises(common.NumericalError, match=r"^step 2: the loss is nan"):
-        dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_prompts=10, pairs_per_prompt=2,
+        dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_prompts=20, pairs_per_prompt=4,
                             sft_samples=0, batch_size=4, n_samples=1, device="cpu"))
     assert snapshot(out_dir) == before
 
