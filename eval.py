@@ -9,7 +9,10 @@ training stage ever sees them), greedily by default. The gold judge (data/judge.
 response; the table shows the mean gold score with two standard errors, its parts, and:
 - rm: the reward model's score of the responses (when out/rm exists), the proxy the policy optimises;
 - kl: KL(policy || reference) summed over the response tokens, with the full-vocabulary formula at
-  each position (a policy's drift from the SFT model).
+  each position (a policy's drift from the SFT model);
+- vs ref: the gold score minus the reference's (the SFT model's), prompt by prompt, with two
+  standard errors of that paired difference: most answers do not change, so it is much tighter
+  than the two intervals side by side.
 With a reward model it also runs best-of-n on the reference model: n samples at temperature 1, the
 one the reward model likes best kept (its KL is the analytic bound log n - (n - 1) / n).
 The JSON report (--out) has the same numbers, plus correctness per question kind, on entities the
@@ -107,7 +110,8 @@ def summarize(questions, texts):
     """The gold judgement of the responses (texts) to questions: a JSON-able dict."""
     prompts = [q.prompt for q in questions]
     parts = [gold_parts(p, t) for p, t in zip(prompts, texts)]
-    gold, se = mean_se([score_parts(p) for p in parts])
+    scores = [score_parts(p) for p in parts]
+    gold, se = mean_se(scores)
     covered = {e.name for e in covered_entities(make_world())}
     split = {"covered": [], "uncovered": []}
     for q, p in zip(questions, parts):
@@ -117,7 +121,7 @@ def summarize(questions, texts):
             split["uncovered"].append(p)
     kinds = sorted({q.kind for q in questions})
     return {
-        "gold": gold, "gold_se": se,
+        "gold": gold, "gold_se": se, "gold_scores": scores,
         **{k: rate(parts, k) for k in ("correct", "answered", "stopped", "hedged", "flattery", "padded")},
         "words": sum(p["words"] for p in parts) / len(parts),
         "correct_by_kind": {k: rate([p for p in parts if p["kind"] == k], "correct") for k in kinds},
@@ -160,12 +164,23 @@ def best_of_n(policy, tok, questions, cfg, rm, ns):
     return curve
 
 
+def paired_difference(rows, reference):
+    """Each row's gold minus the reference checkpoint's, prompt by prompt, with its standard error:
+    most answers are the same, so this sees a change that the two intervals of the table hide."""
+    ref = next((r["gold_scores"] for name, r in rows if name == reference), None)
+    for _, r in rows:
+        if ref is not None:
+            r["gold_vs_reference"], r["gold_vs_reference_se"] = mean_se([a - b for a, b in zip(r["gold_scores"], ref)])
+
+
 def print_table(rows):
-    cols = ["gold", "±2se", "correct", "answered", "stopped", "words", "hedged", "flattery", "padded", "rm", "kl"]
+    cols = ["gold", "±2se", "vs ref", "±2se", "correct", "answered", "stopped", "words", "hedged", "flattery",
+            "padded", "rm", "kl"]
     print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in cols))
     for name, r in rows:
-        vals = [r["gold"], 2 * r["gold_se"], r["correct"], r["answered"], r["stopped"], r["words"], r["hedged"],
-                r["flattery"], r["padded"], r.get("rm_score"), r.get("kl")]
+        diff, diff_se = r.get("gold_vs_reference"), r.get("gold_vs_reference_se")
+        vals = [r["gold"], 2 * r["gold_se"], diff, diff_se and 2 * diff_se, r["correct"], r["answered"], r["stopped"],
+                r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm_score"), r.get("kl")]
         print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in vals))
 
 
@@ -196,7 +211,8 @@ def main(cfg):
             if other and other[1].get("tokenizer_fingerprint") != tok.fingerprint:
                 raise common.UserError(f"{path} and {name} were trained with different tokenizers")
         result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0])
-        report["results"].append({"checkpoint": name, "stage": info.get("stage"), **result})
+        result = {"checkpoint": name, "stage": info.get("stage"), **result}
+        report["results"].append(result)
         rows.append((name, result))
         print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, correct {result['correct']:.1%}, "
               f"by kind {({k: round(v, 2) for k, v in result['correct_by_kind'].items()})}, "
@@ -205,7 +221,10 @@ def main(cfg):
         ns = [int(n) for n in cfg.best_of.split(",")]
         tok = tokenizer_for(ref[1], cfg.reference)
         report["best_of_n"] = best_of_n(ref[0], tok, questions, cfg, rm, ns)
-        rows += [(f"{cfg.reference} best-of-{r['n']}", {**r, "kl": r["kl_bound"]}) for r in report["best_of_n"]]
+        for r in report["best_of_n"]:
+            r["kl"] = r["kl_bound"]
+            rows.append((f"{cfg.reference} best-of-{r['n']}", r))
+    paired_difference(rows, cfg.reference)  # the rows share their dicts with the report
     print()
     print_table(rows)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)

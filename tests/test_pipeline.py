@@ -66,6 +66,12 @@ def test_eval_report_schema(base, sft_ckpt, tmp_path):
         assert r["kl"] >= 0 and "rm_score" not in r
         assert len(r["samples"]) == 8 and set(r["samples"][0]) == {"prompt", "response"}
     assert report["results"][1]["kl"] < 1e-4  # the reference itself
+    base_r, sft_r = report["results"]
+    assert sft_r["gold_vs_reference"] == 0 and sft_r["gold_vs_reference_se"] == 0
+    assert base_r["gold_vs_reference"] == pytest.approx(base_r["gold"] - sft_r["gold"])  # a paired mean is the difference of means
+    diffs = [a - b for a, b in zip(base_r["gold_scores"], sft_r["gold_scores"])]
+    sd = (sum((d - base_r["gold_vs_reference"]) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    assert base_r["gold_vs_reference_se"] == pytest.approx(sd / len(diffs) ** 0.5)
 
 
 @pytest.fixture(scope="module")
