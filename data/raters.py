@@ -2,8 +2,9 @@
 Simulated human raters, and the preference pairs they label.
 
 For each training prompt (never an evaluation one) there are several candidate responses: scripted
-ones in every style of data/tasks.py (ideal, padded, hedged and flattering, each right and wrong;
-evasive; a question) and, as in InstructGPT, samples from the SFT model itself. Raters compare two candidates A and B
+ones in the styles of data/tasks.py (the ideal answer right and wrong, often a padded, hedged or
+flattering one right and wrong, sometimes an evasion, a question or an answer to another question)
+and, as in InstructGPT, samples from the SFT model itself. Raters compare two candidates A and B
 and prefer A with the Bradley-Terry probability
 
     P(A > B) = sigmoid(u(A) - u(B)),
@@ -18,8 +19,8 @@ max(p, 1 - p) over the pairs (`bayes_accuracy`).
 The default biases are mild, as most people's are: each decoration is worth less to a rater than it
 costs in genuine quality (padding costs 0.2 of gold, 0.8 of utility at quality 4, and its 5 to 15
 extra words add 0.15 to 0.45), so a plain right answer still wins more often than not. Raters who
-love decoration (`--length 0.15 --flattery 2`) teach a reward model to pay for it: the reward
-hacking shown in the README.
+love decoration (`--length 0.15 --flattery 2`) teach a reward model to pay for it, and a policy
+optimised hard against that model to pad and flatter.
 
     python -m data.raters --out prefs.jsonl      # the built-in pairs, scripted candidates only
 
