@@ -309,6 +309,8 @@ def save_checkpoint(path, model, meta, log_rows=(), resume=None):
 def read_checkpoint_config(path):
     """config.json of the checkpoint directory path, or a CheckpointError that says what is wrong.
     A Hugging Face GPT-2 directory counts as a checkpoint too (see is_hf_gpt2)."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path} is a file: a checkpoint is a directory (model.safetensors + config.json)")
     if not os.path.isdir(path):
         hint = f" (an interrupted save left the previous one at {path}.old)" if os.path.isdir(f"{path}.old") else ""
         raise CheckpointError(f"{path}: no such checkpoint directory{hint}")

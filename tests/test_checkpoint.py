@@ -103,6 +103,9 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is not a checkpoint: it has no config.json"):
         load_checkpoint(tmp_path / "empty")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.safetensors is a file: a checkpoint is a directory"):
+        load_checkpoint(tmp_path / "model.safetensors")
 
 
 def test_a_changed_tokenizer_is_refused(tmp_path):
