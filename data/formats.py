@@ -46,12 +46,14 @@ is dropped. Stages print both counts.
 import gzip
 import json
 import random
+import re
 from collections import Counter
 
 from common import UserError
 
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 MARK = "\n\nAssistant:"
+WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 MIN_PROMPT_SHARE = 4  # a dropped row leaves the prompt less than 1/MIN_PROMPT_SHARE of the context
 
 # -----------------------------------------------------------------------------
@@ -86,29 +88,40 @@ def read_records(path):
 
 
 def json_array(path, text):
-    """[(line, item)] of a JSON array, each item with the line it starts on."""
+    """[(line, item)] of a JSON array, each item with the line it starts on. One pass over the text:
+    a file of a few hundred MB is never copied or recounted per item."""
     decoder, rows = json.JSONDecoder(), []
-    i = len(text) - len(text.lstrip())
-    if not text.strip():
+    line, counted = 1, 0  # the line of position `counted`, advanced as i moves on
+
+    def skip_space(i):
+        return WHITESPACE.match(text, i).end()
+
+    def line_at(i):
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, i), i
+        return line
+
+    i = skip_space(0)
+    if i == len(text):
         return rows
     if text[i] != "[":
-        raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: a .json file must hold one array of objects")
-    i += 1
+        raise UserError(f"{path}:{line_at(i)}: a .json file must hold one array of objects")
+    i = skip_space(i + 1)
+    if i < len(text) and text[i] == "]":
+        return rows
     while True:
-        i += len(text[i:]) - len(text[i:].lstrip())
-        if i < len(text) and text[i] == "]" and not rows:
-            return rows
         try:
             item, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        rows.append((text.count("\n", 0, i) + 1, item))
-        i = end + len(text[end:]) - len(text[end:].lstrip())
+        rows.append((line_at(i), item))
+        i = skip_space(end)
         if i < len(text) and text[i] == "]":
             return rows
         if i >= len(text) or text[i] != ",":
-            raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: not valid JSON (expected ',' or ']')")
-        i += 1
+            raise UserError(f"{path}:{line_at(i)}: not valid JSON (expected ',' or ']')")
+        i = skip_space(i + 1)
+
 
 # -----------------------------------------------------------------------------
 # the chat template and the formats
