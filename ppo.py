@@ -340,7 +340,7 @@ def main(cfg):
                     stats["approx_kl"].append(masked_mean(0.5 * log_ratio ** 2, m).item())
                     stats["clipfrac"].append(clipfrac.item())
                     stats["ratio_mean"].append(masked_mean(ratio, m).item())
-                    stats["ratio_max"].append((ratio * m).max().item())
+                    stats["ratio_max"].append(ratio_max.item())  # already the largest over processes
 
         if cfg.adaptive_kl:
             kl_ctl.update(common.all_reduce(kl.sum(1).mean().item()) / common.world_size(), cfg.rollout_batch)
