@@ -179,3 +179,47 @@ def test_train_benchmark(device):
               flush=True)
     print(f"rows x T: the longest padded batch; padding: share of positions that are padding; tokens/s: real "
           f"tokens only; useful MFU: MFU without the padding's FLOPs ({time.time() - t0:.0f} s)")
+
+
+def test_gpt2_step(device):
+    """On a GPU: one SFT step (sft.sft_loss, every position a target) of GPT-2 small (124M,
+    T = 1024, vocabulary 50257, random weights, bf16 autocast) with the Triton kernels and with the
+    PyTorch path (RLHF_KERNELS=torch), in the same run: what the fused attention and log-probs buy
+    a real-size model, in time and in memory."""
+    if device.type != "cuda":
+        import pytest
+        pytest.skip("GPT-2 small takes minutes a step on one CPU thread")
+    import os
+    cfg = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+    B, T = 16, cfg.block_size
+    peak = max(matmul_gflops(device, 8192, 8192, 8192, torch.bfloat16) for _ in range(2))
+    print(f"\nGPT-2 small SFT step, B={B} T={T}, bf16 autocast; matmul peak (8192^3) {peak / 1e3:.0f} TFLOP/s")
+    print(f"{'kernels':<8} | {'ms/step':>7} | {'tokens/s':>9} | {'TFLOP/s':>7} | {'MFU':>5} | {'peak GB':>7}")
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    saved = os.environ.get("RLHF_KERNELS")
+    try:
+        for mode in ("triton", "torch"):
+            os.environ["RLHF_KERNELS"] = mode
+            for i in range(WARMUP + STEPS):
+                if i == WARMUP:
+                    sync(device)
+                    torch.cuda.reset_peak_memory_stats()
+                    t = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = sft.sft_loss(model, x[:, :-1], x[:, 1:])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync(device)
+            dt = (time.perf_counter() - t) / STEPS
+            tflops = step_flops(cfg, B, T, B * T) / dt * 1e-12
+            print(f"{mode:<8} | {dt * 1e3:>7.1f} | {B * T / dt:>9.0f} | {tflops:>7.0f} | {tflops * 1e3 / peak:>5.0%} | "
+                  f"{torch.cuda.max_memory_allocated() / 1e9:>7.2f}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("RLHF_KERNELS", None)
+        else:
+            os.environ["RLHF_KERNELS"] = saved
