@@ -50,16 +50,20 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer in static buffers [n_layer, B, n_head, max_len, head_size].
-    A forward pass writes its T new keys at [pos, pos + T) in each layer, then advances pos."""
+    A forward pass writes its T new keys at [pos, pos + T) in each layer, then advances pos. The
+    buffers are allocated at the first write, in the dtype the layers produce (bf16 under autocast,
+    whatever the weights are), so attention always sees q, k and v in one dtype."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None
         self.pos = 0
 
     def update(self, layer, k, v):
         """Store k, v [B, nh, T, hs] of one layer; return all keys and values so far."""
+        if self.k is None:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -198,8 +202,7 @@ class GPT(nn.Module):
             raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
         if start is not None and not start.any():
             start = None  # no row is padded: skip the masks at every layer and step
-        dtype = self.transformer.wte.weight.dtype
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype) if use_cache else None
+        cache = KVCache(self.config, B, T + max_new_tokens) if use_cache else None
         tokens = idx.new_full((B, T + max_new_tokens), pad_id)  # written in place, one column per step
         tokens[:, :T] = idx
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)

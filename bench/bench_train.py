@@ -36,6 +36,7 @@ import ppo
 import reward
 import sft
 from common import batch_indices
+from data.formats import encode_rows
 from data.raters import Raters, preference_pairs
 from data.tasks import demonstrations, training_questions
 from data.tokenizer import get_tokenizer
@@ -82,14 +83,15 @@ def stage_steps(cfg, tok, device):
         x = torch.randint(0, cfg.vocab_size, (32, cfg.block_size + 1), device=device)
         return (x[:, :-1], x[:, 1:]), 32, cfg.block_size, 32 * cfg.block_size, (32 * cfg.block_size,)
 
-    demos = [sft.encode(tok, p, c, cfg.block_size, "demo") for p, c in demonstrations(512, seed=0)]
+    rows = [dict(prompt=p, completion=c) for p, c in demonstrations(512, seed=0)]
+    demos = [sft.example(p, c) for p, (c,) in encode_rows(tok, rows, ("completion",), cfg.block_size)[0]]
 
     def sft_batch():  # a random batch, as sft.py draws them
         x, y = sft.collate(rng.sample(demos, 32), tok.pad_id, device)
         return (x, y), *x.shape, int((x != tok.pad_id).sum()), (x.numel(),)
 
     rows = preference_pairs(300, 4, Raters(), seed=0)
-    rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)
+    rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)[0]
     rm_order = batch_indices([max(len(c), len(r)) for c, r in rm_pairs], 32, rng)  # as reward.py batches
 
     def reward_batch():
@@ -100,7 +102,7 @@ def stage_steps(cfg, tok, device):
         r = reward.rewards(rm, seqs, tok.pad_id, device).float()
         return reward.bradley_terry_loss(r[0::2], r[1::2])
 
-    dpo_pairs = [dpo.encode_pair(tok, r, cfg.block_size, "pair") for r in rows]
+    dpo_pairs = dpo.encode_pairs(tok, rows, cfg.block_size)[0]
 
     def dpo_batch():  # a random batch, as dpo.py draws them
         pairs = rng.sample(dpo_pairs, 32)

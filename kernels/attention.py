@@ -113,6 +113,8 @@ def _configs(gpu, interpreter):
 
 # The autotune key: head dim, mask, and the lengths rounded up to a power of two (the key passes the
 # rounded lengths so that decoding, one key longer at each step, does not retune at every step).
+# cache_results keeps the timings in Triton's cache directory: every stage is a new process, and only
+# the first one on a machine pays for tuning (about 20 s of an H200's first training step).
 _TUNE_KEY = ["Tq_bucket", "Tk_bucket", "HEAD_DIM", "CAUSAL"]
 
 
@@ -232,6 +234,7 @@ def _attn_fwd_inner(
         interpreter=[(32, 16, 4, 1)],
     ),
     key=_TUNE_KEY,
+    cache_results=True,
     prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit
@@ -351,6 +354,7 @@ def _attn_bwd_dkdv_inner(
         interpreter=[(16, 32, 4, 1)],
     ),
     key=_TUNE_KEY,
+    cache_results=True,
     prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit
@@ -445,6 +449,7 @@ def _attn_bwd_dq_inner(
         interpreter=[(32, 16, 4, 1)],
     ),
     key=_TUNE_KEY,
+    cache_results=True,
     prune_configs_by={"early_config_prune": _untuned_when_short},
 )
 @triton.jit

@@ -103,9 +103,10 @@ ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of b
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
-               for block, warps in [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+               for block, warps in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
 else:
     CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
+# The timings are kept on disk (cache_results), so each new process reuses the first one's tuning.
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr):
         tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))  # the first and last blocks
 
 
-@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
 @triton.jit
 def _logprob_fwd_kernel(
     logits_ptr,  # [N, *] logits, any float dtype; the V entries of a row contiguous
@@ -178,7 +179,7 @@ def _logprob_fwd_kernel(
 
 # restore_value: fused_linear_logprobs writes the gradient over the logits it reads, so each
 # config tried by the autotuner must start from the same logits
-@triton.autotune(configs=CONFIGS, key=["V"], restore_value=["grad_logits_ptr"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True, restore_value=["grad_logits_ptr"])
 @triton.jit
 def _logprob_bwd_kernel(
     logits_ptr,  # [N, *] logits, as in the forward
@@ -211,7 +212,7 @@ def _logprob_bwd_kernel(
         _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V)
 
 
-@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
 @triton.jit
 def _entropy_fwd_kernel(
     logits_ptr,  # [N, *] logits, any float dtype; the V entries of a row contiguous
@@ -247,7 +248,7 @@ def _entropy_fwd_kernel(
     tl.store(log_sum_ptr + row, log_s)
 
 
-@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
 @triton.jit
 def _entropy_bwd_kernel(
     logits_ptr,  # [N, *] logits, as in the forward
@@ -278,7 +279,7 @@ def _entropy_bwd_kernel(
         _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V)
 
 
-@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
 @triton.jit
 def _kl_fwd_kernel(
     p_ptr,  # [N, *] logits of p (the policy), any float dtype; the V entries of a row contiguous
@@ -328,7 +329,7 @@ def _kl_fwd_kernel(
     tl.store(q_log_sum_ptr + row, log_s_q)
 
 
-@triton.autotune(configs=CONFIGS, key=["V"])
+@triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
 @triton.jit
 def _kl_bwd_kernel(
     p_ptr,  # [N, *] logits of p, as in the forward

@@ -107,7 +107,7 @@ def test_kv_cache_forward_matches_full_forward():
     model = make_model(torch.float64)
     idx, start = left_pad([[3, 4, 5, 6, 7, 8], [9, 10, 11]], pad_id=0)
     full, _ = model(idx, start=start)
-    cache = KVCache(model.config, 2, idx.size(1), "cpu", torch.float64)
+    cache = KVCache(model.config, 2, idx.size(1))
     first, _ = model(idx[:, :4], start=start, cache=cache)  # a prefill, then one token at a time
     rest = [model(idx[:, t:t + 1], start=start, cache=cache)[0] for t in range(4, idx.size(1))]
     torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, rtol=1e-9, atol=1e-9)
@@ -178,3 +178,18 @@ def test_sample_never_draws_a_filtered_token_at_the_top_of_the_cdf(monkeypatch):
     assert sample(logits, top_k=3).tolist() == [2, 2, 2]
     assert sample(logits, top_p=0.5).tolist() == [0, 0, 0]
     assert sample(logits).tolist() == [4, 4, 4]
+
+
+def test_generate_under_autocast_caches_the_dtype_attention_sees():
+    """Under bf16 autocast the layers produce bf16 keys while the weights stay float32: the cache
+    must hold bf16 (a float32 cache handed attention bf16 q with float32 k and v, which broke
+    ppo.py and eval.py on a GPU). The cached path then matches recomputing under the same autocast."""
+    model = make_model(torch.float32)
+    idx, start = left_pad([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]], pad_id=0)
+    cache = KVCache(model.config, 3, idx.size(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, start=start, cache=cache)
+        assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+        greedy = [model.generate(idx, 8, start=start, temperature=0.0, use_cache=c) for c in (True, False)]
+    assert greedy[0].shape == (3, 6 + 8)
+    assert (greedy[0] == greedy[1]).float().mean() > 0.9  # bf16 rounding may flip a near-tie
