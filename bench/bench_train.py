@@ -156,9 +156,12 @@ def test_train_benchmark(device):
     t0 = time.time()
     for name, (models, make_batch, loss_fn) in stage_steps(cfg, tok, device).items():
         opt = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=1e-4)
-        batches = [make_batch() for _ in range(WARMUP + STEPS)]
+        timed = [make_batch() for _ in range(STEPS)]
+        # the warm-up steps run the timed batches themselves: on a GPU every new length bucket
+        # autotunes the attention kernels, which must not fall inside the timing
+        batches = [make_batch() for _ in range(WARMUP)] + timed + timed
         for i, (inputs, *_) in enumerate(batches):
-            if i == WARMUP:
+            if i == WARMUP + STEPS:
                 sync(device)
                 t = time.perf_counter()
             with autocast:
@@ -170,7 +173,6 @@ def test_train_benchmark(device):
             opt.zero_grad(set_to_none=True)
         sync(device)
         dt = (time.perf_counter() - t) / STEPS
-        timed = batches[WARMUP:]
         positions = sum(rows * T for _, rows, T, _, _ in timed)
         real = sum(n for *_, n, _ in timed)
         flops = sum(step_flops(cfg, rows, T, head) for _, rows, T, _, heads in timed for head in heads)

@@ -16,7 +16,7 @@ for part in $parts; do
   case $part in
     attention) timeout 240 python -m pytest bench/bench_attention.py -s -q 2>&1 | tee "$out/attention.txt" ;;
     logprob) timeout 230 python -m pytest bench/bench_logprob.py -s -q 2>&1 | tee "$out/logprob.txt" ;;
-    speed) timeout 120 python -m pytest bench/bench_generation.py bench/bench_train.py -s -q 2>&1 \
+    speed) timeout 180 python -m pytest bench/bench_generation.py bench/bench_train.py -s -q 2>&1 \
              | tee "$out/pipeline_speed.txt" ;;
     chain) timeout 150 bash bench/gpu_chain.sh "$out/chain" 2>&1 | tee "$out/chain.txt" ;;
     *) echo "gpu_check.sh: unknown part '$part' (attention, logprob, speed, chain)"; exit 1 ;;
