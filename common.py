@@ -49,6 +49,15 @@ class Batched(Resumable):
     micro_batch_size: int = 0
     """examples per forward pass on each process (0: batch_size / processes); the batch_size stays the global one"""
 
+
+@dataclasses.dataclass
+class Padded(Batched):
+    """Flags of the stages whose examples differ in length (sft, reward, dpo): each batch is drawn
+    as before, then sorted by length and cut into micro-batches, each padded only to its own longest
+    example. The gradient is the batch's either way, up to float rounding; the padding is not."""
+    length_groups: int = 4
+    """micro-batches of similar length per batch and process, at least (1: one pass, padded to the batch's longest)"""
+
 # -----------------------------------------------------------------------------
 # command line: every field of a stage's config dataclass is a --flag
 
@@ -215,16 +224,21 @@ def check_batch(batch_size, micro_batch_size, what="--batch_size"):
                         f"x {n} processes")
 
 
-def shard(batch, micro_batch_size):
+def shard(batch, micro_batch_size, length=None, groups=1):
     """This process's share of a global batch (a list), cut into micro-batches: a list of
     (items, weight). The shares are contiguous slices, as even as the batch allows. A process whose
     share is empty (a short last batch) gets one item with weight 0, so that it still joins the
-    gradient all-reduce while adding nothing to it."""
+    gradient all-reduce while adding nothing to it. With length (item -> its length in tokens), the
+    share is sorted by length and cut into at least `groups` micro-batches, so that each pads to a
+    length close to its own items' (Padded.length_groups)."""
     n, r = world_size(), rank()
     mine = batch[r * len(batch) // n:(r + 1) * len(batch) // n]
     if not mine:
         return [(batch[:1], 0.0)]
     micro = micro_batch_size or len(mine)
+    if length is not None and groups > 1:
+        mine = sorted(mine, key=length)
+        micro = min(micro, -(-len(mine) // groups))
     return [(mine[i:i + micro], 1.0) for i in range(0, len(mine), micro)]
 
 

@@ -62,7 +62,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class Config(Raters, common.Batched):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
+class Config(Raters, common.Padded):  # the raters' biases are flags too, with reward.py's defaults: the same pairs
     init: str = "out/sft"
     """the policy to fine-tune, and the frozen reference (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/dpo"
@@ -259,6 +259,9 @@ def main(cfg):
         loss, stats = pair_loss([train[i] for i in items], ref_train[0][items], ref_train[1][items], train_model)
         return loss * len(items) / len(idx), {k: v * len(items) for k, v in stats.items()}
 
+    def pair_length(i):  # chosen and rejected go through the model in one batch: the longer one counts
+        return max(len(train[i][0][0]), len(train[i][1][0]))
+
     logger = common.Logger()
     rng = random.Random(cfg.seed)
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
@@ -272,7 +275,7 @@ def main(cfg):
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size), loss_part)
+        loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size, pair_length, cfg.length_groups), loss_part)
         stats = {k: v / len(idx) for k, v in sums.items()}
         common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:

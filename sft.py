@@ -34,7 +34,7 @@ from model import complete, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size (common.py)
+class Config(common.Padded):  # and --save_every, --resume, --micro_batch_size, --length_groups (common.py)
     init: str = "out/base"
     """the checkpoint to fine-tune (a language model, or a Hugging Face GPT-2 directory)"""
     out_dir: str = "out/sft"
@@ -163,7 +163,7 @@ def main(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         n_targets = sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in batch)
-        loss = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size), loss_part)
+        loss = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size, lambda e: len(e[0]), cfg.length_groups), loss_part)
         common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -72,7 +72,7 @@ def test_sft_killed_with_sigkill_resumes_to_the_same_weights(tiny_chain, tmp_pat
 
 def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
     args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, micro_batch_size=4,
-                log_every=2, n_samples=1, device="cpu", save_every=3)
+                length_groups=2, log_every=2, n_samples=1, device="cpu", save_every=3)
     dpo.main(dpo.Config(out_dir=str(tmp_path / "whole"), **args))
     interrupt_at(monkeypatch, dpo, "dpo_loss", 2 * 7)  # two micro-batches a step: dies in step 7, after the save of step 6
     with pytest.raises(KeyboardInterrupt):
@@ -115,9 +115,9 @@ def test_ppo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path,
 
 
 def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
-    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=0, batch_size=8, n_samples=1,
-                device="cpu", save_every=2, out_dir=str(tmp_path / "run"))
-    interrupt_at(monkeypatch, dpo, "dpo_loss", 3)
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=0, batch_size=8, length_groups=1,
+                n_samples=1, device="cpu", save_every=2, out_dir=str(tmp_path / "run"))
+    interrupt_at(monkeypatch, dpo, "dpo_loss", 3)  # one pass a step: dies in the third, after the save at two steps done
     with pytest.raises(KeyboardInterrupt):
         dpo.main(dpo.Config(**args))
     with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5"):

@@ -72,3 +72,27 @@ def test_bad_data_files_name_file_and_line(tmp_path):
     bad.write_text("\n")
     with pytest.raises(UserError, match=r"demos.jsonl: no rows \(the file is empty\)"):
         prompt_completion_rows(str(bad))
+
+
+def test_length_groups_give_the_batchs_gradient_with_less_padding():
+    """sft.py's loss over a batch cut into length-sorted micro-batches (--length_groups) has the
+    gradient of one padded pass over the whole batch."""
+    import common
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=2, n_head=2, n_embd=16)).double()
+    batch = [sft.example(TOK.encode("Human: Q" + "?" * n + "\n\nAssistant:"), TOK.encode(" A" + "!" * n) + [TOK.eot_id])
+             for n in range(8)]
+    n_targets = sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in batch)
+    grads, padded = [], []
+    for groups in (1, 4):
+        def loss_part(items):
+            x, y = sft.collate(items, TOK.pad_id, "cpu")
+            padded.append(x.numel())
+            return sft.sft_loss(model, x, y) * (y != kernels.IGNORE_INDEX).sum() / n_targets
+        parts = common.shard(batch, 0, lambda e: len(e[0]), groups)
+        assert len(parts) == groups
+        common.accumulate(common.DataParallel(model), parts, loss_part)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+    assert sum(padded[1:]) < padded[0]  # four micro-batches pad less than one
