@@ -156,10 +156,13 @@ def encode_pairs(tok, rows, block_size):
 
 def sequence_logps(model, x, y):
     """log pi(response | prompt) of each row: the sum of the target tokens' log-probs, and the
-    number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding."""
+    number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding.
+    The lm head runs at the response positions only: with long prompts and padding, those are a
+    small share of the batch, and the (positions, vocab) logits are most of a step's work."""
     hidden = model.hidden_states(x)  # (B, T, C)
-    logps = kernels.fused_linear_logprobs(hidden, model.transformer.wte.weight, y)  # (B, T), 0 where ignored
-    return logps.sum(-1), (y != kernels.IGNORE_INDEX).sum(-1)
+    mask = y != kernels.IGNORE_INDEX  # (B, T)
+    logps = kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask])  # (N,)
+    return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), mask.sum(-1)
 
 
 def batch_logps(model, pairs, pad_id, device, loss_type):

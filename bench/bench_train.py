@@ -9,8 +9,9 @@ data: forward, loss, backward, gradient clipping and the AdamW update, as its lo
 - pretrain: 32 windows of 128 tokens, cross-entropy on every position;
 - sft: 32 random demonstrations, right-padded (sft.collate), sft.sft_loss;
 - reward: 32 pairs of similar length, chosen and rejected in one batch (reward.rewards), bradley_terry_loss;
-- dpo: 32 random pairs in one batch of 64 rows (dpo.batch_logps), dpo_loss; the reference log-probs,
-  computed once before training, are not part of a step;
+- dpo: 32 random pairs in one batch of 64 rows (dpo.batch_logps, which applies the lm head at the
+  response tokens only), dpo_loss; the reference log-probs, computed once before training, are not
+  part of a step;
 - ppo: a minibatch of 16 prompts + 24 sampled tokens: the policy's clipped loss and the value
   model's loss, two backward passes, two updates (the rollout is not part of a step).
 Model FLOPs are counted as in the PaLM paper's MFU: 6 per parameter of a matrix multiply per position
@@ -32,6 +33,7 @@ import time
 import torch
 
 import dpo
+import kernels
 import ppo
 import reward
 import sft
@@ -107,7 +109,8 @@ def stage_steps(cfg, tok, device):
     def dpo_batch():  # a random batch, as dpo.py draws them
         pairs = rng.sample(dpo_pairs, 32)
         T = max(len(x) for pair in pairs for x, _ in pair)
-        return (pairs,), 64, T, sum(len(x) for pair in pairs for x, _ in pair), (64 * T,)
+        targets = sum(sum(t != kernels.IGNORE_INDEX for t in y) for pair in pairs for _, y in pair)
+        return (pairs,), 64, T, sum(len(x) for pair in pairs for x, _ in pair), (targets,)  # the lm head: responses only
 
     def dpo_step_loss(pairs):
         chosen, rejected = dpo.batch_logps(lm, pairs, tok.pad_id, device, "sigmoid")

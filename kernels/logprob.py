@@ -8,8 +8,9 @@ dtype; they materialise float32 [N, V] tensors, which is exactly the memory the 
 
 The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes an entry):
 - token_logprobs_ref reads the logits, writes a float32 copy, a float32 copy divided by the
-  temperature and the float32 log-softmax (kept for the backward: 4*N*V bytes, 3.3 GB at N=16k,
-  V=50257), each read back at least once: about 30 bytes an entry forward, as many backward.
+  temperature (unless it is 1) and the float32 log-softmax (kept for the backward: 4*N*V bytes,
+  3.3 GB at N=16k, V=50257), each read back at least once: about 30 bytes an entry forward, as
+  many backward.
 - The kernel streams each row once in blocks of BLOCK_V, keeping a running maximum m and a running
   sum s of exp(x - m) (the online log-sum-exp): it reads 2 bytes an entry and writes three floats a
   row. It keeps two of those floats for the backward, which reads the logits once more, recomputes
@@ -53,7 +54,9 @@ IGNORE_INDEX = -100  # a target equal to this gives log-prob 0 and no gradient
 def token_logprobs_ref(logits, targets, temperature=1.0):
     """log softmax(logits / temperature)[targets]: logits [..., V], targets [...] -> float32 [...]."""
     V = logits.size(-1)
-    x = logits.float().reshape(-1, V) / temperature
+    x = logits.float().reshape(-1, V)
+    if temperature != 1.0:  # x / 1.0 is x again, at the cost of a copy of the logits (and its backward)
+        x = x / temperature
     nll = F.cross_entropy(x, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view(targets.shape)
 
