@@ -89,11 +89,13 @@ def collate(examples, pad_id, device):
 
 
 def sft_loss(model, x, y):
-    """Mean negative log-likelihood of the response tokens. The log-probs come from the fused
-    kernel, which on a GPU never materialises the (B, T, vocab) logits."""
+    """Mean negative log-likelihood of the response tokens. The lm head runs at those positions only
+    (prompt and padding are often most of a batch), through the fused kernel, which on a GPU never
+    materialises their (tokens, vocab) logits either."""
     hidden = model.hidden_states(x)  # (B, T, C)
-    logps = kernels.fused_linear_logprobs(hidden, model.transformer.wte.weight, y)  # (B, T), 0 where ignored
-    return -logps.sum() / (y != kernels.IGNORE_INDEX).sum()
+    mask = y != kernels.IGNORE_INDEX  # (B, T)
+    logps = kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask])  # (tokens,)
+    return -logps.sum() / mask.sum()
 
 
 def main(cfg):

@@ -7,10 +7,11 @@ Each stage's step is built from the stage's own functions, on the default pipeli
 Config, built-in tokenizer) with random weights, at the stage's default batch size, on its built-in
 data: forward, loss, backward, gradient clipping and the AdamW update, as its loop runs them.
 - pretrain: 32 windows of 128 tokens, cross-entropy on every position;
-- sft: 32 random demonstrations, right-padded (sft.collate), sft.sft_loss;
+- sft: 32 random demonstrations in length-sorted micro-batches, right-padded (sft.collate), sft.sft_loss
+  (the lm head at the response tokens only);
 - reward: 32 pairs of similar length, chosen and rejected in one batch (reward.rewards), bradley_terry_loss;
-- dpo: 32 random pairs in one batch of 64 rows (dpo.batch_logps, which applies the lm head at the
-  response tokens only), dpo_loss; the reference log-probs, computed once before training, are not
+- dpo: 32 random pairs in length-sorted micro-batches, chosen and rejected of each in one forward pass
+  (dpo.batch_logps, which applies the lm head at the response tokens only), dpo_loss; the reference log-probs, computed once before training, are not
   part of a step;
 - ppo: a minibatch of 16 prompts + 24 sampled tokens: the policy's clipped loss and the value
   model's loss, two backward passes, two updates (the rollout is not part of a step).
@@ -21,10 +22,13 @@ stage applies it; embedding lookups, LayerNorms, softmaxes and the optimizer cou
 utilisation is against two ceilings measured in the same run: a large square matmul (the machine's
 peak) and the model's own widest matmul, (B*T, n_embd) @ (n_embd, 4 n_embd) (the ceiling at this
 width). On a CPU it runs on one thread (see conftest.py), in under a minute.
-sft and dpo draw random batches, half padding. Batches of similar length (common.batch_indices, as
-reward.py draws them) would remove most of it, but on the built-in task a demonstration's length goes
-with its question kind and style, so such batches are lopsided: bucketed SFT ran 2.6x faster (71 s
--> 28 s on one thread) and ended at a validation loss of 1.38 instead of 0.39. They stay random.
+sft and dpo draw random batches, as their loops do, and cut each into length-sorted micro-batches
+(--length_groups, common.shard), each padded to its own longest: half the positions of one padded
+pass were padding, about a fifth are now. Batches drawn by length (common.batch_indices, as reward.py
+draws them) would remove more, but on the built-in task a demonstration's length goes with its
+question kind and style, so such batches are lopsided: bucketed SFT ran 2.6x faster (71 s -> 28 s on
+one thread) and ended at a validation loss of 1.38 instead of 0.39. Sorting inside a random batch
+keeps its gradient.
 """
 
 import random
@@ -37,7 +41,7 @@ import kernels
 import ppo
 import reward
 import sft
-from common import batch_indices
+from common import batch_indices, shard
 from data.formats import encode_rows
 from data.raters import Raters, preference_pairs
 from data.tasks import demonstrations, training_questions
@@ -67,30 +71,38 @@ def matmul_gflops(device, m, k, n, dtype, repeat=10):
     return 2 * m * k * n / best * 1e-9
 
 
-def step_flops(cfg, B, T, head_positions):
-    """Model FLOPs of forward + backward of one model over a (B, T) batch whose lm head is applied
-    at head_positions positions (0 for a scalar head)."""
+def step_flops(cfg, shapes, head_positions):
+    """Model FLOPs of forward + backward of one model over its (B, T) micro-batches, whose lm head is
+    applied at head_positions positions in all (0 for a scalar head)."""
     C, L = cfg.n_embd, cfg.n_layer
-    return 6 * B * T * 12 * L * C * C + 6 * B * L * T * T * C + 6 * head_positions * cfg.vocab_size * C
+    trunk = sum(6 * B * T * 12 * L * C * C + 6 * B * L * T * T * C for B, T in shapes)
+    return trunk + 6 * head_positions * cfg.vocab_size * C
 
 
 def stage_steps(cfg, tok, device):
-    """{stage: (models, make_batch, loss)}. make_batch() -> (inputs, rows, T, real tokens, lm-head
-    positions of each model); loss(*inputs) -> the step's loss, as the stage computes it."""
+    """{stage: (models, make_batch, loss)}. make_batch() -> (inputs, the (rows, T) of each forward pass,
+    real tokens, lm-head positions of each model); loss(*inputs) -> the step's loss, as the stage
+    computes it."""
     rng = random.Random(0)
     lm = GPT(cfg).to(device)
     rm = reward.scalar_model(lm)
 
     def pretrain_batch():
         x = torch.randint(0, cfg.vocab_size, (32, cfg.block_size + 1), device=device)
-        return (x[:, :-1], x[:, 1:]), 32, cfg.block_size, 32 * cfg.block_size, (32 * cfg.block_size,)
+        return (x[:, :-1], x[:, 1:]), [(32, cfg.block_size)], 32 * cfg.block_size, (32 * cfg.block_size,)
 
     rows = [dict(prompt=p, completion=c) for p, c in demonstrations(512, seed=0)]
     demos = [sft.example(p, c) for p, (c,) in encode_rows(tok, rows, ("completion",), cfg.block_size)[0]]
 
-    def sft_batch():  # a random batch, as sft.py draws them
-        x, y = sft.collate(rng.sample(demos, 32), tok.pad_id, device)
-        return (x, y), *x.shape, int((x != tok.pad_id).sum()), (x.numel(),)
+    def sft_batch():  # a random batch, as sft.py draws it and cuts it into micro-batches of similar length
+        parts = [sft.collate(items, tok.pad_id, device) for items, _ in
+                 shard(rng.sample(demos, 32), 0, lambda e: len(e[0]), sft.Config.length_groups)]
+        targets = sum(int((y != kernels.IGNORE_INDEX).sum()) for _, y in parts)
+        return ((parts, targets), [tuple(x.shape) for x, _ in parts], sum(int((x != tok.pad_id).sum()) for x, _ in parts),
+                (targets,))  # the lm head: responses only
+
+    def sft_step_loss(parts, targets):
+        return sum(sft.sft_loss(lm, x, y) * (y != kernels.IGNORE_INDEX).sum() / targets for x, y in parts)
 
     rows = preference_pairs(300, 4, Raters(), seed=0)
     rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)[0]
@@ -98,7 +110,7 @@ def stage_steps(cfg, tok, device):
 
     def reward_batch():
         seqs = [s for j in next(rm_order) for s in rm_pairs[j]]  # chosen, rejected, chosen, ...
-        return (seqs,), len(seqs), max(map(len, seqs)), sum(map(len, seqs)), (0,)
+        return (seqs,), [(len(seqs), max(map(len, seqs)))], sum(map(len, seqs)), (0,)
 
     def reward_loss(seqs):
         r = reward.rewards(rm, seqs, tok.pad_id, device).float()
@@ -106,16 +118,21 @@ def stage_steps(cfg, tok, device):
 
     dpo_pairs = dpo.encode_pairs(tok, rows, cfg.block_size)[0]
 
-    def dpo_batch():  # a random batch, as dpo.py draws them
-        pairs = rng.sample(dpo_pairs, 32)
-        T = max(len(x) for pair in pairs for x, _ in pair)
-        targets = sum(sum(t != kernels.IGNORE_INDEX for t in y) for pair in pairs for _, y in pair)
-        return (pairs,), 64, T, sum(len(x) for pair in pairs for x, _ in pair), (targets,)  # the lm head: responses only
+    def dpo_batch():  # a random batch, as dpo.py draws it and cuts it into micro-batches of similar length
+        parts = [items for items, _ in shard(rng.sample(dpo_pairs, 32), 0, lambda pair: max(len(x) for x, _ in pair),
+                                             dpo.Config.length_groups)]
+        shapes = [(2 * len(items), max(len(x) for pair in items for x, _ in pair)) for items in parts]
+        targets = sum(sum(t != kernels.IGNORE_INDEX for t in y) for items in parts for pair in items for _, y in pair)
+        real = sum(len(x) for items in parts for pair in items for x, _ in pair)
+        return (parts,), shapes, real, (targets,)  # the lm head: responses only
 
-    def dpo_step_loss(pairs):
-        chosen, rejected = dpo.batch_logps(lm, pairs, tok.pad_id, device, "sigmoid")
-        ref = torch.zeros_like(chosen)
-        return dpo.dpo_loss(chosen, rejected, ref, ref, 0.5, "sigmoid", 0.1)[0].mean()
+    def dpo_step_loss(parts):
+        loss = 0.0
+        for pairs in parts:
+            chosen, rejected = dpo.batch_logps(lm, pairs, tok.pad_id, device, "sigmoid")
+            ref = torch.zeros_like(chosen)
+            loss = loss + dpo.dpo_loss(chosen, rejected, ref, ref, 0.5, "sigmoid", 0.1)[0].sum() / 32
+        return loss
 
     questions = [q.prompt for q in training_questions(256, seed=0)]
     R = ppo.Config().max_new_tokens
@@ -124,7 +141,7 @@ def stage_steps(cfg, tok, device):
     def ppo_batch():
         idx, start = left_pad([tok.encode(p) for p in rng.sample(questions, 16)], tok.pad_id, device)
         seqs = torch.cat([idx, torch.randint(0, cfg.vocab_size, (16, R), device=device)], dim=1)
-        return (seqs, start, idx.size(1)), *seqs.shape, int((seqs != tok.pad_id).sum()), (16 * R, 0)
+        return (seqs, start, idx.size(1)), [tuple(seqs.shape)], int((seqs != tok.pad_id).sum()), (16 * R, 0)
 
     def ppo_loss(seqs, start, P):
         mask = torch.ones(seqs.size(0), R, device=device)
@@ -135,7 +152,7 @@ def stage_steps(cfg, tok, device):
 
     return {
         "pretrain": ((lm,), pretrain_batch, lambda x, y: lm(x, y)[1]),
-        "sft": ((lm,), sft_batch, lambda x, y: sft.sft_loss(lm, x, y)),
+        "sft": ((lm,), sft_batch, sft_step_loss),
         "reward": ((rm,), reward_batch, reward_loss),
         "dpo": ((lm,), dpo_batch, dpo_step_loss),
         "ppo": ((lm, value_model), ppo_batch, ppo_loss),
@@ -176,15 +193,15 @@ def test_train_benchmark(device):
             opt.zero_grad(set_to_none=True)
         sync(device)
         dt = (time.perf_counter() - t) / STEPS
-        positions = sum(rows * T for _, rows, T, _, _ in timed)
-        real = sum(n for *_, n, _ in timed)
-        flops = sum(step_flops(cfg, rows, T, head) for _, rows, T, _, heads in timed for head in heads)
+        positions = sum(B * T for _, shapes, _, _ in timed for B, T in shapes)
+        real = sum(n for _, _, n, _ in timed)
+        flops = sum(step_flops(cfg, shapes, head) for _, shapes, _, heads in timed for head in heads)
         gflops = flops / STEPS / dt * 1e-9
-        rows, T = timed[0][1], max(T for _, _, T, _, _ in timed)
+        rows, T = sum(B for B, _ in timed[0][1]), max(T for _, shapes, _, _ in timed for _, T in shapes)
         print(f"{name:<8} | {f'{rows}x{T}':>8} | {1 - real / positions:>7.0%} | {dt * 1e3:>7.0f} | {real / STEPS / dt:>8.0f} | "
               f"{gflops:>7.1f} | {gflops / peak:>5.0%} | {gflops / narrow:>9.0%} | {gflops / peak * real / positions:>10.0%}",
               flush=True)
-    print(f"rows x T: the longest padded batch; padding: share of positions that are padding; tokens/s: real "
+    print(f"rows x T: all rows of a step, by the longest; padding: share of positions that are padding; tokens/s: real "
           f"tokens only; useful MFU: MFU without the padding's FLOPs ({time.time() - t0:.0f} s)")
 
 
@@ -222,7 +239,7 @@ def test_gpt2_step(device):
                 opt.zero_grad(set_to_none=True)
             sync(device)
             dt = (time.perf_counter() - t) / STEPS
-            tflops = step_flops(cfg, B, T, B * T) / dt * 1e-12
+            tflops = step_flops(cfg, [(B, T)], B * T) / dt * 1e-12
             print(f"{mode:<8} | {dt * 1e3:>7.1f} | {B * T / dt:>9.0f} | {tflops:>7.0f} | {tflops * 1e3 / peak:>5.0%} | "
                   f"{torch.cuda.max_memory_allocated() / 1e9:>7.2f}", flush=True)
     finally:

@@ -123,7 +123,7 @@ def nan_from_step(monkeypatch, module, name, step):
 
 def test_a_nan_loss_stops_sft_at_its_step_and_keeps_the_last_good_checkpoint(tiny_chain, out_dir, monkeypatch):
     cfg = sft.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_demos=200, epochs=1, batch_size=16,
-                     log_every=100, n_samples=1, device="cpu")
+                     length_groups=1, log_every=100, n_samples=1, device="cpu")  # one loss call a step
     before = snapshot(out_dir)
     nan_from_step(monkeypatch, sft, "sft_loss", 7)
     with pytest.raises(common.NumericalError, match=r"^step 7: the loss is nan; stopped before the update"):
@@ -145,7 +145,7 @@ def test_a_nan_loss_stops_dpo(tiny_chain, out_dir, monkeypatch):
     nan_from_step(monkeypatch, dpo, "dpo_loss", 2)
     with pytest.raises(common.NumericalError, match=r"^step 2: the loss is nan"):
         dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_prompts=20, pairs_per_prompt=4,
-                            sft_samples=0, batch_size=4, n_samples=1, device="cpu"))
+                            sft_samples=0, batch_size=4, length_groups=1, n_samples=1, device="cpu"))  # one loss call a step
     assert snapshot(out_dir) == before
 
 
