@@ -179,14 +179,15 @@ def batch_logps(model, pairs, pad_id, device, loss_type):
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=64):
     """batch_logps of every pair under the reference model: (chosen [N], rejected [N]), computed once.
-    Call it before the first update, with dropout off."""
-    chosen, rejected = [], []
+    Call it before the first update, with dropout off. The pairs go through in order of length, so
+    that each batch pads little; the results come back in the pairs' own order."""
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0][0]), len(pairs[i][1][0])))
+    chosen, rejected = torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device)
     for i in range(0, len(pairs), batch_size):
+        part = order[i:i + batch_size]
         with autocast:
-            c, r = batch_logps(model, pairs[i:i + batch_size], pad_id, device, loss_type)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+            chosen[part], rejected[part] = batch_logps(model, [pairs[j] for j in part], pad_id, device, loss_type)
+    return chosen, rejected
 
 
 def main(cfg):

@@ -11,6 +11,7 @@ token (the EOS). Trained so that the chosen response of each pair scores higher:
 the Bradley-Terry likelihood of the raters' choices (InstructGPT, Ouyang et al. 2022; Stiennon et
 al. 2020). Details written out below: the trunk starts from the SFT model, the head from a small
 normal (std 1/sqrt(n_embd + 1)), dropout is off, the learning rate stays constant after its warm-up,
+the model kept is the moving average of the trained weights (its held-out accuracy is what is logged),
 and at the end the reward is normalised (a gain and a bias in config.json) so that the SFT model's own
 responses score mean 0 and std 1: PPO's KL coefficient then means the same whatever the RM.
 
@@ -19,6 +20,7 @@ compares the held-out accuracy with the Bayes rate, the best any reward model co
 Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 """
 
+import copy
 import random
 import time
 from collections import defaultdict
@@ -59,6 +61,8 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     """learning rate (after a linear warm-up, constant)"""
     warmup_steps: int = 10
     """steps of linear warm-up"""
+    ema: float = 0.99
+    """the reward model is the moving average of the trained weights, this much of it kept per step (0: the last weights)"""
     grad_clip: float = 1.0
     """clip the gradient norm to this (0: off)"""
     norm_prompts: int = 256
@@ -140,20 +144,25 @@ def main(cfg):
     rm = scalar_model(sft)
     rm.train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # The learning rate does not decay (see lr_at), so the last weights wander: held-out accuracy
+    # moved by 0.02-0.03 from one evaluation to the next. Their exponential moving average (Polyak
+    # averaging) is the model evaluated and written; it lags the training by about 1 / (1 - ema) steps.
+    ema = copy.deepcopy(rm).eval().requires_grad_(False) if cfg.ema > 0 else rm
 
     def lr_at(step):  # no decay: on the built-in pairs it stopped the learning of right from wrong halfway
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
 
     @torch.no_grad()
     def evaluate():
-        rm.eval()
+        training = ema.training
+        ema.eval()
         margins = []
         for i in range(0, len(val), 64):
             batch = val[i:i + 64]
             with autocast:
-                r = rewards(rm, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
+                r = rewards(ema, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
             margins += (r[:len(batch)] - r[len(batch):]).tolist()
-        rm.train()
+        ema.train(training)
         return margins
 
     def loss_part(items):  # a micro-batch's share of the batch's mean loss, and its diagnostics summed
@@ -166,7 +175,8 @@ def main(cfg):
     logger = common.Logger()
     batches = common.batch_indices([max(len(c), len(r)) for c, r in train], cfg.batch_size, random.Random(cfg.seed))
     train_model = common.DataParallel(rm)  # under torchrun: gradients averaged over processes
-    state = common.TrainState(cfg, "reward", optimizers={"adamw": optimizer}, generators={"sampler": gen})
+    state = common.TrainState(cfg, "reward", optimizers={"adamw": optimizer}, generators={"sampler": gen},
+                              models={"ema": ema} if ema is not rm else {})
     first = 0
     if cfg.resume:
         first, _ = state.restore(rm, logger)
@@ -182,6 +192,9 @@ def main(cfg):
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not rm:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(rm.parameters()), 1 - cfg.ema)
         if step % cfg.log_every == 0 or step == steps - 1:
             row = dict(step=step, loss=loss.item(), accuracy=sums["correct"] / len(batch), margin=sums["margin"] / len(batch),
                        lr=lr_at(step))
@@ -194,7 +207,7 @@ def main(cfg):
                                               "metrics": {"steps_done": step + 1}}, logger.rows, resume=state.capture(step + 1))
 
     # held-out accuracy, overall and by kind of pair, against the Bayes rate of the raters
-    rm.eval()
+    rm = ema.eval()  # from here on, the reward model is the average
     margins = evaluate()
     metrics = {"val_accuracy": sum(m > 0 for m in margins) / len(margins), "val_margin": sum(margins) / len(margins),
                "val_pairs": len(val), "train_pairs": len(train)}

@@ -94,9 +94,9 @@ def stage_steps(cfg, tok, device):
     rows = [dict(prompt=p, completion=c) for p, c in demonstrations(512, seed=0)]
     demos = [sft.example(p, c) for p, (c,) in encode_rows(tok, rows, ("completion",), cfg.block_size)[0]]
 
-    def sft_batch():  # a random batch, as sft.py draws it and cuts it into micro-batches of similar length
+    def sft_batch(groups=sft.Config.length_groups):  # a random batch, as sft.py draws it and cuts it up by length
         parts = [sft.collate(items, tok.pad_id, device) for items, _ in
-                 shard(rng.sample(demos, 32), 0, lambda e: len(e[0]), sft.Config.length_groups)]
+                 shard(rng.sample(demos, 32), 0, lambda e: len(e[0]), groups)]
         targets = sum(int((y != kernels.IGNORE_INDEX).sum()) for _, y in parts)
         return ((parts, targets), [tuple(x.shape) for x, _ in parts], sum(int((x != tok.pad_id).sum()) for x, _ in parts),
                 (targets,))  # the lm head: responses only
@@ -118,9 +118,9 @@ def stage_steps(cfg, tok, device):
 
     dpo_pairs = dpo.encode_pairs(tok, rows, cfg.block_size)[0]
 
-    def dpo_batch():  # a random batch, as dpo.py draws it and cuts it into micro-batches of similar length
+    def dpo_batch(groups=dpo.Config.length_groups):  # a random batch, as dpo.py draws it and cuts it up by length
         parts = [items for items, _ in shard(rng.sample(dpo_pairs, 32), 0, lambda pair: max(len(x) for x, _ in pair),
-                                             dpo.Config.length_groups)]
+                                             groups)]
         shapes = [(2 * len(items), max(len(x) for pair in items for x, _ in pair)) for items in parts]
         targets = sum(sum(t != kernels.IGNORE_INDEX for t in y) for items in parts for pair in items for _, y in pair)
         real = sum(len(x) for items in parts for pair in items for x, _ in pair)
@@ -153,8 +153,10 @@ def stage_steps(cfg, tok, device):
     return {
         "pretrain": ((lm,), pretrain_batch, lambda x, y: lm(x, y)[1]),
         "sft": ((lm,), sft_batch, sft_step_loss),
+        "sft/1": ((lm,), lambda: sft_batch(1), sft_step_loss),  # one padded pass a batch: --length_groups 1
         "reward": ((rm,), reward_batch, reward_loss),
         "dpo": ((lm,), dpo_batch, dpo_step_loss),
+        "dpo/1": ((lm,), lambda: dpo_batch(1), dpo_step_loss),
         "ppo": ((lm, value_model), ppo_batch, ppo_loss),
     }
 
@@ -202,7 +204,7 @@ def test_train_benchmark(device):
               f"{gflops:>7.1f} | {gflops / peak:>5.0%} | {gflops / narrow:>9.0%} | {gflops / peak * real / positions:>10.0%}",
               flush=True)
     print(f"rows x T: all rows of a step, by the longest; padding: share of positions that are padding; tokens/s: real "
-          f"tokens only; useful MFU: MFU without the padding's FLOPs ({time.time() - t0:.0f} s)")
+          f"tokens only; useful MFU: MFU without the padding's FLOPs; sft/1, dpo/1: one padded pass a batch (--length_groups 1) ({time.time() - t0:.0f} s)")
 
 
 def test_gpt2_step(device):
