@@ -52,11 +52,11 @@ class Batched(Resumable):
 
 @dataclasses.dataclass
 class Padded(Batched):
-    """Flags of the stages whose examples differ in length (sft, reward, dpo): each batch is drawn
+    """Flags of the stages whose random batches mix lengths (sft, dpo): each batch is drawn
     as before, then sorted by length and cut into micro-batches, each padded only to its own longest
     example. The gradient is the batch's either way, up to float rounding; the padding is not."""
     length_groups: int = 4
-    """micro-batches of similar length per batch and process, at least (1: one pass, padded to the batch's longest)"""
+    """micro-batches of similar length per batch and process, at least (as many as there are examples at most; 1: one pass, padded to the batch's longest)"""
 
 # -----------------------------------------------------------------------------
 # command line: every field of a stage's config dataclass is a --flag
@@ -229,8 +229,9 @@ def shard(batch, micro_batch_size, length=None, groups=1):
     (items, weight). The shares are contiguous slices, as even as the batch allows. A process whose
     share is empty (a short last batch) gets one item with weight 0, so that it still joins the
     gradient all-reduce while adding nothing to it. With length (item -> its length in tokens), the
-    share is sorted by length and cut into at least `groups` micro-batches, so that each pads to a
-    length close to its own items' (Padded.length_groups)."""
+    share is sorted by length and cut into near-equal micro-batches, at least `groups` of them (and
+    no more than micro_batch_size items each), so that each pads to a length close to its own
+    items' (Padded.length_groups)."""
     n, r = world_size(), rank()
     mine = batch[r * len(batch) // n:(r + 1) * len(batch) // n]
     if not mine:
@@ -238,7 +239,8 @@ def shard(batch, micro_batch_size, length=None, groups=1):
     micro = micro_batch_size or len(mine)
     if length is not None and groups > 1:
         mine = sorted(mine, key=length)
-        micro = min(micro, -(-len(mine) // groups))
+        k = min(len(mine), max(groups, -(-len(mine) // micro)))  # the number of micro-batches
+        return [(mine[i * len(mine) // k:(i + 1) * len(mine) // k], 1.0) for i in range(k)]
     return [(mine[i:i + micro], 1.0) for i in range(0, len(mine), micro)]
 
 
@@ -502,7 +504,11 @@ class TrainState:
         model.load_state_dict(weights)
         for name, m in self.models.items():
             prefix = f"model.{name}."
-            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not state:
+                raise UserError(f"--resume: {where} holds no {name} model (written by an older version of this "
+                                f"stage?); start the run again without --resume")
+            m.load_state_dict(state)
         for name, opt in self.optimizers.items():
             load_optimizer_state(opt, f"optimizer.{name}", tensors, info["optimizers"][name])
         r = rank()

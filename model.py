@@ -64,6 +64,8 @@ class KVCache:
         if self.k is None:
             self.k = k.new_zeros(self.shape)
             self.v = v.new_zeros(self.shape)
+        if k.dtype != self.k.dtype:
+            raise ValueError(f"KVCache holds {self.k.dtype}, got {k.dtype} keys: keep autocast the same across one generation")
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v

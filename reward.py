@@ -147,6 +147,10 @@ def main(cfg):
     # The learning rate does not decay (see lr_at), so the last weights wander: held-out accuracy
     # moved by 0.02-0.03 from one evaluation to the next. Their exponential moving average (Polyak
     # averaging) is the model evaluated and written; it lags the training by about 1 / (1 - ema) steps.
+    # Its decay grows from 0.1 to cfg.ema over the first steps (min(ema, (1 + t) / (10 + t)), as
+    # TensorFlow's ExponentialMovingAverage does), so that a short run does not keep its random head.
+    if not 0 <= cfg.ema < 1:
+        raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     ema = copy.deepcopy(rm).eval().requires_grad_(False) if cfg.ema > 0 else rm
 
     def lr_at(step):  # no decay: on the built-in pairs it stopped the learning of right from wrong halfway
@@ -194,7 +198,8 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         if ema is not rm:
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(rm.parameters()), 1 - cfg.ema)
+                decay = min(cfg.ema, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(ema.parameters()), list(rm.parameters()), 1 - decay)
         if step % cfg.log_every == 0 or step == steps - 1:
             row = dict(step=step, loss=loss.item(), accuracy=sums["correct"] / len(batch), margin=sums["margin"] / len(batch),
                        lr=lr_at(step))

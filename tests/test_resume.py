@@ -122,3 +122,20 @@ def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
         dpo.main(dpo.Config(**args))
     with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5"):
         dpo.main(dpo.Config(**{**args, "beta": 0.3, "resume": True}))
+
+
+def test_reward_resume_state_without_its_average_is_refused_clearly(tiny_chain, tmp_path, monkeypatch):
+    """Resume state written before reward.py kept a moving average (no --ema in its arguments, no
+    average among its tensors) gets a one-line refusal, not a raw load_state_dict error."""
+    args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=0, norm_prompts=16, batch_size=8,
+                device="cpu", save_every=2, out_dir=str(tmp_path / "run"))
+    interrupt_at(monkeypatch, reward, "bradley_terry_loss", 4)
+    with pytest.raises(KeyboardInterrupt):
+        reward.main(reward.Config(ema=0.0, **args))  # no average: as the older version wrote it
+    monkeypatch.undo()
+    path = tmp_path / "run" / "resume.json"
+    state = json.loads(path.read_text())
+    del state["args"]["ema"]  # the older version had no such argument
+    path.write_text(json.dumps(state))
+    with pytest.raises(reward.common.UserError, match=r"--resume: .*resume.json holds no ema model"):
+        reward.main(reward.Config(resume=True, **args))
