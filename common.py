@@ -215,8 +215,10 @@ def all_gather(t):
     return [o.to(t.device) for o in out]
 
 
-def check_batch(batch_size, micro_batch_size, what="--batch_size"):
+def check_batch(batch_size, micro_batch_size, what="--batch_size", length_groups=1):
     """Refuse a global batch that the processes and micro-batches do not divide evenly."""
+    if length_groups < 1:
+        raise UserError(f"--length_groups must be at least 1, got {length_groups}")
     n = world_size()
     micro = micro_batch_size or batch_size // max(1, n)
     if micro < 1 or batch_size % (n * micro):

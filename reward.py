@@ -109,6 +109,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 def main(cfg):
+    if not 0 <= cfg.ema < 1:
+        raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -149,8 +151,6 @@ def main(cfg):
     # averaging) is the model evaluated and written; it lags the training by about 1 / (1 - ema) steps.
     # Its decay grows from 0.1 to cfg.ema over the first steps (min(ema, (1 + t) / (10 + t)), as
     # TensorFlow's ExponentialMovingAverage does), so that a short run does not keep its random head.
-    if not 0 <= cfg.ema < 1:
-        raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     ema = copy.deepcopy(rm).eval().requires_grad_(False) if cfg.ema > 0 else rm
 
     def lr_at(step):  # no decay: on the built-in pairs it stopped the learning of right from wrong halfway
