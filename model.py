@@ -202,34 +202,29 @@ class GPT(nn.Module):
         no_grad on a CPU at batch 1-16); the tokens come back as an ordinary tensor, which a
         training step (PPO's) may take as input."""
         with torch.inference_mode():
-            tokens = self._generate(idx, max_new_tokens, start, temperature, top_k, top_p, eos_id, pad_id,
-                                    generator, use_cache)
-        return tokens.clone()  # outside inference mode: an ordinary tensor
-
-    def _generate(self, idx, max_new_tokens, start, temperature, top_k, top_p, eos_id, pad_id, generator, use_cache):
-        B, T = idx.size()
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
-        if start is not None and not start.any():
-            start = None  # no row is padded: skip the masks at every layer and step
-        cache = KVCache(self.config, B, T + max_new_tokens) if use_cache else None
-        tokens = idx.new_full((B, T + max_new_tokens), pad_id)  # written in place, one column per step
-        tokens[:, :T] = idx
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        end = T
-        while end < T + max_new_tokens:
-            # with the cache only the newest token goes in (all of the prompt at the first step)
-            x = self.hidden_states(tokens[:, (cache.pos if use_cache else 0):end], start, cache)
-            logits = F.linear(x[:, -1], self.transformer.wte.weight)  # (B, vocab): the lm head at the last position only
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(done, pad_id)
-                done = done | (nxt == eos_id)
-            tokens[:, end] = nxt
-            end += 1
-            if eos_id is not None and done.all():
-                break
-        return tokens[:, :end]
+            B, T = idx.size()
+            if T + max_new_tokens > self.config.block_size:
+                raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
+            if start is not None and not start.any():
+                start = None  # no row is padded: skip the masks at every layer and step
+            cache = KVCache(self.config, B, T + max_new_tokens) if use_cache else None
+            tokens = idx.new_full((B, T + max_new_tokens), pad_id)  # written in place, one column per step
+            tokens[:, :T] = idx
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            end = T
+            while end < T + max_new_tokens:
+                # with the cache only the newest token goes in (all of the prompt at the first step)
+                x = self.hidden_states(tokens[:, (cache.pos if use_cache else 0):end], start, cache)
+                logits = F.linear(x[:, -1], self.transformer.wte.weight)  # (B, vocab): the lm head at the last position only
+                nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eos_id is not None:
+                    nxt = nxt.masked_fill(done, pad_id)
+                    done = done | (nxt == eos_id)
+                tokens[:, end] = nxt
+                end += 1
+                if eos_id is not None and done.all():
+                    break
+        return tokens[:, :end].clone()  # outside inference mode: an ordinary tensor, which PPO may train on
 
 
 @torch.no_grad()
