@@ -51,13 +51,12 @@ import torch
 import torch.nn.functional as F
 
 import common
-import kernels
 from data.formats import encode_rows, preference_rows, split_by_prompt
 from data.raters import Raters, model_sampler, preference_pairs
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
-from sft import collate, example
+from sft import collate, example, response_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -157,12 +156,8 @@ def encode_pairs(tok, rows, block_size):
 
 def sequence_logps(model, x, y):
     """log pi(response | prompt) of each row: the sum of the target tokens' log-probs, and the
-    number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding.
-    The lm head runs at the response positions only: with long prompts and padding, those are a
-    small share of the batch, and the (positions, vocab) logits are most of a step's work."""
-    hidden = model.hidden_states(x)  # (B, T, C)
-    mask = y != kernels.IGNORE_INDEX  # (B, T)
-    logps = kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask])  # (N,)
+    number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding."""
+    logps, mask = response_logprobs(model, x, y)  # (N,): the lm head at the response tokens only
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), mask.sum(-1)
 
 
@@ -177,12 +172,17 @@ def batch_logps(model, pairs, pad_id, device, loss_type):
     return logps[:len(pairs)].float(), logps[len(pairs):].float()
 
 
+def pair_length(pair):
+    """The padded length a pair (two sft.example) needs: chosen and rejected share one batch."""
+    return max(len(pair[0][0]), len(pair[1][0]))
+
+
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=64):
     """batch_logps of every pair under the reference model: (chosen [N], rejected [N]), computed once.
     Call it before the first update, with dropout off. The pairs go through in order of length, so
     that each batch pads little; the results come back in the pairs' own order."""
-    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0][0]), len(pairs[i][1][0])))
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
     chosen, rejected = torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device)
     for i in range(0, len(pairs), batch_size):
         part = order[i:i + batch_size]
@@ -264,9 +264,6 @@ def main(cfg):
         loss, stats = pair_loss([train[i] for i in items], ref_train[0][items], ref_train[1][items], train_model)
         return loss * len(items) / len(idx), {k: v * len(items) for k, v in stats.items()}
 
-    def pair_length(i):  # chosen and rejected go through the model in one batch: the longer one counts
-        return max(len(train[i][0][0]), len(train[i][1][0]))
-
     logger = common.Logger()
     rng = random.Random(cfg.seed)
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
@@ -280,7 +277,7 @@ def main(cfg):
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size, pair_length, cfg.length_groups), loss_part)
+        loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size, lambda i: pair_length(train[i]), cfg.length_groups), loss_part)
         stats = {k: v / len(idx) for k, v in sums.items()}
         common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:

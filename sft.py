@@ -88,13 +88,19 @@ def collate(examples, pad_id, device):
     return xs.to(device), ys.to(device)
 
 
-def sft_loss(model, x, y):
-    """Mean negative log-likelihood of the response tokens. The lm head runs at those positions only
-    (prompt and padding are often most of a batch), through the fused kernel, which on a GPU never
-    materialises their (tokens, vocab) logits either."""
+def response_logprobs(model, x, y):
+    """(log-probs of the target tokens (N,), mask (B, T) of where they are) for x, y (B, T) with
+    y = IGNORE_INDEX on prompt and padding. The lm head runs at those N positions only (prompt and
+    padding are often most of a batch), through the fused kernel, which on a GPU never materialises
+    their (N, vocab) logits either."""
     hidden = model.hidden_states(x)  # (B, T, C)
     mask = y != kernels.IGNORE_INDEX  # (B, T)
-    logps = kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask])  # (tokens,)
+    return kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask]), mask
+
+
+def sft_loss(model, x, y):
+    """Mean negative log-likelihood of the response tokens."""
+    logps, mask = response_logprobs(model, x, y)
     return -logps.sum() / mask.sum()
 
 

@@ -120,8 +120,7 @@ def stage_steps(cfg, tok, device):
     dpo_pairs = dpo.encode_pairs(tok, rows, cfg.block_size)[0]
 
     def dpo_batch(groups=dpo.Config.length_groups):  # a random batch, as dpo.py draws it and cuts it up by length
-        parts = [items for items, _ in shard(rng.sample(dpo_pairs, 32), 0, lambda pair: max(len(x) for x, _ in pair),
-                                             groups)]
+        parts = [items for items, _ in shard(rng.sample(dpo_pairs, 32), 0, dpo.pair_length, groups)]
         shapes = [(2 * len(items), max(len(x) for pair in items for x, _ in pair)) for items in parts]
         targets = sum(sum(t != kernels.IGNORE_INDEX for t in y) for items in parts for pair in items for _, y in pair)
         real = sum(len(x) for items in parts for pair in items for x, _ in pair)
