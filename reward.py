@@ -23,7 +23,6 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 import copy
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 import common
 from data.formats import encode_rows, preference_rows, split_by_prompt
-from data.raters import Raters, bayes_accuracy, model_sampler, preference_pairs
+from data.raters import Raters, accuracy_report, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
 from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, save_checkpoint
@@ -218,17 +217,10 @@ def main(cfg):
     margins = evaluate()
     metrics = {"val_accuracy": sum(m > 0 for m in margins) / len(margins), "val_margin": sum(margins) / len(margins),
                "val_pairs": len(val), "train_pairs": len(train)}
-    if all("p_chosen" in r for r in val_rows):
-        metrics["bayes_accuracy"] = bayes_accuracy([r["p_chosen"] for r in val_rows])
-        metrics["accuracy_over_bayes"] = metrics["val_accuracy"] / metrics["bayes_accuracy"]
-        by_kind = defaultdict(list)
-        for r, m in zip(val_rows, margins):
-            by_kind[" vs ".join(sorted(r["kind"].split(">")))].append((m > 0, max(r["p_chosen"], 1 - r["p_chosen"])))
-        metrics["by_kind"] = {k: {"n": len(v), "accuracy": sum(a for a, _ in v) / len(v),
-                                  "bayes": sum(b for _, b in v) / len(v)} for k, v in sorted(by_kind.items())}
-        print(f"{'pair kind':24s} {'n':>4s} {'accuracy':>9s} {'bayes':>6s}")
-        for k, v in metrics["by_kind"].items():
-            print(f"{k:24s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}")
+    if all("p_chosen" in r for r in val_rows):  # the built-in raters: the Bayes rate is known
+        report, lines = accuracy_report(val_rows, margins)
+        metrics.update(report)
+        print("\n".join(lines))
 
     # normalise: the SFT model's own responses score mean 0, std 1
     responses = complete_ids(sft, tok, norm_prompts, room, temperature=1.0, generator=gen)

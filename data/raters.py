@@ -31,6 +31,7 @@ import json
 import math
 import random
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 
 from data.judge import gold_parts, score_parts
@@ -63,6 +64,24 @@ class Raters:
 def bayes_accuracy(ps):
     """The best expected accuracy of any predictor on labels drawn with these probabilities."""
     return sum(max(p, 1 - p) for p in ps) / len(ps)
+
+
+def accuracy_report(rows, margins):
+    """A reward's held-out accuracy against the raters' labels, beside the Bayes rate, overall and
+    by kind of pair. rows: rated pairs (with "kind" and "p_chosen", as label_pairs writes them);
+    margins: the reward of each pair's chosen response minus its rejected one's (an explicit reward
+    model's, or DPO's implicit one). Returns the metrics and the table as printable lines."""
+    by_kind = defaultdict(list)
+    for r, m in zip(rows, margins, strict=True):
+        by_kind[" vs ".join(sorted(r["kind"].split(">")))].append((m > 0, max(r["p_chosen"], 1 - r["p_chosen"])))
+    accuracy, bayes = sum(m > 0 for m in margins) / len(margins), bayes_accuracy([r["p_chosen"] for r in rows])
+    metrics = {"bayes_accuracy": bayes, "accuracy_over_bayes": accuracy / bayes,
+               "by_kind": {k: {"n": len(v), "accuracy": sum(a for a, _ in v) / len(v), "bayes": sum(b for _, b in v) / len(v)}
+                           for k, v in sorted(by_kind.items())}}
+    w = max(len(k) for k in by_kind)
+    lines = [f"{'pair kind':{w}s} {'n':>4s} {'accuracy':>9s} {'bayes':>6s}"]
+    lines += [f"{k:{w}s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}" for k, v in metrics["by_kind"].items()]
+    return metrics, lines
 
 
 def candidates(q, world, rng, sampled=()):

@@ -228,6 +228,9 @@ def test_dpo_on_built_in_pairs_end_to_end(init, tmp_path):
     assert info["stage"] == "dpo" and info["parent"] == str(init) and info["args"]["beta"] == 0.5
     m = info["metrics"]
     assert 1 <= m["val_pairs"] <= 4 and m["train_pairs"] + m["val_pairs"] >= 30 and m["steps"] == round(2 * m["train_pairs"] / 8)
+    # the implicit reward's accuracy by kind of pair adds up to its held-out accuracy
+    assert sum(k["n"] for k in m["by_kind"].values()) == m["val_pairs"] and 0.5 <= m["bayes_accuracy"] <= 1
+    assert sum(k["n"] * k["accuracy"] for k in m["by_kind"].values()) == pytest.approx(m["val_accuracy"] * m["val_pairs"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(m["steps"]))
     for key in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen", "logp_rejected", "lr"):

@@ -9,7 +9,7 @@ import torch
 
 import eval as evaluation
 import reward
-from data.raters import Raters, bayes_accuracy, candidates, label_pairs, preference_pairs
+from data.raters import Raters, accuracy_report, bayes_accuracy, candidates, label_pairs, preference_pairs
 from data.tasks import make_question, respond
 from data.tokenizer import EOT, get_tokenizer
 from data.world import make_world
@@ -26,6 +26,20 @@ def test_bradley_terry_loss_by_hand():
 
 def test_bayes_accuracy_by_hand():
     assert bayes_accuracy([0.9, 0.3, 0.5, 1.0]) == pytest.approx((0.9 + 0.7 + 0.5 + 1.0) / 4)
+
+
+def test_accuracy_report_by_hand():
+    """Accuracy against the labels by kind of pair, whichever way round a pair's kinds were written."""
+    rows = [{"kind": "ideal-right>ideal-wrong", "p_chosen": 0.9}, {"kind": "ideal-wrong>ideal-right", "p_chosen": 0.3},
+            {"kind": "sft>evasive", "p_chosen": 0.6}]
+    metrics, lines = accuracy_report(rows, [1.5, -0.2, 0.4])
+    assert metrics["by_kind"] == {"ideal-right vs ideal-wrong": {"n": 2, "accuracy": 0.5, "bayes": pytest.approx(0.8)},
+                                  "evasive vs sft": {"n": 1, "accuracy": 1.0, "bayes": pytest.approx(0.6)}}
+    assert metrics["bayes_accuracy"] == pytest.approx((0.9 + 0.7 + 0.6) / 3)
+    assert metrics["accuracy_over_bayes"] == pytest.approx((2 / 3) / metrics["bayes_accuracy"])
+    assert len(lines) == 3 and lines[1].split() == ["evasive", "vs", "sft", "1", "1.000", "0.600"]
+    with pytest.raises(ValueError):  # a margin for every row, no fewer
+        accuracy_report(rows, [1.0, 2.0])
 
 
 def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
