@@ -23,6 +23,10 @@ gradient step averages the processes' minibatch gradients (DDP): a minibatch's m
 own tokens on each process, so with N > 1 the tokens weigh slightly differently than alone.
 A minibatch whose importance ratio exceeds --max_ratio (or is not finite) takes no step: it is
 counted in the log (skipped) instead of pulling the policy off a cliff.
+`--reward gold --value out/rm` scores the rollouts with the built-in task's judge (eval.py's gold
+score) instead of the reward model: an oracle with no errors to exploit, which separates what PPO
+does from what the reward model lets it do. The gold score's spread on SFT's samples is about 0.42,
+against 1 for the normalised reward, so --kl_coef 0.08 keeps about the default's balance.
 Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-training loss mix
 (PPO-ptx), and generation and training in separate processes.
 """
@@ -47,7 +51,9 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     policy: str = "out/sft"
     """the policy's starting point, also the frozen reference of the KL penalty (or a Hugging Face GPT-2 directory)"""
     reward: str = "out/rm"
-    """the reward model (also the value model's starting point)"""
+    """the reward model (also the value model's starting point); gold: the built-in task's judge itself, an oracle (needs --value)"""
+    value: str = ""
+    """the value model's starting point, a scalar-head checkpoint (empty: --reward)"""
     out_dir: str = "out/ppo"
     """where the trained policy is written"""
     data: str = ""
@@ -218,12 +224,20 @@ def main(cfg):
     policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
     tok = tokenizer_for(info, cfg.policy)
     ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
-    rm, rm_info = load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
-    value_model, _ = load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)  # a separate network, started from the RM
+    # --reward gold scores each rollout with the judge that eval.py reports, instead of a model of
+    # the raters: an oracle without a reward model's errors, to tell PPO's limits from the RM's
+    oracle = cfg.reward == "gold"
+    if oracle and (cfg.data or not cfg.value):
+        raise common.UserError("--reward gold judges the built-in prompts only (no --data), and needs --value "
+                               "(e.g. out/rm) to start the value model from")
+    rm, rm_info = (None, {}) if oracle else load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
+    # a separate network, started from the RM (or --value)
+    value_model, _ = load_checkpoint(cfg.value or cfg.reward, head="scalar", tokenizer=tok.name, device=device)
     norm = rm_info.get("reward_norm", {"gain": 1.0, "bias": 0.0})
-    for m in (policy, ref, rm, value_model):
+    frozen = [ref] if oracle else [ref, rm]
+    for m in (policy, value_model, *frozen):
         m.eval()  # dropout off everywhere: PPO's ratio must compare the same function
-    for m in (ref, rm):
+    for m in frozen:
         m.requires_grad_(False)
     if policy.config.block_size < cfg.max_new_tokens + 2:
         raise common.UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
@@ -276,6 +290,7 @@ def main(cfg):
         # a response ends at its first EOS, or at max_new_tokens if it has none (truncated)
         length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, R, dtype=torch.long))
         mask = (torch.arange(R, device=device)[None] < length[:, None]).float()
+        texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
 
         # 2. score and 3. per-token reward -------------------------------------------------------
         with torch.no_grad(), autocast:
@@ -291,8 +306,11 @@ def main(cfg):
             entropy = masked_mean(kernels.entropy(logits), mask)
             del logits, ref_logits, h, h_ref
             old_values = response_values(value_model, seqs, start, P).float() * mask
-            rm_values, _ = rm(seqs, start=start)
-            raw_scores = rm_values.float().gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
+            if oracle:
+                raw_scores = torch.tensor([gold_score(p, t) for p, t in zip(batch_prompts, texts)], device=device)
+            else:
+                rm_values, _ = rm(seqs, start=start)
+                raw_scores = rm_values.float().gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
             scores = norm["gain"] * raw_scores + norm["bias"]
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()  # a response must end
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -346,7 +364,6 @@ def main(cfg):
             kl_ctl.update(common.all_reduce(kl.sum(1).mean().item()) / common.world_size(), cfg.rollout_batch)
 
         # diagnostics -----------------------------------------------------------------------------
-        texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         explained_variance = 1 - masked_mean((returns - old_values) ** 2, mask) / var_returns.clamp(min=1e-8)
         row = dict(

@@ -108,6 +108,19 @@ def test_ppo_is_on_policy_at_the_first_minibatch_and_logs_every_diagnostic(sft_c
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-4)  # the policy starts as the reference
 
 
+def test_ppo_against_the_gold_judge_scores_rollouts_with_it(sft_ckpt, rm_ckpt):
+    """--reward gold: each rollout's score is the judge's gold score, less the penalty for a missing EOS."""
+    out = sft_ckpt.parent / "ppo_gold"
+    ppo.main(ppo.Config(policy=str(sft_ckpt), reward="gold", value=str(rm_ckpt), out_dir=str(out), iterations=2,
+                        rollout_batch=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8, warmup_iterations=1,
+                        missing_eos_penalty=1.0, device="cpu"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and load_checkpoint(out, head="lm")[1]["reward"] == "gold"
+    for r in rows:
+        assert r["score"] == pytest.approx(r["gold"] - (1 - r["eos_rate"]), abs=1e-5)
+        assert r["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_ppo_refuses_a_reward_model_as_policy(sft_ckpt, rm_ckpt, tmp_path):
     with pytest.raises(Exception, match="has a scalar head, but a lm head is needed"):
         ppo.main(ppo.Config(policy=str(rm_ckpt), reward=str(rm_ckpt), out_dir=str(tmp_path / "x"), device="cpu"))
