@@ -26,7 +26,9 @@ counted in the log (skipped) instead of pulling the policy off a cliff.
 `--reward gold --value out/rm` scores the rollouts with the built-in task's judge (eval.py's gold
 score) instead of the reward model: an oracle with no errors to exploit, which separates what PPO
 does from what the reward model lets it do. The gold score's spread on SFT's samples is about 0.42,
-against 1 for the normalised reward, so --kl_coef 0.08 keeps about the default's balance.
+against 1 for the normalised reward, so --kl_coef 0.08 keeps about the default's balance between
+score and KL. (--missing_eos_penalty is not rescaled; the judge itself already docks a response
+that does not stop.) The judge is otherwise for evaluation only: no default stage trains on it.
 Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-training loss mix
 (PPO-ptx), and generation and training in separate processes.
 """
@@ -217,6 +219,13 @@ def response_values(value_model, seqs, start, P):
 
 
 def main(cfg):
+    # --reward gold scores each rollout with the judge that eval.py reports, instead of a model of
+    # the raters: an oracle without a reward model's errors, to tell PPO's limits from the RM's
+    oracle = cfg.reward == "gold"
+    if oracle and cfg.data:
+        raise common.UserError("--reward gold judges the built-in prompts only: drop --data")
+    if oracle and not cfg.value:
+        raise common.UserError("--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)")
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, 0, "--rollout_batch")
@@ -224,12 +233,6 @@ def main(cfg):
     policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
     tok = tokenizer_for(info, cfg.policy)
     ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
-    # --reward gold scores each rollout with the judge that eval.py reports, instead of a model of
-    # the raters: an oracle without a reward model's errors, to tell PPO's limits from the RM's
-    oracle = cfg.reward == "gold"
-    if oracle and (cfg.data or not cfg.value):
-        raise common.UserError("--reward gold judges the built-in prompts only (no --data), and needs --value "
-                               "(e.g. out/rm) to start the value model from")
     rm, rm_info = (None, {}) if oracle else load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
     # a separate network, started from the RM (or --value)
     value_model, _ = load_checkpoint(cfg.value or cfg.reward, head="scalar", tokenizer=tok.name, device=device)
@@ -291,6 +294,7 @@ def main(cfg):
         length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, R, dtype=torch.long))
         mask = (torch.arange(R, device=device)[None] < length[:, None]).float()
         texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
+        gold = None if cfg.data else [gold_score(p, t) for p, t in zip(batch_prompts, texts)]  # the built-in judge
 
         # 2. score and 3. per-token reward -------------------------------------------------------
         with torch.no_grad(), autocast:
@@ -307,7 +311,7 @@ def main(cfg):
             del logits, ref_logits, h, h_ref
             old_values = response_values(value_model, seqs, start, P).float() * mask
             if oracle:
-                raw_scores = torch.tensor([gold_score(p, t) for p, t in zip(batch_prompts, texts)], device=device)
+                raw_scores = torch.tensor(gold, device=device)
             else:
                 rm_values, _ = rm(seqs, start=start)
                 raw_scores = rm_values.float().gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
@@ -375,8 +379,8 @@ def main(cfg):
             explained_variance=explained_variance.item(), ratio_mean=sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
             ratio_max=max(stats["ratio_max"]), length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
             kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0], skipped=skipped)
-        if not cfg.data:  # monitoring only: the gold judge never enters the loss
-            row["gold"] = sum(gold_score(p, t) for p, t in zip(batch_prompts, texts)) / len(texts)
+        if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
+            row["gold"] = sum(gold) / len(gold)
         # every process's share counts the same: the mean of their means (the largest ratio_max)
         row = {k: v if isinstance(v, int) or k == "kl_coef" else common.all_reduce(v, "max") if k == "ratio_max"
                else common.all_reduce(v) / common.world_size() for k, v in row.items()}

@@ -131,8 +131,8 @@ def main(cfg):
     print(f"training pairs: {report}")
     val, val_rows, report = encode_pairs(tok, val_rows, sft.config.block_size)
     print(f"held-out pairs: {report}")
-    order = sorted(range(len(val)), key=lambda i: max(map(len, val[i])))  # evaluated in batches of similar length
-    val, val_rows = [val[i] for i in order], [val_rows[i] for i in order]
+    # evaluated in batches of similar length, each pair sorted together with its row
+    val, val_rows = map(list, zip(*sorted(zip(val, val_rows), key=lambda pair_row: max(map(len, pair_row[0])))))
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
     room = min(48, sft.config.block_size // 2)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \

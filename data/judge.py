@@ -1,7 +1,8 @@
 """
-The gold judge: what a response to a built-in question is genuinely worth. For evaluation only;
-no training stage ever sees it (the reward model learns from the simulated raters instead, whose
-taste is this plus biases).
+The gold judge: what a response to a built-in question is genuinely worth. For evaluation: no
+default training stage ever sees it (the reward model learns from the simulated raters instead,
+whose taste is this plus biases). The one exception is opt-in and named as such: `ppo.py --reward
+gold`, an oracle that shows what PPO makes of a reward without the reward model's errors.
 
 A response is the decoded text of the tokens after "Assistant:", including the final <|endoftext|>
 if the model emitted one. The parts (`gold_parts`):

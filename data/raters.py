@@ -74,11 +74,12 @@ def accuracy_report(rows, margins):
     by_kind = defaultdict(list)
     for r, m in zip(rows, margins, strict=True):
         by_kind[" vs ".join(sorted(r["kind"].split(">")))].append((m > 0, max(r["p_chosen"], 1 - r["p_chosen"])))
-    accuracy, bayes = sum(m > 0 for m in margins) / len(margins), bayes_accuracy([r["p_chosen"] for r in rows])
+    accuracy = sum(m > 0 for m in margins) / len(margins)
+    bayes = bayes_accuracy([r["p_chosen"] for r in rows])
     metrics = {"bayes_accuracy": bayes, "accuracy_over_bayes": accuracy / bayes,
                "by_kind": {k: {"n": len(v), "accuracy": sum(a for a, _ in v) / len(v), "bayes": sum(b for _, b in v) / len(v)}
                            for k, v in sorted(by_kind.items())}}
-    w = max(len(k) for k in by_kind)
+    w = max(len("pair kind"), *(len(k) for k in by_kind))
     lines = [f"{'pair kind':{w}s} {'n':>4s} {'accuracy':>9s} {'bayes':>6s}"]
     lines += [f"{k:{w}s} {v['n']:4d} {v['accuracy']:9.3f} {v['bayes']:6.3f}" for k, v in metrics["by_kind"].items()]
     return metrics, lines

@@ -50,7 +50,8 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "init_missing", "init_not_a_checkpoint", "lm_where_scalar_needed",
                                   "scalar_where_lm_needed", "tokenizer_mismatch", "unknown_key", "wrong_type",
                                   "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches",
-                                  "no_length_groups", "ema_out_of_range", "gold_reward_without_value"])
+                                  "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
+                                  "gold_reward_with_data"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -103,7 +104,11 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         stage, argv, message = reward, ["--init", sft_ckpt, "--ema", "1"], "--ema must be in [0, 1), got 1.0"
     elif case == "gold_reward_without_value":  # the oracle has no network to start the value model from
         stage, argv = ppo, ["--policy", sft_ckpt, "--reward", "gold"]
-        message = "--reward gold judges the built-in prompts only (no --data), and needs --value"
+        message = "--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)"
+    elif case == "gold_reward_with_data":  # the judge knows the built-in questions only
+        data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Human: Hi?\n\nAssistant:"}])
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", "gold", "--value", rm_ckpt, "--data", data]
+        message = "--reward gold judges the built-in prompts only: drop --data"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)

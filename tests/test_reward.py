@@ -13,7 +13,7 @@ from data.raters import Raters, accuracy_report, bayes_accuracy, candidates, lab
 from data.tasks import make_question, respond
 from data.tokenizer import EOT, get_tokenizer
 from data.world import make_world
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint
 
 TOK = get_tokenizer("builtin")
 
@@ -40,6 +40,23 @@ def test_accuracy_report_by_hand():
     assert len(lines) == 3 and lines[1].split() == ["evasive", "vs", "sft", "1", "1.000", "0.600"]
     with pytest.raises(ValueError):  # a margin for every row, no fewer
         accuracy_report(rows, [1.0, 2.0])
+
+
+def test_the_accuracy_table_pairs_each_held_out_margin_with_its_own_row(tiny_chain, tmp_path, monkeypatch):
+    """The held-out pairs are evaluated in length order: each margin handed to the table must be
+    the saved reward model's r(chosen) - r(rejected) for that very row."""
+    reported = []
+    monkeypatch.setattr(reward, "accuracy_report", lambda rows, margins: reported.append((rows, margins)) or ({}, []))
+    out = tmp_path / "rm"
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(out), n_prompts=40, pairs_per_prompt=2, sft_samples=1,
+                              val_fraction=0.3, norm_prompts=8, batch_size=8, epochs=1, log_every=50, device="cpu"))
+    (rows, margins), = reported
+    rm, _ = load_checkpoint(out, head="scalar")
+    pairs = reward.encode_pairs(TOK, rows, rm.config.block_size)[0]
+    assert len(rows) == len(margins) >= 16
+    with torch.no_grad():
+        r = reward.rewards(rm.eval(), [c for c, _ in pairs] + [x for _, x in pairs], TOK.pad_id, "cpu")
+    torch.testing.assert_close(torch.tensor(margins), r[:len(pairs)] - r[len(pairs):], rtol=1e-4, atol=1e-5)
 
 
 def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
