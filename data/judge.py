@@ -18,6 +18,7 @@ The score (`gold_score`) weighs them with GOLD_WEIGHTS: correctness first, an ho
 wrong answer a little better than a confident one, flattery, padding and a missing stop a penalty.
 """
 
+import functools
 import re
 
 from data.tasks import FLATTERY, HEDGES, answer, question_of_prompt
@@ -35,14 +36,16 @@ GOLD_WEIGHTS = {
 }
 PAD_WORDS = 2
 FLATTERY_WORDS = {"great", "wonderful", "excellent", "amazing", "brilliant", "smart", "clever", "fantastic"}
-_WORLD = {}
+
+
+@functools.cache
+def default_world():
+    """The built-in world, made once (a few milliseconds each time it is made)."""
+    return make_world()
 
 
 def world_of(world):
-    if world is None:
-        _WORLD.setdefault(None, make_world())
-        return _WORLD[None]
-    return world
+    return default_world() if world is None else world
 
 
 def words(text):
