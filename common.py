@@ -118,6 +118,8 @@ def parse_args(cls, argv=None):
             else:
                 text, i = nxt, i + 1
         values[key] = parse_value(text, typ, key)
+        if key in ("log_every", "eval_every") and values[key] < 1:  # a step count to divide by
+            raise UserError(f"--{key} must be at least 1, got {values[key]}")
         i += 1
     return cls(**values)
 

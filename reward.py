@@ -68,6 +68,8 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     """prompts whose SFT responses set the reward's normalisation"""
     log_every: int = 20
     """steps between log lines"""
+    eval_every: int = 100
+    """steps between evaluations of the held-out pairs (each logged with its step, as are the first and the last)"""
     seed: int = 0
     """seed of pairs, labels, order and head"""
     device: str = "auto"
@@ -201,10 +203,11 @@ def main(cfg):
             with torch.no_grad():
                 decay = min(cfg.ema, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(rm.parameters()), 1 - decay)
-        if step % cfg.log_every == 0 or step == steps - 1:
+        evaluating = step % cfg.eval_every == 0 or step == steps - 1
+        if step % cfg.log_every == 0 or evaluating:
             row = dict(step=step, loss=loss.item(), accuracy=sums["correct"] / len(batch), margin=sums["margin"] / len(batch),
                        lr=lr_at(step))
-            if step % (5 * cfg.log_every) == 0 or step == steps - 1:
+            if evaluating:
                 margins = evaluate()
                 row.update(val_accuracy=sum(m > 0 for m in margins) / len(margins), val_margin=sum(margins) / len(margins))
             logger.log(**row)
