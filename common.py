@@ -42,6 +42,11 @@ class Resumable:
     resume: bool = False
     """continue the interrupted run whose resume state is in out_dir (same arguments, same number of processes)"""
 
+    def __post_init__(self):
+        for name in ("log_every", "eval_every"):  # step counts that a stage's loop divides by
+            if getattr(self, name, 1) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
 
 @dataclasses.dataclass
 class Batched(Resumable):
@@ -118,8 +123,6 @@ def parse_args(cls, argv=None):
             else:
                 text, i = nxt, i + 1
         values[key] = parse_value(text, typ, key)
-        if key in ("log_every", "eval_every") and values[key] < 1:  # a step count to divide by
-            raise UserError(f"--{key} must be at least 1, got {values[key]}")
         i += 1
     return cls(**values)
 

@@ -31,7 +31,7 @@ import kernels
 from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
-from data.world import make_world
+from data.world import default_world
 from model import complete_ids, left_pad, load_checkpoint
 
 DEFAULT_CHECKPOINTS = "out/base,out/sft,out/ppo,out/dpo"
@@ -112,7 +112,7 @@ def summarize(questions, texts):
     parts = [gold_parts(p, t) for p, t in zip(prompts, texts)]
     scores = [score_parts(p) for p in parts]
     gold, se = mean_se(scores)
-    covered = {e.name for e in covered_entities(make_world())}
+    covered = {e.name for e in covered_entities(default_world())}
     split = {"covered": [], "uncovered": []}
     for q, p in zip(questions, parts):
         if q.names and all(n in covered for n in q.names):

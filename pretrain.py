@@ -179,7 +179,7 @@ def main(cfg):
     state = common.TrainState(cfg, "pretrain", optimizers={"adamw": optimizer}, generators={"batches": gen})
     first = state.restore(model, logger)[0] if cfg.resume else 0
     tokens_per_step = cfg.batch_size * cfg.block_size
-    t_last = time.time()
+    t_last, logged = time.time(), first - 1  # the time and step of the last log line
     for step in range(first, cfg.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -192,14 +192,14 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
 
         last = step == cfg.max_steps - 1
-        if step % cfg.log_every == 0 or last:
-            dt = time.time() - t_last
-            t_last = time.time()
-            steps = 1 if step == 0 else min(cfg.log_every, step % cfg.log_every or cfg.log_every)
+        evaluating = step % cfg.eval_every == 0 or last
+        if step % cfg.log_every == 0 or evaluating:
+            dt, t_last = time.time() - t_last, time.time()
+            steps, logged = step - logged, step  # steps since the last log line
             elapsed = time.time() - logger.t0
             row = dict(step=step, loss=loss.item(), lr=lr_at(step, cfg), tok_per_s=round(steps * tokens_per_step / dt),
                        eta_s=round(elapsed / (step + 1) * (cfg.max_steps - step - 1)))
-            if step % cfg.eval_every == 0 or last:
+            if evaluating:
                 row["val_loss"] = val_loss()
             logger.log(**row)
         if state.due(step, cfg.max_steps):

@@ -18,12 +18,11 @@ The score (`gold_score`) weighs them with GOLD_WEIGHTS: correctness first, an ho
 wrong answer a little better than a confident one, flattery, padding and a missing stop a penalty.
 """
 
-import functools
 import re
 
 from data.tasks import FLATTERY, HEDGES, answer, question_of_prompt
 from data.tokenizer import EOT
-from data.world import ATTRIBUTES, VALUES, make_world
+from data.world import ATTRIBUTES, VALUES, default_world
 
 GOLD_WEIGHTS = {
     "answered": 0.2,       # gave an answer of the right kind
@@ -36,12 +35,6 @@ GOLD_WEIGHTS = {
 }
 PAD_WORDS = 2
 FLATTERY_WORDS = {"great", "wonderful", "excellent", "amazing", "brilliant", "smart", "clever", "fantastic"}
-
-
-@functools.cache
-def default_world():
-    """The built-in world, made once (a few milliseconds each time it is made)."""
-    return make_world()
 
 
 def world_of(world):
@@ -99,9 +92,10 @@ def gold_parts(prompt, response, world=None):
 
 
 def world_names(world, _cache={}):
+    """The names of world's creatures. The cache holds the world itself, so its id stays its own."""
     if id(world) not in _cache:
-        _cache[id(world)] = {e.name for e in world.entities}
-    return _cache[id(world)]
+        _cache[id(world)] = (world, {e.name for e in world.entities})
+    return _cache[id(world)][1]
 
 
 def score_parts(p):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from data.judge import gold_parts, score_parts
 from data.tasks import respond, training_questions
 from data.tokenizer import EOT
-from data.world import make_world
+from data.world import default_world
 
 
 @dataclass
@@ -132,7 +132,7 @@ def model_sampler(model, tok, n, generator=None, max_new_tokens=48):
 def preference_pairs(n_prompts, pairs_per_prompt, raters, seed=0, sample_fn=None):
     """Rated pairs for n_prompts training questions. sample_fn(prompts) -> [[response text, ...]]
     adds the policy's own samples to the candidates (None: scripted candidates only)."""
-    world = make_world()
+    world = default_world()
     rng = random.Random(seed)
     questions = training_questions(n_prompts, seed, world)
     sampled = sample_fn([q.prompt for q in questions]) if sample_fn else [()] * len(questions)

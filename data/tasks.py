@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from data.world import ATTRIBUTES, MAX_OPERAND, arithmetic_operands, make_world
+from data.world import ATTRIBUTES, MAX_OPERAND, arithmetic_operands, default_world
 
 KINDS = ("town", "food", "color", "age", "sum", "difference", "compare", "future_age")
 QUESTIONS = {  # the ways each kind is asked
@@ -208,7 +208,7 @@ def covered_entities(world):
 
 def eval_questions(world=None, n=N_EVAL):
     """The held-out evaluation questions: every kind, covered and uncovered entities alike."""
-    world = make_world() if world is None else world
+    world = default_world() if world is None else world
     rng = random.Random(f"eval-{world.seed}")
     seen, out = set(), []
     while len(out) < n:
@@ -220,7 +220,7 @@ def eval_questions(world=None, n=N_EVAL):
 
 
 def is_eval(q, world=None, _cache={}):
-    world = make_world() if world is None else world
+    world = default_world() if world is None else world
     if world.seed not in _cache:
         _cache[world.seed] = {e.text for e in eval_questions(world)}
     return q.text in _cache[world.seed]
@@ -237,7 +237,7 @@ def sample_training_question(kind, world, rng, entities=None):
 def demonstrations(n, seed=0, world=None):
     """n (prompt, completion) pairs: questions about the covered entities, answered in DEMO_STYLES.
     A completion starts with a space (it follows "Assistant:"); the EOS is added by the trainer."""
-    world = make_world() if world is None else world
+    world = default_world() if world is None else world
     rng = random.Random(seed)
     covered = covered_entities(world)
     kinds = rng.choices(list(DEMO_KINDS), list(DEMO_KINDS.values()), k=n)
@@ -252,7 +252,7 @@ def demonstrations(n, seed=0, world=None):
 def training_questions(n, seed, world=None):
     """n questions for the later stages, of the kinds in TRAIN_KINDS, none from the evaluation set,
     about every entity (those the demonstrations never covered too)."""
-    world = make_world() if world is None else world
+    world = default_world() if world is None else world
     rng = random.Random(f"train-{seed}")
     kinds = rng.choices(list(TRAIN_KINDS), list(TRAIN_KINDS.values()), k=n)
     return [sample_training_question(kind, world, rng) for kind in kinds]

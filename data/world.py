@@ -19,6 +19,7 @@ The corpus mixes seven kinds of documents (shares of documents in `DOC_MIX`):
 - fact checks: claims marked True or False, so the model has a notion of a claim being wrong.
 """
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -106,6 +107,13 @@ def make_world(seed=WORLD_SEED, n_entities=N_ENTITIES):
                age=rng.randint(1, MAX_AGE))
         for name in sorted(names))
     return World(seed=seed, entities=entities)
+
+
+@functools.cache
+def default_world():
+    """make_world() with the defaults, made once: the judge and the raters ask for it thousands of
+    times a stage (World is frozen, so one object serves every caller)."""
+    return make_world()
 
 
 def statement(entity, attr, rng, value=None, pronoun=False):

@@ -72,7 +72,7 @@ def test_sft_killed_with_sigkill_resumes_to_the_same_weights(tiny_chain, tmp_pat
 
 def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
     args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, micro_batch_size=4,
-                length_groups=2, log_every=2, n_samples=1, device="cpu", save_every=3)
+                length_groups=2, log_every=2, eval_every=4, n_samples=1, device="cpu", save_every=3)
     dpo.main(dpo.Config(out_dir=str(tmp_path / "whole"), **args))
     interrupt_at(monkeypatch, dpo, "dpo_loss", 2 * 7)  # two micro-batches a step: dies in step 7, after the save of step 6
     with pytest.raises(KeyboardInterrupt):
@@ -85,7 +85,7 @@ def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path,
 
 def test_reward_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
     args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, norm_prompts=16, batch_size=8,
-                log_every=1, device="cpu", save_every=4)
+                log_every=1, eval_every=5, device="cpu", save_every=4)
     reward.main(reward.Config(out_dir=str(tmp_path / "whole"), **args))
     interrupt_at(monkeypatch, reward, "bradley_terry_loss", 6)
     with pytest.raises(KeyboardInterrupt):
