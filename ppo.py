@@ -1,7 +1,7 @@
 """
 PPO against the reward model, with a per-token KL penalty to the frozen SFT model: step 3 of RLHF.
 
-    python ppo.py                            # out/sft + out/rm -> out/ppo (about 3.5 minutes on 2 CPU cores)
+    python ppo.py                            # out/sft + out/rm -> out/ppo (about 3 minutes on 2 CPU cores)
     python ppo.py --kl_coef 0 --out_dir out/ppo_nokl     # no leash: watch the reward get hacked
     python ppo.py --adaptive_kl --target_kl 2            # Ziegler et al.'s adaptive KL controller
 

