@@ -43,7 +43,7 @@ class Resumable:
     """continue the interrupted run whose resume state is in out_dir (same arguments, same number of processes)"""
 
     def __post_init__(self):
-        for name in ("log_every", "eval_every"):  # step counts that a stage's loop divides by
+        for name in ("log_every", "eval_every", "length_groups"):  # counts that a stage divides by
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
@@ -220,10 +220,8 @@ def all_gather(t):
     return [o.to(t.device) for o in out]
 
 
-def check_batch(batch_size, micro_batch_size, what="--batch_size", length_groups=1):
+def check_batch(batch_size, micro_batch_size, what="--batch_size"):
     """Refuse a global batch that the processes and micro-batches do not divide evenly."""
-    if length_groups < 1:
-        raise UserError(f"--length_groups must be at least 1, got {length_groups}")
     n = world_size()
     micro = micro_batch_size or batch_size // max(1, n)
     if micro < 1 or batch_size % (n * micro):

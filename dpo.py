@@ -203,7 +203,7 @@ def main(cfg):
     t_start = time.time()
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
-    common.check_batch(cfg.batch_size, cfg.micro_batch_size, length_groups=cfg.length_groups)
+    common.check_batch(cfg.batch_size, cfg.micro_batch_size)
     model, info = load_checkpoint(cfg.init, head="lm", device=device)
     tok = tokenizer_for(info, cfg.init)
     # dropout off throughout: policy and reference log-probs must differ by the weights alone.
