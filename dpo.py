@@ -296,7 +296,8 @@ def main(cfg):
             row = dict(step=step, loss=loss.item(), **stats, lr=lr_at(step), tok_per_s=round(tokens / dt))
             tokens = 0
             if evaluating:
-                row.update(evaluate()[0])
+                held_out = evaluate()  # (scores, margins); the last step's is the trained model's
+                row.update(held_out[0])
             logger.log(**row)
         if state.due(step, steps):
             save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows,
@@ -306,7 +307,7 @@ def main(cfg):
     print("held-out prompts, before -> after DPO:")
     for p, b, a in zip(sample_prompts, before, after):
         print(f"  {p!r}\n    init: {b!r}\n    dpo:  {a!r}")
-    scores, margins = evaluate()
+    scores, margins = held_out  # evaluated after the last step: these very weights
     metrics = {**scores, "train_loss": loss.item(), "steps": steps, "train_pairs": len(train), "val_pairs": len(val)}
     if all("p_chosen" in r for r in val_rows):  # the built-in raters: DPO's implicit reward against the Bayes rate
         report, lines = accuracy_report(val_rows, margins)

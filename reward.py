@@ -217,7 +217,7 @@ def main(cfg):
 
     # held-out accuracy, overall and by kind of pair, against the Bayes rate of the raters
     rm = ema.eval()  # from here on, the reward model is the average
-    margins = evaluate()
+    # margins: the held-out evaluation of the last step, after its update (the last step always evaluates)
     metrics = {"val_accuracy": sum(m > 0 for m in margins) / len(margins), "val_margin": sum(margins) / len(margins),
                "val_pairs": len(val), "train_pairs": len(train)}
     if all("p_chosen" in r for r in val_rows):  # the built-in raters: the Bayes rate is known
