@@ -66,7 +66,7 @@ class Config:
 def batches(prompts, responses, tok, device, batch_size=64):
     """Left-padded batches of prompt + response token ids: (idx, start, response ids of each row)."""
     for i in range(0, len(prompts), batch_size):
-        seqs = [tok.encode(p) + r for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [tok.encode_prompt(p) + r for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         idx, start = left_pad(seqs, tok.pad_id, device)
         yield idx, start, responses[i:i + batch_size]
 

@@ -235,7 +235,7 @@ def complete_ids(model, tok, prompts, max_new_tokens, batch_size=256, **sampling
     device = model.transformer.wte.weight.device
     responses = []
     for i in range(0, len(prompts), batch_size):
-        idx, start = left_pad([tok.encode(p) for p in prompts[i:i + batch_size]], tok.pad_id, device)
+        idx, start = left_pad([tok.encode_prompt(p) for p in prompts[i:i + batch_size]], tok.pad_id, device)
         n = min(max_new_tokens, model.config.block_size - idx.size(1))
         out = model.generate(idx, n, start=start, eos_id=tok.eot_id, pad_id=tok.pad_id, **sampling)
         for row in out[:, idx.size(1):].tolist():

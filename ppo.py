@@ -252,7 +252,7 @@ def main(cfg):
         prompts = [q.prompt for q in training_questions(4000, seed=cfg.seed + 7)]
     # a long prompt loses its start, as in every stage (data/formats.py, "Long examples")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
-    prompt_ids = [tok.encode(p) for p in prompts]
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
     print(f"{sum(len(p) > max_prompt for p in prompt_ids)} of {len(prompts)} prompts cut from the left to "
           f"{max_prompt} tokens: the context {policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
     prompt_ids = [p[-max_prompt:] for p in prompt_ids]

@@ -228,7 +228,7 @@ def main(cfg):
     # normalise: the SFT model's own responses score mean 0, std 1
     responses = complete_ids(sft, tok, norm_prompts, room, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
-        seqs = [tok.encode(p) + r for p, r in zip(norm_prompts, responses)]
+        seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
     mean, std = scores.mean().item(), scores.std().item()
     metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}

@@ -401,11 +401,12 @@ def fit(prompt, responses, block_size):
 
 
 def encode_rows(tok, rows, keys, block_size):
-    """Each row's prompt and its responses (row[k] for k in keys, each + EOS) as token ids, fit to
-    the context. Returns ([(prompt ids, [response ids])], the rows kept, a line with the counts)."""
+    """Each row's prompt (an empty one is the EOS: Tokenizer.encode_prompt) and its responses
+    (row[k] for k in keys, each + EOS) as token ids, fit to the context. Returns ([(prompt ids,
+    [response ids])], the rows kept, a line with the counts)."""
     encoded, kept, cut = [], [], 0
     for row in rows:
-        prompt = tok.encode(row["prompt"])
+        prompt = tok.encode_prompt(row["prompt"])
         out = fit(prompt, [tok.encode(row[k]) + [tok.eot_id] for k in keys], block_size)
         if out is not None:
             cut += len(out[0]) < len(prompt)

@@ -8,9 +8,10 @@ Tokenizers, all of them `tiktoken` encodings behind one small class.
 - "gpt2": GPT-2's BPE through tiktoken. It is never downloaded here: tiktoken must find its files in
   its cache (TIKTOKEN_CACHE_DIR), or the error says how to put them there.
 
-Special tokens: <|endoftext|> ends every document and every response; <|pad|> (builtin only) fills
-padding. GPT-2 has no padding token, so it pads with <|endoftext|>; the code never relies on the pad
-id to tell padding apart (it keeps lengths and masks).
+Special tokens: <|endoftext|> ends every document and every response, and is the whole of an empty
+prompt (Tokenizer.encode_prompt); <|pad|> (builtin only) fills padding. GPT-2 has no padding token,
+so it pads with <|endoftext|>; the code never relies on the pad id to tell padding apart (it keeps
+lengths and masks).
 
 BPE training (Sennrich et al. 2016, on bytes as in GPT-2): split the text into pieces with the
 regex below (never merging across them), start from the 256 bytes, and repeatedly merge the most
@@ -70,6 +71,11 @@ class Tokenizer:
 
     def encode(self, text):
         return self.encoding.encode_ordinary(text)
+
+    def encode_prompt(self, text):
+        """The ids a response is conditioned on. An empty prompt is <|endoftext|> alone, as in GPT-2's
+        unconditional samples: the first response token needs a position to be predicted from."""
+        return self.encode(text) or [self.eot_id]
 
     def decode(self, ids):
         return self.encoding.decode(list(ids))

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, last_token_index, left_pad, sample
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, KVCache, complete_ids, last_token_index, left_pad, sample
 
 CFG = GPTConfig(block_size=48, vocab_size=67, n_layer=2, n_head=2, n_embd=32)
 
@@ -153,6 +154,15 @@ def test_generate_stops_each_row_at_eos():
 def test_generate_refuses_sequences_longer_than_block_size():
     with pytest.raises(ValueError, match="block_size"):
         make_model().generate(torch.zeros(1, 40, dtype=torch.long), 9)
+
+
+def test_complete_ids_conditions_an_empty_prompt_on_the_eos():
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    empty, other = complete_ids(model, tok, ["", "Human: Hi"], 6, temperature=0)
+    alone = model.generate(torch.tensor([[tok.eot_id]]), 6, temperature=0, eos_id=tok.eot_id, pad_id=tok.pad_id)
+    assert empty == alone[0, 1:].tolist() and len(other) > 0
 
 
 def test_sample_filters():

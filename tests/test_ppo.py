@@ -1,6 +1,7 @@
 """ppo.py: GAE, whitening, the per-token reward, the clipped losses, the KL controller, each against
 a hand computation or a plain reference; and the on-policy check that the first ratio is 1."""
 
+import json
 import math
 
 import pytest
@@ -106,3 +107,14 @@ def test_adaptive_kl_controller():
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     ctl.update(kl=1.8, n_responses=100)  # error -0.1
     assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+def test_empty_prompts_condition_on_the_eos(tiny_chain, tmp_path):
+    """Unconditional samples, as GPT-2's: every prompt empty, each rollout starts from <|endoftext|>."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), data=str(data), iterations=1,
+                        rollout_batch=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, warmup_iterations=1, device="cpu"))
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert all(math.isfinite(v) for v in row.values())

@@ -58,6 +58,17 @@ def test_long_prompts_lose_their_start_and_long_completions_their_example():
     assert len(x) == len(y) == 31 and TOK.decode(x).endswith("x\n\nAssistant: y")
 
 
+def test_an_empty_prompt_conditions_on_the_eos():
+    """As in GPT-2's unconditional samples: the first response token is predicted from <|endoftext|>."""
+    rows = [dict(prompt="", completion=" Hi."), dict(prompt="Human: Q\n\nAssistant:", completion=" A.")]
+    encoded, _, _ = encode_rows(TOK, rows, ("completion",), 32)
+    p, (c,) = encoded[0]
+    x, y = sft.example(p, c)
+    assert p == [TOK.eot_id] and x == [TOK.eot_id] + TOK.encode(" Hi.") and y == TOK.encode(" Hi.") + [TOK.eot_id]
+    x, y = sft.collate([sft.example(p, c) for p, (c,) in encoded], TOK.pad_id, "cpu")  # was a crash
+    assert x.shape == y.shape
+
+
 def test_bad_data_files_name_file_and_line(tmp_path):
     bad = tmp_path / "demos.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n\n" + '{"prompt": "a"\n')
