@@ -21,6 +21,7 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 """
 
 import copy
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -112,6 +113,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
 def main(cfg):
     if not 0 <= cfg.ema < 1:
         raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if cfg.norm_prompts < 2:  # the normalisation divides by the spread of their responses' scores
+        raise common.UserError(f"--norm_prompts must be at least 2, got {cfg.norm_prompts}")
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -139,9 +142,9 @@ def main(cfg):
     room = min(48, sft.config.block_size // 2)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
         else [r["prompt"] for r in train_rows if len(tok.encode(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
-    if not norm_prompts:
-        raise common.UserError(f"{cfg.data}: no prompt leaves room for {room} response tokens in the context of "
-                               f"{sft.config.block_size}, to normalise the reward on")
+    if len(norm_prompts) < 2:
+        raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 training prompts at least that leave room "
+                               f"for {room} response tokens in the context of {sft.config.block_size}, found {len(norm_prompts)}")
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
 
@@ -231,6 +234,9 @@ def main(cfg):
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
     mean, std = scores.mean().item(), scores.std().item()
+    if not 0 < std < math.inf:  # before anything is written: PPO would take a NaN or infinite gain from config.json
+        raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} +- {std:.4g}: "
+                               f"the reward cannot be scaled to std 1")
     metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}
     metrics["wall_s"] = round(time.time() - logger.t0, 1)
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (

@@ -1,6 +1,7 @@
 """reward.py and the simulated raters: the Bradley-Terry loss, where the reward is read, the Bayes
 rate, and labels that follow the stated probabilities."""
 
+import json
 import math
 import random
 
@@ -9,6 +10,7 @@ import torch
 
 import eval as evaluation
 import reward
+from common import UserError
 from data.raters import Raters, accuracy_report, bayes_accuracy, candidates, label_pairs, preference_pairs
 from data.tasks import make_question, respond
 from data.tokenizer import EOT, get_tokenizer
@@ -57,6 +59,24 @@ def test_the_accuracy_table_pairs_each_held_out_margin_with_its_own_row(tiny_cha
     with torch.no_grad():
         r = reward.rewards(rm.eval(), [c for c, _ in pairs] + [x for _, x in pairs], TOK.pad_id, "cpu")
     torch.testing.assert_close(torch.tensor(margins), r[:len(pairs)] - r[len(pairs):], rtol=1e-4, atol=1e-5)
+
+
+def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_chain, tmp_path, monkeypatch):
+    """Its gain is 1 / std: too few prompts are refused before training, scores all the same after it."""
+    data = tmp_path / "prefs.jsonl"
+    cfg = dict(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), batch_size=2, device="cpu")
+    with pytest.raises(UserError, match="--norm_prompts must be at least 2, got 1"):
+        reward.main(reward.Config(**cfg, norm_prompts=1))
+    for n_prompts, error in ((2, "the reward's normalisation needs 2 training prompts at least .* found 1"),
+                             (4, "the 3 SFT responses that normalise the reward score 0 \\+- 0")):
+        data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."})
+                                + "\n" for w in "abcd"[:n_prompts]))  # one prompt held out
+        real = reward.rewards
+        monkeypatch.setattr(reward, "rewards", lambda *args: real(*args) * 0)  # every response scores 0
+        with pytest.raises(UserError, match=error):
+            reward.main(reward.Config(**cfg))
+        monkeypatch.undo()
+    assert not (tmp_path / "rm").exists()
 
 
 def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
