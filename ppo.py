@@ -226,6 +226,8 @@ def main(cfg):
         raise common.UserError("--reward gold judges the built-in prompts only: drop --data")
     if oracle and not cfg.value:
         raise common.UserError("--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)")
+    if not cfg.temperature > 0:  # PPO samples its policy and divides the logits by it: no greedy decoding here
+        raise common.UserError(f"--temperature must be positive, got {cfg.temperature}")
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, 0, "--rollout_batch")

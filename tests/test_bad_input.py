@@ -51,7 +51,7 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "scalar_where_lm_needed", "tokenizer_mismatch", "unknown_key", "wrong_type",
                                   "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches",
                                   "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
-                                  "gold_reward_with_data", "eval_every_zero"])
+                                  "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -111,6 +111,9 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         message = "--reward gold judges the built-in prompts only: drop --data"
     elif case == "eval_every_zero":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--eval_every", "0"], "--eval_every must be at least 1, got 0"
+    elif case == "ppo_temperature_zero":  # the log-probs are taken at the sampling temperature
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", rm_ckpt, "--temperature", "0"]
+        message = "--temperature must be positive, got 0.0"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
