@@ -165,6 +165,17 @@ def test_complete_ids_conditions_an_empty_prompt_on_the_eos():
     assert empty == alone[0, 1:].tolist() and len(other) > 0
 
 
+def test_complete_ids_cuts_a_prompt_too_long_for_the_context_from_the_left():
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    long = "Human: " + "Tell me more. " * 10 + "\n\nAssistant:"
+    assert len(tok.encode(long)) > 16
+    response, = complete_ids(model, tok, [long], 8, temperature=0)
+    alone = model.generate(torch.tensor([tok.encode(long)[-15:]]), 1, temperature=0)
+    assert response == alone[0, 15:].tolist()  # its last 15 tokens, and one new token
+
+
 def test_sample_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     gen = torch.Generator().manual_seed(0)
