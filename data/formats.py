@@ -2,8 +2,8 @@
 Reading datasets from files, for every stage's --data. The format is detected from the rows; every
 error names the file and the line. `python -m data PATH` shows what a stage will read (data/__main__.py).
 
-Files: `.jsonl` (one JSON object per line, blank lines skipped), `.jsonl.gz`, `.json` (one array of
-objects), and `.txt` (plain text, for pre-training only).
+Files, in UTF-8 (a byte-order mark is skipped): `.jsonl` (one JSON object per line, blank lines
+skipped), `.jsonl.gz`, `.json` (one array of objects), and `.txt` (plain text, for pre-training only).
 
 Formats, told apart by the fields of the first row (a later row must have the same ones):
 | format              | fields                                                       | stages       |
@@ -65,7 +65,8 @@ def read_records(path):
     path = str(path)
     name = path[:-3] if path.endswith(".gz") else path
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        # utf-8-sig: a byte-order mark, if any, is dropped; text mode reads "\r\n" as "\n"
+        with (gzip.open(path, "rt", encoding="utf-8-sig") if path.endswith(".gz") else open(path, encoding="utf-8-sig")) as f:
             text = f.read()
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise UserError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
@@ -73,7 +74,8 @@ def read_records(path):
         rows = json_array(path, text)
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # "\n" only: splitlines() would also split at U+2028, U+2029 and U+0085, which JSON allows raw in strings
+        for n, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -333,7 +335,7 @@ class Dataset:
 
 def read_text(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None

@@ -128,6 +128,20 @@ def test_bad_files_are_named_by_file_and_line(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_jsonl_rows_end_at_newlines_only(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw in a string: they split no row. A byte-order mark and
+    Windows line ends are read too."""
+    odd = " It\u2028lives\u2029in\x85Velmor."
+    rows = [{"prompt": P, "completion": odd}, {"prompt": P, "completion": " B."}]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)).encode())
+    got = prompt_completion_rows(path)
+    assert [r["completion"] for r in got] == [odd, " B."] and got[1]["where"] == f"{path}:2"
+    arr = tmp_path / "d.json"
+    arr.write_bytes(("\ufeff" + json.dumps(rows, ensure_ascii=False)).encode())
+    assert [r["completion"] for r in prompt_completion_rows(arr)] == [odd, " B."]
+
+
 def test_long_examples_lose_the_prompts_start_or_are_dropped():
     prompt = list(range(30))
     assert fit(prompt, [[1] * 10, [2] * 5], 32) == (prompt[-22:], [[1] * 10, [2] * 5])  # room for the longer response
