@@ -46,6 +46,9 @@ class Resumable:
         for name in ("log_every", "eval_every", "length_groups"):  # counts that a stage divides by
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "warmup_iterations"):  # 0: no warm-up
+            if getattr(self, name, 0) < 0:
+                raise UserError(f"--{name} must be at least 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass

@@ -90,7 +90,7 @@ class Config(Raters, common.Padded):  # the raters' biases are flags too, with r
     lr: float = 1e-4
     """peak learning rate (linear warm-up, linear decay)"""
     warmup_steps: int = 10
-    """steps of linear warm-up"""
+    """steps of linear warm-up (0: none)"""
     grad_clip: float = 1.0
     """clip the gradient norm to this (0: off)"""
     log_every: int = 10
@@ -232,7 +232,7 @@ def main(cfg):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def lr_at(step):
-        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+        return cfg.lr * min((step + 1) / max(1, cfg.warmup_steps), (steps - step) / max(1, steps - cfg.warmup_steps))
 
     def pair_losses(batch, ref_chosen, ref_rejected, model=model):
         """Each pair's loss and implicit reward margin, and the batch's means that the log shows."""

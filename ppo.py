@@ -101,7 +101,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     value_lr: float = 1e-4
     """value model learning rate (peak)"""
     warmup_iterations: int = 5
-    """linear warm-up, then linear decay to zero"""
+    """iterations of linear warm-up (0: none), then linear decay to zero"""
     grad_clip: float = 1.0
     """clip each model's gradient norm to this"""
     seed: int = 0
@@ -274,7 +274,7 @@ def main(cfg):
         kl_ctl.value = extra["kl_coef"]
 
     for it in range(first, cfg.iterations):
-        lr_scale = min((it + 1) / cfg.warmup_iterations, (cfg.iterations - it) / max(1, cfg.iterations - cfg.warmup_iterations))
+        lr_scale = min((it + 1) / max(1, cfg.warmup_iterations), (cfg.iterations - it) / max(1, cfg.iterations - cfg.warmup_iterations))
         for opt, lr in ((optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_scale

@@ -63,7 +63,7 @@ class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size 
     min_lr: float = 3e-4
     """learning rate at the end of the cosine decay"""
     warmup_steps: int = 100
-    """steps of linear learning-rate warm-up"""
+    """steps of linear learning-rate warm-up (0: none)"""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on biases, LayerNorms)"""
     grad_clip: float = 1.0

@@ -60,7 +60,7 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     lr: float = 3e-4
     """learning rate (after a linear warm-up, constant)"""
     warmup_steps: int = 10
-    """steps of linear warm-up"""
+    """steps of linear warm-up (0: none)"""
     ema: float = 0.99
     """the reward model is the moving average of the trained weights, this much of it kept per step (0: the last weights)"""
     grad_clip: float = 1.0
@@ -160,7 +160,7 @@ def main(cfg):
     ema = copy.deepcopy(rm).eval().requires_grad_(False) if cfg.ema > 0 else rm
 
     def lr_at(step):  # no decay: on the built-in pairs it stopped the learning of right from wrong halfway
-        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
     @torch.no_grad()
     def evaluate():

@@ -52,7 +52,7 @@ class Config(common.Padded):  # and --save_every, --resume, --micro_batch_size, 
     lr: float = 1e-3
     """peak learning rate"""
     warmup_steps: int = 10
-    """steps of linear warm-up, then linear decay to zero"""
+    """steps of linear warm-up (0: none), then linear decay to zero"""
     weight_decay: float = 0.0
     """AdamW weight decay on matrices"""
     grad_clip: float = 1.0
@@ -130,7 +130,7 @@ def main(cfg):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
     def lr_at(step):
-        return cfg.lr * min((step + 1) / cfg.warmup_steps, (steps - step) / max(1, steps - cfg.warmup_steps))
+        return cfg.lr * min((step + 1) / max(1, cfg.warmup_steps), (steps - step) / max(1, steps - cfg.warmup_steps))
 
     @torch.no_grad()
     def val_loss():

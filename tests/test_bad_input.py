@@ -51,7 +51,8 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "scalar_where_lm_needed", "tokenizer_mismatch", "unknown_key", "wrong_type",
                                   "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches",
                                   "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
-                                  "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero"])
+                                  "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
+                                  "negative_warmup"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -114,6 +115,8 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
     elif case == "ppo_temperature_zero":  # the log-probs are taken at the sampling temperature
         stage, argv = ppo, ["--policy", sft_ckpt, "--reward", rm_ckpt, "--temperature", "0"]
         message = "--temperature must be positive, got 0.0"
+    elif case == "negative_warmup":
+        stage, argv, message = ppo, ["--warmup_iterations", "-1"], "--warmup_iterations must be at least 0, got -1"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
@@ -121,6 +124,21 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(out_dir) == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or p.endswith(".old")]  # no half write left
+
+
+@pytest.mark.parametrize("stage", [sft, dpo, reward, ppo], ids=lambda stage: stage.__name__)
+def test_no_warm_up_starts_at_the_peak_learning_rate(stage, tiny_chain, tmp_path):
+    """--warmup_steps 0 (PPO: --warmup_iterations 0) is no warm-up, as in pretrain.py."""
+    out, data = tmp_path / "out", write_jsonl(tmp_path / "d.jsonl", [{**PAIR, "prompt": f"Human: {w}?"} for w in "abcd"])
+    if stage is ppo:  # its log has no lr: the run must simply go through
+        ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), data=data, iterations=1,
+                            rollout_batch=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=4, warmup_iterations=0, device="cpu"))
+    else:
+        cfg = stage.Config(init=tiny_chain["sft"], out_dir=str(out), data=data, batch_size=2, epochs=1, warmup_steps=0,
+                           device="cpu")
+        stage.main(cfg)
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["lr"] == cfg.lr
+    assert (out / "model.safetensors").exists()
 
 
 def nan_from_step(monkeypatch, module, name, step):
