@@ -238,6 +238,10 @@ def main(cfg):
     rm, rm_info = (None, {}) if oracle else load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
     # a separate network, started from the RM (or --value)
     value_model, _ = load_checkpoint(cfg.value or cfg.reward, head="scalar", tokenizer=tok.name, device=device)
+    for name, m in ((cfg.reward, rm), (cfg.value or cfg.reward, value_model)):  # each reads the policy's whole sequences
+        if m is not None and m.config.block_size < policy.config.block_size:
+            raise common.UserError(f"{name} has a context of {m.config.block_size} tokens, shorter than the policy "
+                                   f"{cfg.policy}'s {policy.config.block_size}: it could not read every prompt + response")
     norm = rm_info.get("reward_norm", {"gain": 1.0, "bias": 0.0})
     frozen = [ref] if oracle else [ref, rm]
     for m in (policy, value_model, *frozen):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import dpo
 import ppo
 import reward
 import sft
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
 def snapshot(path):
@@ -52,7 +54,7 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches",
                                   "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
                                   "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
-                                  "negative_warmup"])
+                                  "negative_warmup", "rm_context_shorter"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -117,6 +119,13 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         message = "--temperature must be positive, got 0.0"
     elif case == "negative_warmup":
         stage, argv, message = ppo, ["--warmup_iterations", "-1"], "--warmup_iterations must be at least 0, got -1"
+    elif case == "rm_context_shorter":  # a reward model of 32 positions for a policy of 64
+        rm, info = load_checkpoint(rm_ckpt, head="scalar")
+        short = tmp_path / "rm_short"
+        meta = {k: v for k, v in info.items() if k != "model"}
+        save_checkpoint(short, GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32})), meta)
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", str(short)]
+        message = f"{short} has a context of 32 tokens, shorter than the policy {sft_ckpt}'s 64"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
