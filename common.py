@@ -49,6 +49,8 @@ class Resumable:
         for name in ("warmup_steps", "warmup_iterations"):  # 0: no warm-up
             if getattr(self, name, 0) < 0:
                 raise UserError(f"--{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= getattr(self, "val_fraction", 0) < 1:  # something must be left to train on
+            raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclasses.dataclass
