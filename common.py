@@ -226,10 +226,15 @@ def all_gather(t):
 
 
 def check_batch(batch_size, micro_batch_size, what="--batch_size"):
-    """Refuse a global batch that the processes and micro-batches do not divide evenly."""
+    """Refuse a global batch that the processes and micro-batches do not divide evenly.
+    micro_batch_size None: the stage has no --micro_batch_size (PPO), each process takes its share in one pass."""
     n = world_size()
+    if batch_size < 1:
+        raise UserError(f"{what} must be at least 1, got {batch_size}")
     micro = micro_batch_size or batch_size // max(1, n)
     if micro < 1 or batch_size % (n * micro):
+        if micro_batch_size is None:
+            raise UserError(f"{what} {batch_size} is not a multiple of the {n} processes")
         raise UserError(f"{what} {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} "
                         f"x {n} processes")
 
