@@ -43,9 +43,12 @@ class Resumable:
     """continue the interrupted run whose resume state is in out_dir (same arguments, same number of processes)"""
 
     def __post_init__(self):
-        for name in ("log_every", "eval_every", "length_groups"):  # counts that a stage divides by
+        # counts that a stage divides by, and the length of a run (a run of no steps has no model to write)
+        for name in ("log_every", "eval_every", "length_groups", "max_steps", "iterations"):
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if getattr(self, "epochs", 1) <= 0:  # the steps are at least one, so 0 would still train
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
         for name in ("warmup_steps", "warmup_iterations"):  # 0: no warm-up
             if getattr(self, name, 0) < 0:
                 raise UserError(f"--{name} must be at least 0, got {getattr(self, name)}")

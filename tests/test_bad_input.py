@@ -54,7 +54,8 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "ppo_no_room_for_prompt", "resume_without_state", "uneven_micro_batches",
                                   "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
                                   "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
-                                  "negative_warmup", "rm_context_shorter", "val_fraction_one", "ppo_minibatch_zero"])
+                                  "negative_warmup", "rm_context_shorter", "val_fraction_one", "ppo_minibatch_zero",
+                                  "epochs_zero", "ppo_iterations_zero"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -131,6 +132,11 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         message = "--val_fraction must be in [0, 1), got 1.0"
     elif case == "ppo_minibatch_zero":  # PPO has no --micro_batch_size for the message to name
         stage, argv, message = ppo, ["--minibatch_size", "0"], "--minibatch_size must be at least 1, got 0"
+    elif case == "epochs_zero":
+        stage, argv = sft, ["--init", sft_ckpt, "--n_demos", "40", "--epochs", "0"]
+        message = "--epochs must be positive, got 0.0"
+    elif case == "ppo_iterations_zero":
+        stage, argv, message = ppo, ["--iterations", "0"], "--iterations must be at least 1, got 0"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
