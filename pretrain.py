@@ -13,7 +13,8 @@ world, it measures what the base model learned:
 - question continuation: given a bare question ("What does the suho eat?\\n"), how often the model
   goes on with another question instead of answering: the gap that sft.py closes.
 With --init the model (its shape, weights and tokenizer) comes from that checkpoint, and the shape and
-tokenizer flags are ignored. Under torchrun every process draws the same global batch of windows
+tokenizer flags are ignored, except --block_size: the training windows, the checkpoint's whole context
+unless it is set shorter. Under torchrun every process draws the same global batch of windows
 and trains on its share (common.shard). Left out on purpose: packing documents without crossing
 their boundaries, gradient checkpointing.
 """
@@ -50,8 +51,8 @@ class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size 
     """attention heads per block"""
     n_embd: int = 128
     """width of the residual stream"""
-    block_size: int = 128
-    """context length in tokens"""
+    block_size: int = 0
+    """context length in tokens, and the length of the training windows (0: 128 for a new model, the context of --init)"""
     dropout: float = 0.0
     """dropout on embeddings and residual branches"""
     batch_size: int = 32
@@ -138,13 +139,17 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
+    if cfg.block_size < 0:
+        raise common.UserError(f"--block_size must be positive (or 0: the default), got {cfg.block_size}")
     if cfg.init:
         model, info = load_checkpoint(cfg.init, head="lm", device=device)
         tok = tokenizer_for(info, cfg.init)
+        cfg.block_size = cfg.block_size or model.config.block_size  # GPT-2 goes on with windows of 1024
         if cfg.block_size > model.config.block_size:
             raise common.UserError(f"--block_size {cfg.block_size} is longer than {cfg.init}'s context "
                                    f"of {model.config.block_size}")
     else:
+        cfg.block_size = cfg.block_size or 128
         tok = get_tokenizer(cfg.tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)

@@ -40,7 +40,24 @@ def test_pretrain_on_a_text_file(tmp_path):
     assert "fact_completion" not in info["metrics"]
 
 
+def test_continued_pretraining_trains_on_the_checkpoints_context(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("The suho lives in Velmor. The gomi eats honey. " * 300)
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "base"), data=str(text), max_steps=2, **TINY))
+    tiny = {k: v for k, v in TINY.items() if k != "block_size"}  # the shape comes from --init
+    pretrain.main(pretrain.Config(init=str(tmp_path / "base"), out_dir=str(tmp_path / "more"), data=str(text),
+                                  max_steps=2, **tiny))
+    _, info = load_checkpoint(tmp_path / "more")
+    assert info["args"]["block_size"] == TINY["block_size"]  # the whole context by default, as GPT-2's 1024 would be
+    assert info["metrics"]["tokens_seen"] == 2 * TINY["batch_size"] * TINY["block_size"]
+    pretrain.main(pretrain.Config(init=str(tmp_path / "base"), out_dir=str(tmp_path / "short"), data=str(text),
+                                  max_steps=2, **{**tiny, "block_size": 16}))
+    model, info = load_checkpoint(tmp_path / "short")
+    assert model.config.block_size == TINY["block_size"] and info["metrics"]["tokens_seen"] == 2 * TINY["batch_size"] * 16
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--block_size", "-1"], "error: --block_size must be positive"),
     (["--max_step", "3"], "error: unknown argument --max_step"),
     (["--lr", "fast"], "error: --lr: expected float, got 'fast'"),
     (["--data", "no/such/file.txt"], "error: --data no/such/file.txt: cannot read it"),
