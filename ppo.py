@@ -232,6 +232,8 @@ def main(cfg):
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, None, "--rollout_batch")
     common.check_batch(cfg.minibatch_size, None, "--minibatch_size")
+    if cfg.rollout_batch % cfg.minibatch_size:  # every gradient step averages over as many responses
+        raise common.UserError(f"--rollout_batch {cfg.rollout_batch} is not a multiple of --minibatch_size {cfg.minibatch_size}")
     policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
     tok = tokenizer_for(info, cfg.policy)
     ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
@@ -256,6 +258,8 @@ def main(cfg):
         prompts = prompt_rows(cfg.data)
     else:  # training prompts of every kind, none from the evaluation set
         prompts = [q.prompt for q in training_questions(4000, seed=cfg.seed + 7)]
+    if len(prompts) < cfg.rollout_batch:  # each iteration answers rollout_batch different prompts
+        raise common.UserError(f"{cfg.data}: {len(prompts)} prompts, fewer than --rollout_batch {cfg.rollout_batch}")
     # a long prompt loses its start, as in every stage (data/formats.py, "Long examples")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
@@ -284,7 +288,7 @@ def main(cfg):
                 group["lr"] = lr * lr_scale
 
         # 1. rollout ----------------------------------------------------------------------------
-        batch = rng.sample(range(len(prompts)), min(cfg.rollout_batch, len(prompts)))
+        batch = rng.sample(range(len(prompts)), cfg.rollout_batch)
         batch = common.shard(batch, 0)[0][0]  # this process's share of the prompts
         batch_prompts = [prompts[i] for i in batch]
         idx, start = left_pad([prompt_ids[i] for i in batch], tok.pad_id, device)

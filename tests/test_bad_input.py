@@ -55,7 +55,7 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "no_length_groups", "ema_out_of_range", "gold_reward_without_value",
                                   "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
                                   "negative_warmup", "rm_context_shorter", "val_fraction_one", "ppo_minibatch_zero",
-                                  "epochs_zero", "ppo_iterations_zero"])
+                                  "ppo_minibatch_not_dividing", "ppo_few_prompts", "epochs_zero", "ppo_iterations_zero"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -132,6 +132,12 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         message = "--val_fraction must be in [0, 1), got 1.0"
     elif case == "ppo_minibatch_zero":  # PPO has no --micro_batch_size for the message to name
         stage, argv, message = ppo, ["--minibatch_size", "0"], "--minibatch_size must be at least 1, got 0"
+    elif case == "ppo_minibatch_not_dividing":  # a leftover minibatch would take a full step on fewer responses
+        stage, argv, message = ppo, ["--rollout_batch", "7", "--minibatch_size", "3"], "--rollout_batch 7 is not a multiple of --minibatch_size 3"
+    elif case == "ppo_few_prompts":
+        data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Human: {w}?"} for w in "abc"])
+        stage, argv = ppo, ["--policy", sft_ckpt, "--reward", rm_ckpt, "--data", data, "--rollout_batch", "4", "--minibatch_size", "2"]
+        message = f"{data}: 3 prompts, fewer than --rollout_batch 4"
     elif case == "epochs_zero":
         stage, argv = sft, ["--init", sft_ckpt, "--n_demos", "40", "--epochs", "0"]
         message = "--epochs must be positive, got 0.0"
