@@ -33,6 +33,9 @@ from data.world import ATTRIBUTES, make_corpus, make_world
 from model import GPT, GPTConfig, complete, load_checkpoint, save_checkpoint
 
 
+NEW_MODEL_CONTEXT = 128  # the context of a fresh model when --block_size is 0
+
+
 @dataclass
 class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size (common.py)
     out_dir: str = "out/base"
@@ -52,7 +55,7 @@ class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size 
     n_embd: int = 128
     """width of the residual stream"""
     block_size: int = 0
-    """context length in tokens, and the length of the training windows (0: 128 for a new model, the context of --init)"""
+    """context length in tokens, and the length of the training windows (0: 128 for a new model, the context of --init: GPT-2's 1024, whose memory --micro_batch_size bounds)"""
     dropout: float = 0.0
     """dropout on embeddings and residual branches"""
     batch_size: int = 32
@@ -93,7 +96,8 @@ def load_tokens(cfg, tok):
         ids = torch.tensor([t for d in docs for t in tok.encode(d) + [tok.eot_id]])
         n_val = max(len(ids) // 10, cfg.block_size + 1)  # last 10% for validation
         if len(ids) < n_val + cfg.block_size + 1:
-            raise common.UserError(f"--data {cfg.data}: {len(ids)} tokens is too short for --block_size {cfg.block_size}")
+            raise common.UserError(f"--data {cfg.data}: {len(ids)} tokens is too short for --block_size {cfg.block_size}"
+                                   + (" (the context of --init: pass a shorter one)" if cfg.init else ""))
         return ids[:-n_val], ids[-n_val:]
     world = make_world()
 
@@ -149,7 +153,7 @@ def main(cfg):
             raise common.UserError(f"--block_size {cfg.block_size} is longer than {cfg.init}'s context "
                                    f"of {model.config.block_size}")
     else:
-        cfg.block_size = cfg.block_size or 128
+        cfg.block_size = cfg.block_size or NEW_MODEL_CONTEXT
         tok = get_tokenizer(cfg.tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)

@@ -20,7 +20,7 @@ import torch
 
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, left_pad
-from pretrain import Config as PretrainConfig
+from pretrain import NEW_MODEL_CONTEXT, Config as PretrainConfig
 
 BATCHES = (1, 4, 16, 64)
 NEW_TOKENS = 128
@@ -30,7 +30,7 @@ PROMPT_MIN, PROMPT_MAX = 8, 16
 def pipeline_config():
     """GPTConfig of the model pretrain.py trains by default, with room for PROMPT_MAX + NEW_TOKENS."""
     cfg = PretrainConfig()
-    return GPTConfig(block_size=max(cfg.block_size, PROMPT_MAX + NEW_TOKENS), vocab_size=get_tokenizer("builtin").n_vocab,
+    return GPTConfig(block_size=max(cfg.block_size or NEW_MODEL_CONTEXT, PROMPT_MAX + NEW_TOKENS), vocab_size=get_tokenizer("builtin").n_vocab,
                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
 
 

@@ -49,7 +49,7 @@ from data.raters import Raters, preference_pairs
 from data.tasks import demonstrations, training_questions
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, left_pad
-from pretrain import Config as PretrainConfig
+from pretrain import NEW_MODEL_CONTEXT, Config as PretrainConfig
 
 STEPS = 6  # timed steps per stage, after WARMUP
 WARMUP = 2
@@ -165,7 +165,7 @@ def stage_steps(cfg, tok, device):
 def test_train_benchmark(device):
     tok = get_tokenizer("builtin")
     p = PretrainConfig()
-    cfg = GPTConfig(block_size=p.block_size, vocab_size=tok.n_vocab, n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd)
+    cfg = GPTConfig(block_size=p.block_size or NEW_MODEL_CONTEXT, vocab_size=tok.n_vocab, n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     peak = max(matmul_gflops(device, 2048, 2048, 2048, dtype) for _ in range(2))
