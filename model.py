@@ -231,15 +231,17 @@ class GPT(nn.Module):
 def complete_ids(model, tok, prompts, max_new_tokens, batch_size=256, **sampling):
     """Continue each prompt (a string) with model, in left-padded batches. tok: a data.tokenizer.Tokenizer.
     Returns the token ids of each continuation, up to and including <|endoftext|> if the model
-    emitted it. A prompt longer than the context loses its start, as in every stage (formats.fit),
-    down to block_size - 1 tokens; a batch's continuations get the room its longest prompt leaves.
+    emitted it. A prompt that fills the context loses its start, as in every stage (formats.fit),
+    leaving room for max_new_tokens; a batch's continuations get the room its longest prompt leaves.
     sampling: temperature, top_k, top_p, generator (see GPT.generate)."""
     device = model.transformer.wte.weight.device
-    keep = model.config.block_size - 1  # room for one new token at least; a prompt that fits is left as it is
+    n_ctx = model.config.block_size
+    keep = max(1, n_ctx - max_new_tokens)  # what is left of a prompt too long to fit; one that fits is left as it is
     responses = []
     for i in range(0, len(prompts), batch_size):
-        idx, start = left_pad([tok.encode_prompt(p)[-keep:] for p in prompts[i:i + batch_size]], tok.pad_id, device)
-        n = min(max_new_tokens, model.config.block_size - idx.size(1))
+        ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
+        idx, start = left_pad([p if len(p) < n_ctx else p[-keep:] for p in ids], tok.pad_id, device)
+        n = min(max_new_tokens, n_ctx - idx.size(1))
         out = model.generate(idx, n, start=start, eos_id=tok.eot_id, pad_id=tok.pad_id, **sampling)
         for row in out[:, idx.size(1):].tolist():
             responses.append(row[:row.index(tok.eot_id) + 1] if tok.eot_id in row else row)

@@ -169,11 +169,15 @@ def test_complete_ids_cuts_a_prompt_too_long_for_the_context_from_the_left():
     tok = get_tokenizer("builtin")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
-    long = "Human: " + "Tell me more. " * 10 + "\n\nAssistant:"
+    long, short = "Human: " + "Tell me more. " * 10 + "\n\nAssistant:", "Human: Hi"
     assert len(tok.encode(long)) > 16
     response, = complete_ids(model, tok, [long], 8, temperature=0)
-    alone = model.generate(torch.tensor([tok.encode(long)[-15:]]), 1, temperature=0)
-    assert response == alone[0, 15:].tolist()  # its last 15 tokens, and one new token
+    alone = model.generate(torch.tensor([tok.encode(long)[-8:]]), 8, temperature=0, eos_id=tok.eot_id, pad_id=tok.pad_id)
+    assert response == alone[0, 8:].tolist()[:len(response)]  # its last 8 tokens, room left for 8 new ones
+    assert len(response) == 8 or response[-1] == tok.eot_id
+    # a prompt that fits is left as it is, even beside one that is cut
+    _, fits = complete_ids(model, tok, [long, short], 4, temperature=0)
+    assert fits == complete_ids(model, tok, [short], 4, temperature=0)[0]
 
 
 def test_sample_filters():
