@@ -259,7 +259,7 @@ def main(cfg):
     else:  # training prompts of every kind, none from the evaluation set
         prompts = [q.prompt for q in training_questions(4000, seed=cfg.seed + 7)]
     if len(prompts) < cfg.rollout_batch:  # each iteration answers rollout_batch different prompts
-        raise common.UserError(f"{cfg.data}: {len(prompts)} prompts, fewer than --rollout_batch {cfg.rollout_batch}")
+        raise common.UserError(f"{cfg.data or 'the built-in training prompts'}: {len(prompts)} prompts, fewer than --rollout_batch {cfg.rollout_batch}")
     # a long prompt loses its start, as in every stage (data/formats.py, "Long examples")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
     prompt_ids = [tok.encode_prompt(p) for p in prompts]

@@ -235,8 +235,8 @@ def main(cfg):
         scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
     mean, std = scores.mean().item(), scores.std().item()
     if not 0 < std < math.inf:  # before anything is written: PPO would take a NaN or infinite gain from config.json
-        raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} +- {std:.4g}: "
-                               f"the reward cannot be scaled to std 1")
+        raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} ± {std:.4g}: "
+                               f"the reward cannot be scaled to std 1 (a reward model that scores everything alike: more --norm_prompts?)")
     metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}
     metrics["wall_s"] = round(time.time() - logger.t0, 1)
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (

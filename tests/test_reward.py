@@ -68,7 +68,7 @@ def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_ch
     with pytest.raises(UserError, match="--norm_prompts must be at least 2, got 1"):
         reward.main(reward.Config(**cfg, norm_prompts=1))
     for n_prompts, error in ((2, "the reward's normalisation needs 2 training prompts at least .* found 1"),
-                             (4, "the 3 SFT responses that normalise the reward score 0 \\+- 0")):
+                             (4, "the 3 SFT responses that normalise the reward score 0 ± 0")):
         data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."})
                                 + "\n" for w in "abcd"[:n_prompts]))  # one prompt held out
         real = reward.rewards
