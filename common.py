@@ -44,7 +44,7 @@ class Resumable:
 
     def __post_init__(self):
         # counts that a stage divides by, and the length of a run (a run of no steps has no model to write)
-        for name in ("log_every", "eval_every", "length_groups", "max_steps", "iterations"):
+        for name in ("log_every", "eval_every", "length_groups", "max_steps", "iterations", "ppo_epochs"):
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not getattr(self, "epochs", 1) > 0:  # NaN too  # the steps are at least one, so 0 would still train
