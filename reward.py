@@ -141,7 +141,7 @@ def main(cfg):
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
     room = min(48, sft.config.block_size // 2)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else [r["prompt"] for r in train_rows if len(tok.encode(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
+        else [r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
     if len(norm_prompts) < 2:
         raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 training prompts at least that leave room "
                                f"for {room} response tokens in the context of {sft.config.block_size}, found {len(norm_prompts)}")

@@ -60,11 +60,11 @@ def main(path, cfg):
         print(f"first {cfg.block_size} tokens as the model sees them:\n{tok.decode(ids[0][:cfg.block_size])!r}")
         return
     keys = RESPONSES[task]
-    print(f"prompt tokens ({cfg.tokenizer}): {stats([len(tok.encode(r['prompt'])) for r in data.rows])}")
+    print(f"prompt tokens ({cfg.tokenizer}): {stats([len(tok.encode_prompt(r['prompt'])) for r in data.rows])}")
     for k in keys:
         print(f"{k} tokens, with the EOS: {stats([len(tok.encode(r[k])) + 1 for r in data.rows])}")
     if task == "prompt":
-        print(f"first prompt, {len(tok.encode(data.rows[0]['prompt']))} tokens:\n  {data.rows[0]['prompt']!r}")
+        print(f"first prompt, {len(tok.encode_prompt(data.rows[0]['prompt']))} tokens:\n  {data.rows[0]['prompt']!r}")
         return
     encoded, kept, report = encode_rows(tok, data.rows, keys, cfg.block_size)
     print(report)
