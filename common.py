@@ -47,7 +47,7 @@ class Resumable:
         for name in ("log_every", "eval_every", "length_groups", "max_steps", "iterations", "ppo_epochs"):
             if getattr(self, name, 1) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not getattr(self, "epochs", 1) > 0:  # NaN too  # the steps are at least one, so 0 would still train
+        if not getattr(self, "epochs", 1) > 0:  # NaN too; and 0 would still train one step (steps >= 1)
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         for name in ("warmup_steps", "warmup_iterations"):  # 0: no warm-up
             if getattr(self, name, 0) < 0:
