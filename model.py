@@ -179,11 +179,14 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, start=None, cache=None):
-        """Returns (logits (B, T, vocab), loss) for the lm head, (values (B, T), None) for the scalar
-        head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX."""
+        """Returns (logits (B, T, vocab), loss) for the lm head, (values (B, T) in float32, None) for the
+        scalar head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX."""
         x = self.hidden_states(idx, start, cache)
         if self.config.head == "scalar":
-            return self.score(x).squeeze(-1), None
+            # in float32 even under autocast: Bradley-Terry fixes a reward only up to an offset, which
+            # may be large next to the differences between responses, and bf16 keeps 8 bits of it
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.score.weight.float()).squeeze(-1), None
         logits = F.linear(x, self.transformer.wte.weight)  # (B, T, vocab), the tied lm head
         loss = None
         if targets is not None:

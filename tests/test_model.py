@@ -84,6 +84,24 @@ def test_scalar_head_gives_one_number_per_position():
     assert not any("score" in k for k in make_model().state_dict())
 
 
+def test_scalar_head_keeps_float32_under_autocast():
+    """A reward is known only up to an offset (Bradley-Terry sees differences), and the offset can
+    dwarf the differences: at 300, bf16 rounds to steps of 2, so under a GPU's autocast every margin
+    between responses was 0 or 2. The head runs in float32 (the trunk's last LayerNorm already does)."""
+    model = make_model(head="scalar")
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(300.0 / CFG.n_embd)
+        model.score.weight.fill_(1.0)
+    idx = torch.randint(0, CFG.vocab_size, (3, 11))
+    with torch.no_grad():
+        exact, _ = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            values, _ = model(idx)
+    assert values.dtype == torch.float32
+    assert exact.std() > 0.1 and exact.mean().item() == pytest.approx(300, abs=20)
+    assert (values - exact).abs().max() < 0.25  # the trunk's bf16 matmuls only (the head in bf16: 1.1)
+
+
 def test_last_token_index_left_right_and_both_padded():
     mask = torch.tensor([[0, 0, 1, 1, 1],    # left padded
                          [1, 1, 1, 0, 0],    # right padded
