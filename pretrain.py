@@ -172,7 +172,12 @@ def main(cfg):
     def val_loss():
         model.eval()
         val_gen.manual_seed(0)  # the same validation batches every time
-        losses = [model(*get_batch(val_tokens, cfg, val_gen, device))[1].item() for _ in range(cfg.eval_batches)]
+        micro, losses = cfg.micro_batch_size or cfg.batch_size, []
+        for _ in range(cfg.eval_batches):
+            x, y = get_batch(val_tokens, cfg, val_gen, device)
+            with autocast:  # as the training runs: a whole batch of 1024-token windows in float32 may not fit
+                losses.append(sum(model(x[i:i + micro], y[i:i + micro])[1].item() * len(x[i:i + micro])
+                                  for i in range(0, len(x), micro)) / len(x))
         model.train()
         return sum(losses) / len(losses)
 

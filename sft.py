@@ -98,6 +98,11 @@ def response_logprobs(model, x, y):
     return kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask]), mask
 
 
+def n_targets_of(examples):
+    """The number of response tokens (targets that count) in a list of (x, y)."""
+    return sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in examples)
+
+
 def sft_loss(model, x, y):
     """Mean negative log-likelihood of the response tokens."""
     logps, mask = response_logprobs(model, x, y)
@@ -137,10 +142,13 @@ def main(cfg):
         if not val:
             return float("nan")
         model.eval()
-        losses = []
-        for i in range(0, len(val), cfg.batch_size):
-            with autocast:
-                losses.append(sft_loss(model, *collate(val[i:i + cfg.batch_size], tok.pad_id, device)).item())
+        micro, losses = cfg.micro_batch_size or cfg.batch_size, []
+        for i in range(0, len(val), cfg.batch_size):  # each batch's mean over its tokens, in micro-batches
+            batch, nll = val[i:i + cfg.batch_size], 0.0
+            for part in (batch[j:j + micro] for j in range(0, len(batch), micro)):
+                with autocast:
+                    nll += sft_loss(model, *collate(part, tok.pad_id, device)).item() * n_targets_of(part)
+            losses.append(nll / n_targets_of(batch))
         model.train()
         return sum(losses) / len(losses)
 
@@ -170,7 +178,7 @@ def main(cfg):
         batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        n_targets = sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in batch)
+        n_targets = n_targets_of(batch)
         loss = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size, lambda e: len(e[0]), cfg.length_groups), loss_part)
         common.check_finite(loss, step, cfg.out_dir)
         if cfg.grad_clip > 0:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import pretrain
-from model import load_checkpoint
+import torch
+from model import GPT, load_checkpoint
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8, n_docs=200,
             warmup_steps=5, log_every=10, eval_every=20, eval_batches=2, device="cpu")
@@ -54,6 +55,28 @@ def test_continued_pretraining_trains_on_the_checkpoints_context(tmp_path):
                                   max_steps=2, **{**tiny, "block_size": 16}))
     model, info = load_checkpoint(tmp_path / "short")
     assert model.config.block_size == TINY["block_size"] and info["metrics"]["tokens_seen"] == 2 * TINY["batch_size"] * 16
+
+
+def test_validation_takes_micro_batches_in_the_training_dtype(tmp_path, monkeypatch):
+    """--micro_batch_size bounds every forward pass, the validation's too (it took the whole batch,
+    in float32 on a GPU: 32 windows of GPT-2's 1024 tokens, where the training took 4 at a time),
+    and the validation loss is the same number either way."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("The suho lives in Velmor. The gomi eats honey. " * 300)
+    calls, forward = [], GPT.forward
+
+    def spy(self, idx, *args, **kwargs):
+        calls.append((idx.size(0), torch.is_autocast_enabled("cpu")))
+        return forward(self, idx, *args, **kwargs)
+    monkeypatch.setattr(GPT, "forward", spy)
+    args = dict(data=str(text), max_steps=1, **TINY)
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "bf16"), micro_batch_size=2, dtype="bfloat16", **args))
+    assert len(calls) == 4 + 2 * 2 * 4 and all(n == 2 and autocast for n, autocast in calls)  # training, then 2 validations
+    val = {}
+    for micro in (0, 2):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
+        val[micro] = load_checkpoint(tmp_path / f"micro{micro}")[1]["metrics"]["val_loss"]
+    assert val[2] == pytest.approx(val[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("argv, message", [

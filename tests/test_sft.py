@@ -107,3 +107,19 @@ def test_length_groups_give_the_batchs_gradient_with_less_padding():
         model.zero_grad()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
     assert sum(padded[1:]) < padded[0]  # four micro-batches pad less than one
+
+
+def test_the_validation_loss_takes_micro_batches(tiny_chain, tmp_path, monkeypatch):
+    """--micro_batch_size bounds the validation's forward passes too (they took --batch_size
+    demonstrations at once, however small the micro-batches that fit in memory), and the
+    validation loss, each batch's mean over its response tokens, is the same number either way."""
+    sizes, loss = [], sft.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda model, x, y: sizes.append(x.size(0)) or loss(model, x, y))
+    args = dict(init=tiny_chain["base"], n_demos=200, epochs=0.1, batch_size=8, log_every=1, n_samples=1, device="cpu")
+    val = {}
+    for micro in (2, 0):
+        sft.main(sft.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
+        val[micro] = [json.loads(line)["val_loss"] for line in open(tmp_path / f"micro{micro}" / "metrics.jsonl")]
+        if micro:
+            assert max(sizes) == 2
+    assert val[2] == pytest.approx(val[0], rel=1e-5)
