@@ -145,7 +145,7 @@ def built_in_pairs(cfg, model, tok, device):
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
-                            model_sampler(model, tok, cfg.sft_samples, gen))
+                            model_sampler(model, tok, cfg.sft_samples, gen, batch_size=cfg.micro_batch_size or 256))
 
 
 def encode_pairs(tok, rows, block_size):
@@ -225,8 +225,9 @@ def main(cfg):
     # the reference: the init model before its first update. Its log-probs never change, so they
     # are computed here, once, and the training below changes the same weights in place.
     t0 = time.time()
-    ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast)
-    ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast)
+    eval_batch = cfg.micro_batch_size or 64  # pairs per pass without gradients, as in the training's
+    ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+    ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
     print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -250,8 +251,9 @@ def main(cfg):
     def evaluate():
         """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin."""
         losses, margins = [], []
-        for i in range(0, len(val), 64):
-            loss, margin, _ = pair_losses(val[i:i + 64], ref_val[0][i:i + 64], ref_val[1][i:i + 64])
+        for i in range(0, len(val), eval_batch):
+            part = slice(i, i + eval_batch)
+            loss, margin, _ = pair_losses(val[part], ref_val[0][part], ref_val[1][part])
             losses += loss.tolist()
             margins += margin.tolist()
         return {"val_loss": sum(losses) / len(val), "val_accuracy": sum(m > 0 for m in margins) / len(val),

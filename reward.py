@@ -124,13 +124,15 @@ def main(cfg):
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # the passes without gradients (sampling, evaluation, normalisation) too take at most --micro_batch_size examples
+    eval_batch, sample_batch = cfg.micro_batch_size or 64, cfg.micro_batch_size or 256
 
     t0 = time.time()
     if cfg.data:
         rows = preference_rows(cfg.data)
     else:  # candidates: the scripted styles plus the SFT model's own answers
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
-                                model_sampler(sft, tok, cfg.sft_samples, gen))
+                                model_sampler(sft, tok, cfg.sft_samples, gen, batch_size=sample_batch))
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     train, train_rows, report = encode_pairs(tok, train_rows, sft.config.block_size)
     print(f"training pairs: {report}")
@@ -167,8 +169,8 @@ def main(cfg):
         training = ema.training
         ema.eval()
         margins = []
-        for i in range(0, len(val), 64):
-            batch = val[i:i + 64]
+        for i in range(0, len(val), eval_batch):
+            batch = val[i:i + eval_batch]
             with autocast:
                 r = rewards(ema, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
             margins += (r[:len(batch)] - r[len(batch):]).tolist()
@@ -229,10 +231,10 @@ def main(cfg):
         print("\n".join(lines))
 
     # normalise: the SFT model's own responses score mean 0, std 1
-    responses = complete_ids(sft, tok, norm_prompts, room, temperature=1.0, generator=gen)
+    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
-        scores = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device).float() for i in range(0, len(seqs), 64)])
+        scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])
     mean, std = scores.mean().item(), scores.std().item()
     if not 0 < std < math.inf:  # before anything is written: PPO would take a NaN or infinite gain from config.json
         raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} ± {std:.4g}: "

@@ -271,3 +271,22 @@ def test_ipo_learns_a_simple_preference_from_a_file(init, tmp_path):
     info = load_checkpoint(out)[1]
     assert info["args"]["data"] == str(data) and info["metrics"]["val_pairs"] == 8  # 2 of the 6 prompts, 4 pairs each
     assert info["metrics"]["val_accuracy"] == 1.0 and info["metrics"]["val_margin"] > 0
+
+
+def test_passes_without_gradients_take_micro_batches(init, tmp_path, monkeypatch):
+    """--micro_batch_size bounds every forward pass: the reference log-probs, the held-out
+    evaluation and the SFT samples of the built-in pairs took 64 pairs (256 prompts) at once
+    however small the micro-batches that fit in memory. The results are the same."""
+    sizes, logps, generate = [], dpo.batch_logps, GPT.generate
+    monkeypatch.setattr(dpo, "batch_logps", lambda model, pairs, *a: sizes.append(len(pairs)) or logps(model, pairs, *a))
+    monkeypatch.setattr(GPT, "generate", lambda self, idx, *a, **k: sizes.append(idx.size(0)) or generate(self, idx, *a, **k))
+    args = dict(init=str(init), n_prompts=8, pairs_per_prompt=4, sft_samples=1, val_fraction=0.5, batch_size=4,
+                epochs=1, log_every=1, n_samples=1, device="cpu")
+    logged = {}
+    for micro in (2, 0):
+        dpo.main(dpo.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
+        logged[micro] = [json.loads(line) for line in (tmp_path / f"micro{micro}" / "metrics.jsonl").read_text().splitlines()]
+        if micro:
+            assert max(sizes) == 2
+    for a, b in zip(logged[0], logged[2], strict=True):
+        assert "val_loss" not in a or b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5) and b["val_margin"] == pytest.approx(a["val_margin"], abs=1e-5)
