@@ -85,7 +85,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     ppo_epochs: int = 4
     """passes over each rollout batch"""
     minibatch_size: int = 16
-    """responses per gradient step"""
+    """responses per gradient step, and per forward pass when the rollouts are scored (lower it if those run out of memory)"""
     clip_range: float = 0.2
     """PPO's clip of the probability ratio"""
     max_ratio: float = 100.0
@@ -215,6 +215,24 @@ def response_values(value_model, seqs, start, P):
     values, _ = value_model(seqs, start=start)
     return values[:, P - 1:-1]
 
+
+def score_rollouts(policy, ref, value_model, rm, seqs, start, P, temperature):
+    """What the rollouts seqs (B, P + R) look like to the four models, without gradients: the
+    sampled tokens' log-probs under the policy and the reference (B, R), the full-vocabulary KL
+    and entropy at each position (B, R), the value estimates (B, R), and the reward model's
+    values (B, P + R), None without one (the gold oracle)."""
+    responses = seqs[:, P:]
+    h, h_ref = response_hidden(policy, seqs, start, P), response_hidden(ref, seqs, start, P)
+    # the same function as in the learning phase, so that the first ratio is exactly 1
+    logprobs = kernels.fused_linear_logprobs(h, policy.transformer.wte.weight, responses, temperature)
+    ref_logprobs = kernels.fused_linear_logprobs(h_ref, ref.transformer.wte.weight, responses, temperature)
+    # the full-vocabulary KL and entropy, for the log (the KL estimate sees one token per position)
+    logits = h @ policy.transformer.wte.weight.t() / temperature  # (B, R, V)
+    ref_logits = h_ref @ ref.transformer.wte.weight.t() / temperature
+    values = response_values(value_model, seqs, start, P).float()
+    rm_values = None if rm is None else rm(seqs, start=start)[0].float()
+    return logprobs, ref_logprobs, kernels.kl_div(logits, ref_logits), kernels.entropy(logits), values, rm_values
+
 # -----------------------------------------------------------------------------
 
 
@@ -272,6 +290,7 @@ def main(cfg):
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * common.rank())  # each process its own samples
     rng = random.Random(cfg.seed)  # the same on every process: the same prompts, cut in shares
+    minibatch = cfg.minibatch_size // common.world_size()  # this process's share of a minibatch
     logger = common.Logger()
     train_policy, train_value = common.DataParallel(policy), common.DataParallel(value_model)
     state = common.TrainState(cfg, "ppo", optimizers={"policy": optimizer, "value": value_optimizer},
@@ -308,23 +327,19 @@ def main(cfg):
 
         # 2. score and 3. per-token reward -------------------------------------------------------
         with torch.no_grad(), autocast:
-            h = response_hidden(policy, seqs, start, P)
-            h_ref = response_hidden(ref, seqs, start, P)
-            # the same function as in the learning phase below, so that the first ratio is exactly 1
-            old_logprobs = kernels.fused_linear_logprobs(h, policy.transformer.wte.weight, responses, cfg.temperature)
-            ref_logprobs = kernels.fused_linear_logprobs(h_ref, ref.transformer.wte.weight, responses, cfg.temperature)
-            # the full-vocabulary KL and entropy, for the log (the estimator above sees one token per position)
-            logits = h @ policy.transformer.wte.weight.t() / cfg.temperature  # (B, R, V)
-            ref_logits = h_ref @ ref.transformer.wte.weight.t() / cfg.temperature
-            full_kl = (kernels.kl_div(logits, ref_logits) * mask).sum(1)
-            entropy = masked_mean(kernels.entropy(logits), mask)
-            del logits, ref_logits, h, h_ref
-            old_values = response_values(value_model, seqs, start, P).float() * mask
+            # a minibatch at a time, as the learning phase takes them: the whole batch at once through
+            # four models, with its (B, R, vocab) logits twice over, needs far more memory than a step
+            parts = [score_rollouts(policy, ref, value_model, rm, seqs[i:i + minibatch], start[i:i + minibatch], P,
+                                    cfg.temperature) for i in range(0, seqs.size(0), minibatch)]
+            old_logprobs, ref_logprobs, token_kl, token_entropy, old_values, rm_values = (
+                None if x[0] is None else torch.cat(x) for x in zip(*parts))
+            full_kl = (token_kl * mask).sum(1)
+            entropy = masked_mean(token_entropy, mask)
+            old_values = old_values * mask
             if oracle:
                 raw_scores = torch.tensor(gold, device=device)
             else:
-                rm_values, _ = rm(seqs, start=start)
-                raw_scores = rm_values.float().gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
+                raw_scores = rm_values.gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
             scores = norm["gain"] * raw_scores + norm["bias"]
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()  # a response must end
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -338,7 +353,7 @@ def main(cfg):
 
         # 5. learn: several epochs of minibatches over this batch ---------------------------------
         stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max")}
-        B, minibatch, skipped = seqs.size(0), cfg.minibatch_size // common.world_size(), 0
+        B, skipped = seqs.size(0), 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
             for i in range(0, B, minibatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ppo
+from model import GPT
 
 
 def random_batch(B=5, R=9, seed=0):
@@ -118,3 +119,23 @@ def test_empty_prompts_condition_on_the_eos(tiny_chain, tmp_path):
                         rollout_batch=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, warmup_iterations=1, device="cpu"))
     row = json.loads((out / "metrics.jsonl").read_text())
     assert all(math.isfinite(v) for v in row.values())
+
+
+def test_rollouts_are_scored_a_minibatch_at_a_time(tiny_chain, tmp_path, monkeypatch):
+    """--minibatch_size bounds the scoring's forward passes too (policy, reference, value and
+    reward model took the whole rollout batch at once, with its (B, R, vocab) logits twice), and
+    the scores, KL and entropy of the rollouts are the same."""
+    sizes, hidden, forward = [], ppo.response_hidden, GPT.forward
+    monkeypatch.setattr(ppo, "response_hidden", lambda model, seqs, *a: sizes.append(seqs.size(0)) or hidden(model, seqs, *a))
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: sizes.append(idx.size(0)) or forward(self, idx, *a, **k))
+    args = dict(policy=tiny_chain["sft"], reward=tiny_chain["rm"], iterations=1, rollout_batch=8, ppo_epochs=1,
+                max_new_tokens=6, warmup_iterations=1, device="cpu")
+    logged = {}
+    for minibatch in (2, 8):
+        ppo.main(ppo.Config(out_dir=str(tmp_path / f"mb{minibatch}"), minibatch_size=minibatch, **args))
+        logged[minibatch] = json.loads((tmp_path / f"mb{minibatch}" / "metrics.jsonl").read_text())
+        if minibatch == 2:
+            assert max(sizes) == 2
+    for key in ("score", "kl", "kl_full", "entropy", "explained_variance", "length"):
+        assert logged[2][key] == pytest.approx(logged[8][key], rel=1e-4, abs=1e-6), key
+    assert logged[2]["first_ratio"] == pytest.approx(1.0, abs=1e-6)
