@@ -21,6 +21,7 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 """
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -141,9 +142,11 @@ def main(cfg):
     # evaluated in batches of similar length, each pair sorted together with its row
     val, val_rows = map(list, zip(*sorted(zip(val, val_rows), key=lambda pair_row: max(map(len, pair_row[0])))))
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
+    # (from a file, the first that do: tokenizing every prompt once more took seconds per 100k rows)
     room = min(48, sft.config.block_size // 2)
+    fits = (r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size)
     norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else [r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size][:cfg.norm_prompts]
+        else list(itertools.islice(fits, cfg.norm_prompts))
     if len(norm_prompts) < 2:
         raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 training prompts at least that leave room "
                                f"for {room} response tokens in the context of {sft.config.block_size}, found {len(norm_prompts)}")

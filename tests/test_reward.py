@@ -97,6 +97,20 @@ def test_passes_without_gradients_take_micro_batches(tiny_chain, tmp_path, monke
     assert val_margin[2] == pytest.approx(val_margin[0], rel=1e-4)
 
 
+def test_a_files_prompts_are_tokenized_once(tiny_chain, tmp_path, monkeypatch):
+    """The normalisation takes the first --norm_prompts training prompts that fit: it tokenized
+    every one of them again to pick those (seconds per 100k rows of real data, for 256 prompts)."""
+    from data.tokenizer import Tokenizer
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Human: Say {i}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."}) + "\n"
+                            for i in range(300)))
+    calls, encode_prompt = [], Tokenizer.encode_prompt
+    monkeypatch.setattr(Tokenizer, "encode_prompt", lambda self, text: calls.append(text) or encode_prompt(self, text))
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), norm_prompts=4,
+                              batch_size=8, epochs=0.05, device="cpu"))
+    assert len(calls) <= 300 + 3 * 4  # each row once; the normalisation's prompts picked, sampled and scored
+
+
 def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
     torch.manual_seed(0)
     lm = GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=2, n_head=2, n_embd=256))
