@@ -145,7 +145,7 @@ def built_in_pairs(cfg, model, tok, device):
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
-                            model_sampler(model, tok, cfg.sft_samples, gen, batch_size=cfg.micro_batch_size or 256))
+                            model_sampler(model, tok, cfg.sft_samples, gen))
 
 
 def encode_pairs(tok, rows, block_size):

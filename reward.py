@@ -125,15 +125,15 @@ def main(cfg):
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    # the passes without gradients (sampling, evaluation, normalisation) too take at most --micro_batch_size examples
-    eval_batch, sample_batch = cfg.micro_batch_size or 64, cfg.micro_batch_size or 256
+    # the passes without gradients (evaluation, normalisation) too take at most --micro_batch_size examples
+    eval_batch = cfg.micro_batch_size or 64
 
     t0 = time.time()
     if cfg.data:
         rows = preference_rows(cfg.data)
     else:  # candidates: the scripted styles plus the SFT model's own answers
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
-                                model_sampler(sft, tok, cfg.sft_samples, gen, batch_size=sample_batch))
+                                model_sampler(sft, tok, cfg.sft_samples, gen))
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     train, train_rows, report = encode_pairs(tok, train_rows, sft.config.block_size)
     print(f"training pairs: {report}")
@@ -234,7 +234,9 @@ def main(cfg):
         print("\n".join(lines))
 
     # normalise: the SFT model's own responses score mean 0, std 1
-    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
+    # sampled in passes of --micro_batch_size prompts too, if set (256 prompts of up to 1024 tokens
+    # fill 80 GB with GPT-2 XL's cache): other draws of the same distribution than in one pass
+    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=cfg.micro_batch_size or 256, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])

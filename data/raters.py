@@ -116,16 +116,15 @@ def label_pairs(prompt, cands, raters, rng, n_pairs):
     return rows
 
 
-def model_sampler(model, tok, n, generator=None, max_new_tokens=48, batch_size=256):
-    """A sample_fn for preference_pairs: n responses of model per prompt, sampled at temperature 1,
-    batch_size prompts at a time."""
+def model_sampler(model, tok, n, generator=None, max_new_tokens=48):
+    """A sample_fn for preference_pairs: n responses of model per prompt, sampled at temperature 1."""
     from model import complete
 
     def sample_fn(prompts):
         if n == 0:
             return [()] * len(prompts)
         flat = complete(model, tok, [p for p in prompts for _ in range(n)], max_new_tokens, temperature=1.0,
-                        generator=generator, batch_size=batch_size)
+                        generator=generator)
         return [flat[i:i + n] for i in range(0, len(flat), n)]
     return sample_fn
 

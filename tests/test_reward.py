@@ -80,20 +80,21 @@ def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_ch
 
 
 def test_passes_without_gradients_take_micro_batches(tiny_chain, tmp_path, monkeypatch):
-    """--micro_batch_size bounds every forward pass: the held-out evaluation and the normalisation
-    took 64 pairs (and 256 prompts to sample) at once, however small the micro-batches that fit in
-    memory. The results are the same."""
-    sizes, real, generate = [], reward.rewards, GPT.generate
+    """--micro_batch_size bounds the forward passes without gradients: the held-out evaluation and
+    the normalisation took 64 pairs (and 256 prompts to sample) at once, however small the
+    micro-batches that fit in memory. The held-out margins are the same; the built-in pairs too
+    (their SFT samples are drawn in batches of 256 prompts whatever the flag)."""
+    sizes, real, complete_ids = [], reward.rewards, reward.complete_ids
     monkeypatch.setattr(reward, "rewards", lambda rm, seqs, *a: sizes.append(len(seqs) / 2) or real(rm, seqs, *a))
-    monkeypatch.setattr(GPT, "generate", lambda self, idx, *a, **k: sizes.append(idx.size(0)) or generate(self, idx, *a, **k))
-    args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, val_fraction=0.3, norm_prompts=8, batch_size=8,
-                epochs=1, log_every=50, device="cpu")
-    reward.main(reward.Config(out_dir=str(tmp_path / "sampled"), micro_batch_size=2, sft_samples=1, **args))
-    assert max(sizes) == 2  # pairs (two sequences each) or prompts
+    monkeypatch.setattr(reward, "complete_ids", lambda *a, batch_size, **k: sizes.append(batch_size) or complete_ids(*a, batch_size=batch_size, **k))
+    args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, val_fraction=0.3, norm_prompts=8,
+                batch_size=8, epochs=1, log_every=50, device="cpu")
     val_margin = {}
-    for micro in (2, 0):  # without SFT samples in the pairs, which other batches would draw otherwise
-        reward.main(reward.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, sft_samples=0, **args))
+    for micro in (2, 0):
+        reward.main(reward.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
         val_margin[micro] = load_checkpoint(tmp_path / f"micro{micro}")[1]["metrics"]["val_margin"]
+        if micro:
+            assert max(sizes) == 2  # pairs (two sequences each), or prompts sampled for the normalisation
     assert val_margin[2] == pytest.approx(val_margin[0], rel=1e-4)
 
 
