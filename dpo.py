@@ -183,14 +183,16 @@ def pair_length(pair):
 def reference_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=64):
     """batch_logps of every pair under the reference model: (chosen [N], rejected [N]), computed once.
     Call it before the first update, with dropout off. The pairs go through in order of length, so
-    that each batch pads little; the results come back in the pairs' own order."""
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
+    that each batch pads little; the results come back in the pairs' own order. Under torchrun each
+    process computes every N-th pair of that order, and the processes add up their shares (each
+    entry is one process's, the rest 0), so that N processes take 1/N of the time, not all of it."""
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))[common.rank()::common.world_size()]
     chosen, rejected = torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device)
-    for i in range(0, len(pairs), batch_size):
+    for i in range(0, len(order), batch_size):
         part = order[i:i + batch_size]
         with autocast:
             chosen[part], rejected[part] = batch_logps(model, [pairs[j] for j in part], pad_id, device, loss_type)
-    return chosen, rejected
+    return common.all_reduce(chosen), common.all_reduce(rejected)
 
 
 def main(cfg):

@@ -178,6 +178,24 @@ def test_precomputed_reference_equals_a_fresh_forward(tmp_path):
     assert not ref_chosen.requires_grad
 
 
+def test_each_process_computes_its_share_of_the_reference(monkeypatch):
+    """Under torchrun every process computed the reference log-probs of every pair (on HH-RLHF's
+    160k, the whole pass on each GPU); now each takes every N-th pair, and their sum is the whole."""
+    import common
+    model, many = tiny_model(seed=1).eval(), pairs() * 3
+    whole = dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    sizes, logps = [], dpo.batch_logps
+    monkeypatch.setattr(dpo, "batch_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(common, "rank", lambda: r)
+        shares.append(dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4))
+    assert sum(sizes) == len(many)  # alone (all_reduce is a no-op): each process its share, no more
+    for i in range(2):
+        torch.testing.assert_close(shares[0][i] + shares[1][i], whole[i], rtol=1e-5, atol=1e-5)
+
+
 def test_only_response_tokens_are_targets():
     (c, cy), _ = pairs()[0]
     p, r = TOK.encode(ROWS[0]["prompt"]), TOK.encode(ROWS[0]["chosen"]) + [TOK.eot_id]
