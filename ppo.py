@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 import common
 import kernels
@@ -64,6 +65,8 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     """rollout-and-learn iterations"""
     rollout_batch: int = 64
     """prompts (one response each) per iteration"""
+    generation_batch: int = 0
+    """prompts sampled at once, each with its KV cache (0: the process's whole share of --rollout_batch); lower it if sampling runs out of memory (other draws, the same distribution)"""
     max_new_tokens: int = 24
     """the longest response; a response cut here has no EOS"""
     temperature: float = 1.0
@@ -197,6 +200,18 @@ class AdaptiveKLController:
 # the models' views of a batch of prompt + response sequences
 
 
+def rollout(policy, idx, start, max_new_tokens, temperature, tok, generator, generation_batch=0):
+    """Sample a response to each left-padded prompt of idx (B, P): (B, P + R) prompts then responses,
+    pad_id after a response's EOS. In passes of generation_batch prompts (0: all at once), each
+    padded on the right to the longest, since a pass stops early when all its responses ended."""
+    n = generation_batch or idx.size(0)
+    parts = [policy.generate(idx[i:i + n], max_new_tokens, start=start[i:i + n], temperature=temperature,
+                             eos_id=tok.eot_id, pad_id=tok.pad_id, generator=generator) for i in range(0, idx.size(0), n)]
+    width = max(p.size(1) for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.size(1)), value=tok.pad_id) for p in parts])
+
+
+
 def response_hidden(model, seqs, start, P):
     """Final hidden states at the positions that predict the response tokens: (B, R, C).
     seqs: (B, P + R) left-padded prompts then responses; position P - 1 + i predicts token P + i."""
@@ -250,6 +265,8 @@ def main(cfg):
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, None, "--rollout_batch")
     common.check_batch(cfg.minibatch_size, None, "--minibatch_size")
+    if cfg.generation_batch < 0:
+        raise common.UserError(f"--generation_batch must be 0 (all at once) or more, got {cfg.generation_batch}")
     if cfg.rollout_batch % cfg.minibatch_size:  # every gradient step averages over as many responses
         raise common.UserError(f"--rollout_batch {cfg.rollout_batch} is not a multiple of --minibatch_size {cfg.minibatch_size}")
     policy, info = load_checkpoint(cfg.policy, head="lm", device=device)
@@ -313,8 +330,7 @@ def main(cfg):
         idx, start = left_pad([prompt_ids[i] for i in batch], tok.pad_id, device)
         P = idx.size(1)
         with torch.no_grad(), autocast:
-            seqs = policy.generate(idx, cfg.max_new_tokens, start=start, temperature=cfg.temperature,
-                                   eos_id=tok.eot_id, pad_id=tok.pad_id, generator=gen)
+            seqs = rollout(policy, idx, start, cfg.max_new_tokens, cfg.temperature, tok, gen, cfg.generation_batch)
         responses = seqs[:, P:]  # (B, R); after an EOS: padding
         R = responses.size(1)
         is_eos = responses == tok.eot_id

@@ -139,3 +139,31 @@ def test_rollouts_are_scored_a_minibatch_at_a_time(tiny_chain, tmp_path, monkeyp
     for key in ("score", "kl", "kl_full", "entropy", "explained_variance", "length"):
         assert logged[2][key] == pytest.approx(logged[8][key], rel=1e-4, abs=1e-6), key
     assert logged[2]["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rollouts_in_generation_batches_equal_one_pass(tiny_chain):
+    """--generation_batch samples the prompts a few at a time: greedy, the sequences are those of one
+    pass, and a pass whose responses all ended early is padded on the right to the longest."""
+    from data.tokenizer import get_tokenizer
+    from model import left_pad, load_checkpoint
+    policy, _ = load_checkpoint(tiny_chain["sft"], head="lm")
+    tok = get_tokenizer("builtin")
+    prompts = ["Human: What does the suho eat?\n\nAssistant:", "Human: What is 3 plus 4?\n\nAssistant:", "",
+               "Human: Which is older, the diga or the zutuhu?\n\nAssistant:", "Human: Hi.\n\nAssistant:"]
+    idx, start = left_pad([tok.encode_prompt(p) for p in prompts], tok.pad_id)
+    whole = ppo.rollout(policy.eval(), idx, start, 12, 0.0, tok, None)
+    for n in (1, 2, 3):
+        assert torch.equal(ppo.rollout(policy, idx, start, 12, 0.0, tok, None, generation_batch=n), whole), n
+
+    class Scripted:  # row b answers with b tokens and an EOS; generate stops when every row of its pass is done
+        def generate(self, idx, max_new_tokens, start, temperature, eos_id, pad_id, generator):
+            n = [int(r) for r in idx[:, -1]]
+            width = max(n) + 1
+            return torch.cat([idx, torch.tensor([[5] * k + [eos_id] + [pad_id] * (width - k - 1) for k in n])], 1)
+    idx = torch.tensor([[9, 0], [9, 3], [9, 1], [9, 2]])
+    start = torch.zeros(4, dtype=torch.long)
+    whole = ppo.rollout(Scripted(), idx, start, 8, 1.0, tok, None)
+    assert whole[:, 2:].tolist() == [[tok.eot_id] + [tok.pad_id] * 3, [5, 5, 5, tok.eot_id], [5, tok.eot_id] + [tok.pad_id] * 2,
+                                     [5, 5, tok.eot_id, tok.pad_id]]
+    for n in (1, 2, 3):  # passes of widths 1 to 4 and 2 to 4 tokens, padded alike
+        assert torch.equal(ppo.rollout(Scripted(), idx, start, 8, 1.0, tok, None, n), whole), n
