@@ -167,3 +167,22 @@ def test_rollouts_in_generation_batches_equal_one_pass(tiny_chain):
                                      [5, 5, tok.eot_id, tok.pad_id]]
     for n in (1, 2, 3):  # passes of widths 1 to 4 and 2 to 4 tokens, padded alike
         assert torch.equal(ppo.rollout(Scripted(), idx, start, 8, 1.0, tok, None, n), whole), n
+
+
+def test_scoring_by_minibatch_gives_each_rollout_its_own_numbers():
+    """score_rollouts row by row equals one pass over the whole batch, with a reference other than
+    the policy: the end-to-end test above compares one iteration, where the policy is the reference
+    and every KL is 0 whatever rows the minibatches hold."""
+    from model import GPTConfig, left_pad
+    lm, scalar = (GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, head=h) for h in ("lm", "scalar"))
+    torch.manual_seed(0)
+    policy, ref, value, rm = GPT(lm).eval(), GPT(lm).eval(), GPT(scalar).eval(), GPT(scalar).eval()
+    idx, start = left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]], 0)  # prompts padded differently
+    seqs = torch.cat([idx, torch.randint(1, 50, (4, 6))], 1)
+    P = idx.size(1)
+    with torch.no_grad():
+        whole = ppo.score_rollouts(policy, ref, value, rm, seqs, start, P, 0.7)
+        rows = [ppo.score_rollouts(policy, ref, value, rm, seqs[i:i + 1], start[i:i + 1], P, 0.7) for i in range(4)]
+    assert whole[2].abs().min() > 0  # the KL at every position: two different models
+    for w, parts in zip(whole, zip(*rows)):
+        torch.testing.assert_close(torch.cat(parts), w, rtol=1e-5, atol=1e-6)
