@@ -60,7 +60,7 @@ class Resumable:
 class Batched(Resumable):
     """Flags of every stage that trains on batches of examples: gradient accumulation as well."""
     micro_batch_size: int = 0
-    """examples per forward pass on each process (0: batch_size / processes); the batch_size stays the global one. Set, it also bounds the passes without gradients (validation, held-out evaluation, reference log-probs, the reward's normalisation), which otherwise take the stage's fixed batches (64 examples, a batch_size in sft and pretrain); the built-in pairs' samples keep their batches of 256 short prompts, so that the data does not depend on it"""
+    """examples per forward pass on each process (0: batch_size / processes); the batch_size stays the global one. Set, it also bounds the passes without gradients (validation, held-out evaluation, reference log-probs, the reward's normalisation), which otherwise take the stage's fixed batches (64 examples, a batch_size in sft and pretrain); the built-in task's samples (the pairs', the normalisation's) keep their batches of 256 short prompts, so that they do not depend on it"""
 
 
 @dataclasses.dataclass

@@ -142,11 +142,12 @@ def main(cfg):
     # evaluated in batches of similar length, each pair sorted together with its row
     val, val_rows = map(list, zip(*sorted(zip(val, val_rows), key=lambda pair_row: max(map(len, pair_row[0])))))
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
-    # (from a file, the first that do: tokenizing every prompt once more took seconds per 100k rows)
     room = min(48, sft.config.block_size // 2)
-    fits = (r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size)
-    norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)] if not cfg.data \
-        else list(itertools.islice(fits, cfg.norm_prompts))
+    if cfg.data:  # the first that do (tokenizing every prompt once more took seconds per 100k rows)
+        fits = (r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size)
+        norm_prompts = list(itertools.islice(fits, cfg.norm_prompts))
+    else:
+        norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)]
     if len(norm_prompts) < 2:
         raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 training prompts at least that leave room "
                                f"for {room} response tokens in the context of {sft.config.block_size}, found {len(norm_prompts)}")
@@ -233,10 +234,12 @@ def main(cfg):
         metrics.update(report)
         print("\n".join(lines))
 
-    # normalise: the SFT model's own responses score mean 0, std 1
-    # sampled in passes of --micro_batch_size prompts too, if set (256 prompts of up to 1024 tokens
-    # fill 80 GB with GPT-2 XL's cache): other draws of the same distribution than in one pass
-    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=cfg.micro_batch_size or 256, temperature=1.0, generator=gen)
+    # normalise: the SFT model's own responses score mean 0, std 1. Sampled 256 prompts at a time; from
+    # a file, --micro_batch_size at a time if set (256 prompts of 1024 tokens fill 80 GB of GPT-2 XL's
+    # cache), which draws other samples of the same distribution. The built-in prompts are short:
+    # their samples, and so the gain and bias, never depend on that flag.
+    sample_batch = cfg.micro_batch_size if cfg.data and cfg.micro_batch_size else 256
+    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])

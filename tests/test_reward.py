@@ -81,21 +81,31 @@ def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_ch
 
 def test_passes_without_gradients_take_micro_batches(tiny_chain, tmp_path, monkeypatch):
     """--micro_batch_size bounds the forward passes without gradients: the held-out evaluation and
-    the normalisation took 64 pairs (and 256 prompts to sample) at once, however small the
-    micro-batches that fit in memory. The held-out margins are the same; the built-in pairs too
-    (their SFT samples are drawn in batches of 256 prompts whatever the flag)."""
-    sizes, real, complete_ids = [], reward.rewards, reward.complete_ids
+    the normalisation's scoring took 64 pairs or responses at once, however small the micro-batches
+    that fit in memory. The held-out margins are the same, and so are the normalisation's gain and
+    bias: the built-in pairs' SFT samples and the normalisation's are drawn in batches of 256 prompts
+    whatever the flag (from a file, the normalisation samples --micro_batch_size prompts at a time)."""
+    sizes, samples, real, complete_ids = [], [], reward.rewards, reward.complete_ids
     monkeypatch.setattr(reward, "rewards", lambda rm, seqs, *a: sizes.append(len(seqs) / 2) or real(rm, seqs, *a))
-    monkeypatch.setattr(reward, "complete_ids", lambda *a, batch_size, **k: sizes.append(batch_size) or complete_ids(*a, batch_size=batch_size, **k))
+    monkeypatch.setattr(reward, "complete_ids", lambda *a, batch_size, **k: samples.append(batch_size) or complete_ids(*a, batch_size=batch_size, **k))
     args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, val_fraction=0.3, norm_prompts=8,
                 batch_size=8, epochs=1, log_every=50, device="cpu")
-    val_margin = {}
+    metrics = {}
     for micro in (2, 0):
         reward.main(reward.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
-        val_margin[micro] = load_checkpoint(tmp_path / f"micro{micro}")[1]["metrics"]["val_margin"]
+        metrics[micro] = load_checkpoint(tmp_path / f"micro{micro}")[1]["metrics"]
         if micro:
-            assert max(sizes) == 2  # pairs (two sequences each), or prompts sampled for the normalisation
-    assert val_margin[2] == pytest.approx(val_margin[0], rel=1e-4)
+            assert max(sizes) == 2 and samples == [256]  # pairs (two sequences each) or responses scored
+    assert metrics[2]["val_margin"] == pytest.approx(metrics[0]["val_margin"], rel=1e-4)
+    for key in ("gain", "bias"):
+        assert metrics[2]["reward_norm"][key] == pytest.approx(metrics[0]["reward_norm"][key], rel=1e-4)
+
+    prefs = tmp_path / "prefs.jsonl"  # from a file, the normalisation's prompts are sampled in micro-batches too
+    prefs.write_text("".join(json.dumps({"prompt": f"Human: Say {i}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."}) + "\n"
+                             for i in range(40)))
+    samples.clear()
+    reward.main(reward.Config(**{**args, "data": str(prefs)}, out_dir=str(tmp_path / "file"), micro_batch_size=2))
+    assert samples == [2]
 
 
 def test_a_files_prompts_are_tokenized_once(tiny_chain, tmp_path, monkeypatch):
