@@ -170,6 +170,7 @@ def main(cfg):
 
     @torch.no_grad()
     def val_loss():
+        training = model.training  # restored at the end: the final evaluation below runs in eval mode
         model.eval()
         val_gen.manual_seed(0)  # the same validation batches every time
         micro, losses = cfg.micro_batch_size or cfg.batch_size, []
@@ -178,7 +179,7 @@ def main(cfg):
             with autocast:  # as the training runs: a whole batch of 1024-token windows in float32 may not fit
                 losses.append(sum(model(x[i:i + micro], y[i:i + micro])[1].item() * len(x[i:i + micro])
                                   for i in range(0, len(x), micro)) / len(x))
-        model.train()
+        model.train(training)
         return sum(losses) / len(losses)
 
     def meta(metrics):

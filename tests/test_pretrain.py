@@ -31,6 +31,15 @@ def test_pretrain_learns_and_writes_a_checkpoint(tmp_path, capsys):
     assert "fact completion" in capsys.readouterr().out
 
 
+def test_the_final_probe_runs_without_dropout(tmp_path, monkeypatch):
+    """With --dropout, the facts probed and the samples printed at the end come from the model in
+    eval mode: the validation pass just before it used to switch training mode back on."""
+    modes, probe = [], pretrain.probe_world
+    monkeypatch.setattr(pretrain, "probe_world", lambda model, tok: modes.append(model.training) or probe(model, tok))
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "base"), max_steps=4, dropout=0.1, **TINY))
+    assert modes == [False]
+
+
 def test_pretrain_on_a_text_file(tmp_path):
     text = tmp_path / "shakespeare.txt"
     text.write_text("To be, or not to be, that is the question. " * 300 + "Ünïcode is fine. ")
