@@ -81,7 +81,8 @@ def response_kl(model, ref, tok, prompts, responses):
     for idx, start, rows in batches(prompts, responses, tok, model.transformer.wte.weight.device):
         T, L = idx.size(1), max(len(r) for r in rows)
         # left padded, so each row ends at T - 1; position t predicts t + 1: the last L predictions
-        p, q = (F.linear(m.hidden_states(idx, start=start)[:, T - 1 - L:T - 1], m.transformer.wte.weight) for m in (model, ref))
+        h, h_ref = (m.hidden_states(idx, start=start)[:, T - 1 - L:T - 1] for m in (model, ref))
+        p, q = F.linear(h, model.transformer.wte.weight), F.linear(h_ref, ref.transformer.wte.weight)  # (B, L, V)
         n = torch.tensor([len(r) for r in rows], device=idx.device)
         mine = torch.arange(L, device=idx.device)[None] >= L - n[:, None]  # (B, L): this row's response positions
         kls += torch.where(mine, kernels.kl_div(p.float(), q.float()), 0.0).sum(1).tolist()
