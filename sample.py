@@ -1,0 +1,123 @@
+"""
+Samples from any checkpoint, side by side: what a stage learned, on your prompts or the built-in ones.
+
+    python sample.py                                            # out/sft on 4 held-out prompts of the built-in task, greedy
+    python sample.py --checkpoints out/sft,out/ppo,out/dpo --reward out/rm   # each answer scored by the reward model
+    python sample.py --checkpoints out/gpt2-dpo --chat "How do I bake bread?" --temperature 0.7 --n_samples 3
+    python sample.py --checkpoints out/gpt2-ppo --data hh/helpful-base-test.jsonl.gz --n_prompts 8 --out samples.jsonl
+
+--chat puts one user message into the chat template that every stage trains on ("Human: {chat}\\n\\nAssistant:",
+data/formats.py); --prompt is continued as it is; --data takes the prompts of any file ppo.py reads.
+eval.py scores the built-in task with its gold judge; on real data, samples (and the reward model's
+opinion of them) are what there is to look at. Each checkpoint samples with the same seed, and a
+prompt too long for a model's context loses its start, as in every stage.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+import common
+from data.formats import chat_prompt, prompt_rows
+from data.tasks import eval_questions
+from data.tokenizer import tokenizer_for
+from eval import reward_scores
+from model import complete_ids, load_checkpoint
+
+
+@dataclass
+class Config:
+    checkpoints: str = "out/sft"
+    """comma-separated checkpoints with an lm head (any stage's, or Hugging Face GPT-2 directories)"""
+    chat: str = ""
+    """a user message, put into the chat template: "Human: {chat}\\n\\nAssistant:" """
+    prompt: str = ""
+    """a prompt continued as it is"""
+    data: str = ""
+    """prompts from a file: {"prompt"} or chat rows, or the prompts of any SFT or preference file (data/formats.py)"""
+    n_prompts: int = 4
+    """prompts taken from --data, or from the built-in task's held-out set when no prompt is given"""
+    n_samples: int = 1
+    """responses per prompt and checkpoint (above 1 needs --temperature above 0)"""
+    max_new_tokens: int = 64
+    """the longest response"""
+    temperature: float = 0.0
+    """sampling temperature; 0 is greedy decoding"""
+    top_k: int = 0
+    """sample among the k most likely tokens only (0: all)"""
+    top_p: float = 1.0
+    """sample among the most likely tokens whose mass reaches p only (1: all)"""
+    reward: str = ""
+    """a reward model (scalar head) that scores each response, normalised as PPO sees it (empty: none)"""
+    out: str = ""
+    """also write the samples here as JSON lines: {"checkpoint", "prompt", "response", "stopped", "reward"}"""
+    seed: int = 0
+    """seed of the sampling (the same for every checkpoint)"""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+
+
+def main(cfg):
+    if sum(map(bool, (cfg.chat, cfg.prompt, cfg.data))) > 1:
+        raise common.UserError("give one of --chat, --prompt and --data, not several")
+    for name in ("n_prompts", "n_samples", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise common.UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.temperature < 0:
+        raise common.UserError(f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
+    if cfg.temperature == 0 and cfg.n_samples > 1:
+        raise common.UserError(f"--n_samples {cfg.n_samples} needs --temperature above 0: greedy answers are all the same")
+    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+
+    if cfg.chat:
+        prompts = [chat_prompt([{"role": "user", "content": cfg.chat}])]
+    elif cfg.prompt:
+        prompts = [cfg.prompt]
+    elif cfg.data:
+        prompts = prompt_rows(cfg.data)[:cfg.n_prompts]
+    else:
+        prompts = [q.prompt for q in eval_questions()[:cfg.n_prompts]]
+    if cfg.reward:
+        rm, rm_info = load_checkpoint(cfg.reward, head="scalar", device=device)
+        rm_tok = tokenizer_for(rm_info, cfg.reward)
+        rm.eval()
+
+    # every checkpoint answers every prompt n_samples times
+    flat = [p for p in prompts for _ in range(cfg.n_samples)]
+    blocks = []  # one list of samples per checkpoint, in the order of flat
+    for path in cfg.checkpoints.split(","):
+        model, info = load_checkpoint(path, head="lm", device=device)
+        tok = tokenizer_for(info, path)
+        if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
+            raise common.UserError(f"{cfg.reward} and {path} were trained with different tokenizers")
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast:
+            responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
+            scores = reward_scores(rm, tok, flat, responses, rm_info.get("reward_norm")) if cfg.reward else [None] * len(flat)
+        blocks.append([])
+        for p, r, s in zip(flat, responses, scores):
+            stopped = bool(r) and r[-1] == tok.eot_id
+            blocks[-1].append({"checkpoint": path, "prompt": p, "response": tok.decode(r[:-1] if stopped else r),
+                               "stopped": stopped, "reward": s})
+
+    width = max(len(block[0]["checkpoint"]) for block in blocks)
+    for i, p in enumerate(prompts):  # grouped by prompt, the checkpoints one under the other
+        print(f"{p!r}")
+        for s in (s for block in blocks for s in block[i * cfg.n_samples:(i + 1) * cfg.n_samples]):
+            score = "" if s["reward"] is None else f"  (reward {s['reward']:+.3f})"
+            print(f"  {s['checkpoint']:{width}s} -> {s['response']!r}{'' if s['stopped'] else ' [no EOS]'}{score}")
+    if cfg.out:
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        with open(cfg.out + ".tmp", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for block in blocks for s in block)
+        os.replace(cfg.out + ".tmp", cfg.out)
+        print(f"wrote {len(flat) * len(blocks)} samples to {cfg.out}")
+
+
+if __name__ == "__main__":
+    common.run(main, Config)

@@ -1,0 +1,53 @@
+"""sample.py: the samples of several checkpoints, side by side, against each model's own decoding."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import sample
+from data.tokenizer import get_tokenizer
+from model import complete, load_checkpoint
+
+
+def test_greedy_samples_side_by_side_with_reward_scores(tiny_chain, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    sample.main(sample.Config(checkpoints=f"{tiny_chain['base']},{tiny_chain['sft']}", chat="What does the suho eat?",
+                              max_new_tokens=10, reward=tiny_chain["rm"], out=str(out), device="cpu"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    prompt = "Human: What does the suho eat?\n\nAssistant:"  # the chat template of every stage
+    assert [r["checkpoint"] for r in rows] == [tiny_chain["base"], tiny_chain["sft"]] and {r["prompt"] for r in rows} == {prompt}
+    tok = get_tokenizer("builtin")
+    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
+    for r in rows:
+        model, _ = load_checkpoint(r["checkpoint"], head="lm")
+        want = complete(model.eval(), tok, [prompt], 10, temperature=0)[0]
+        assert r["response"] + ("<|endoftext|>" if r["stopped"] else "") == want
+        # the reward model read at the response's last token, normalised as in PPO
+        ids = tok.encode_prompt(prompt) + tok.encode(r["response"]) + ([tok.eot_id] if r["stopped"] else [])
+        with torch.no_grad():
+            raw = rm(torch.tensor([ids]))[0][0, -1].item()
+        assert r["reward"] == pytest.approx(info["reward_norm"]["gain"] * raw + info["reward_norm"]["bias"], abs=1e-4)
+
+
+def test_several_samples_per_prompt_are_seeded(tiny_chain, tmp_path):
+    runs = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"s{len(runs)}.jsonl"
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], n_prompts=2, n_samples=3, temperature=1.0,
+                                  max_new_tokens=8, seed=seed, out=str(out), device="cpu"))
+        runs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert len(runs[0]) == 6 and [r["prompt"] for r in runs[0]][::3] == [r["prompt"] for r in runs[0]][1::3]
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # the same seed, the same samples
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(chat="hi", prompt="hi"), "give one of --chat, --prompt and --data"),
+    (dict(n_samples=2), "--n_samples 2 needs --temperature above 0"),
+    (dict(temperature=-1.0), "--temperature must be 0 (greedy) or more"),
+    (dict(max_new_tokens=0), "--max_new_tokens must be at least 1"),
+])
+def test_bad_arguments_are_refused(tiny_chain, args, message):
+    with pytest.raises(common.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], device="cpu", **args))
