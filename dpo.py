@@ -251,13 +251,13 @@ def main(cfg):
 
     @torch.no_grad()
     def evaluate():
-        """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin."""
-        losses, margins = [], []
-        for i in range(0, len(val), eval_batch):
+        """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin. Under
+        torchrun each process takes every N-th batch, and the shares are added up (as reference_logps)."""
+        losses, margins = torch.zeros(len(val), device=device), torch.zeros(len(val), device=device)
+        for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
             part = slice(i, i + eval_batch)
-            loss, margin, _ = pair_losses(val[part], ref_val[0][part], ref_val[1][part])
-            losses += loss.tolist()
-            margins += margin.tolist()
+            losses[part], margins[part], _ = pair_losses(val[part], ref_val[0][part], ref_val[1][part])
+        losses, margins = common.all_reduce(losses).tolist(), common.all_reduce(margins).tolist()
         return {"val_loss": sum(losses) / len(val), "val_accuracy": sum(m > 0 for m in margins) / len(val),
                 "val_margin": sum(margins) / len(val)}, margins
 

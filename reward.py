@@ -170,16 +170,18 @@ def main(cfg):
 
     @torch.no_grad()
     def evaluate():
+        """Each held-out pair's margin r(chosen) - r(rejected). Under torchrun each process scores
+        every N-th batch, and the shares are added up (each entry is one process's, the rest 0)."""
         training = ema.training
         ema.eval()
-        margins = []
-        for i in range(0, len(val), eval_batch):
+        margins = torch.zeros(len(val), device=device)
+        for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
             batch = val[i:i + eval_batch]
             with autocast:
                 r = rewards(ema, [c for c, _ in batch] + [r for _, r in batch], tok.pad_id, device).float()
-            margins += (r[:len(batch)] - r[len(batch):]).tolist()
+            margins[i:i + len(batch)] = r[:len(batch)] - r[len(batch):]
         ema.train(training)
-        return margins
+        return common.all_reduce(margins).tolist()
 
     def loss_part(items):  # a micro-batch's share of the batch's mean loss, and its diagnostics summed
         with autocast:  # chosen and rejected in one forward pass

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpo
+import reward
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,20 @@ def test_dpo_on_two_processes_with_accumulation_matches_one(tiny_chain, tmp_path
     torchrun("dpo.py", {**args, "out_dir": tmp_path / "two", "micro_batch_size": 2})
     # not "accuracy": at step 0 the policy is the reference, and chosen > rejected compares rounding noise
     assert_same_training(tmp_path / "one", tmp_path / "two", ("loss", "margin", "chosen_reward", "logp_chosen"))
+    # the held-out pairs, each process a share of them (the reference log-probs too): the same figures
+    held_out = [[{k: r[k] for k in ("val_loss", "val_margin")} for r in rows(tmp_path / d) if "val_loss" in r] for d in ("one", "two")]
+    assert len(held_out[0]) == 2 and held_out[1] == [{k: pytest.approx(v, rel=1e-4, abs=1e-5) for k, v in r.items()} for r in held_out[0]]
+
+
+def test_reward_model_on_two_processes_matches_one(tiny_chain, tmp_path):
+    """The reward model's training, and its held-out margins, each process scoring a share of the pairs."""
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, val_fraction=0.3, batch_size=8,
+                norm_prompts=8, log_every=1, eval_every=2, micro_batch_size=2, device="cpu")  # held-out passes of 2 pairs
+    reward.main(reward.Config(out_dir=str(tmp_path / "one"), **args))
+    torchrun("reward.py", {**args, "out_dir": tmp_path / "two"})
+    assert_same_training(tmp_path / "one", tmp_path / "two", ("loss", "margin"))
+    held_out = [[r["val_margin"] for r in rows(tmp_path / d) if "val_margin" in r] for d in ("one", "two")]
+    assert len(held_out[0]) >= 2 and held_out[1] == pytest.approx(held_out[0], rel=1e-4, abs=1e-5)
 
 
 def test_ppo_runs_two_iterations_on_two_processes(tiny_chain, tmp_path):
