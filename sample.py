@@ -94,6 +94,9 @@ def main(cfg):
         tok = tokenizer_for(info, path)
         if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
             raise common.UserError(f"{cfg.reward} and {path} were trained with different tokenizers")
+        if cfg.reward and rm.config.block_size < model.config.block_size:  # as ppo.py: it must read every sample whole
+            raise common.UserError(f"{cfg.reward} has a context of {rm.config.block_size} tokens, shorter than "
+                                   f"{path}'s {model.config.block_size}")
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         with autocast:
             responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, temperature=cfg.temperature,

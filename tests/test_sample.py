@@ -1,6 +1,7 @@
 """sample.py: the samples of several checkpoints, side by side, against each model's own decoding."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import common
 import sample
 from data.tokenizer import get_tokenizer
-from model import complete, load_checkpoint
+from model import GPT, GPTConfig, complete, load_checkpoint, save_checkpoint
 
 
 def test_greedy_samples_side_by_side_with_reward_scores(tiny_chain, tmp_path):
@@ -51,3 +52,11 @@ def test_several_samples_per_prompt_are_seeded(tiny_chain, tmp_path):
 def test_bad_arguments_are_refused(tiny_chain, args, message):
     with pytest.raises(common.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         sample.main(sample.Config(checkpoints=tiny_chain["sft"], device="cpu", **args))
+
+
+def test_a_reward_model_that_cannot_read_a_whole_sample_is_refused(tiny_chain, tmp_path):
+    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
+    meta = {k: v for k, v in info.items() if k != "model"}  # the config is the new model's
+    save_checkpoint(tmp_path / "short", GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32})), meta)
+    with pytest.raises(common.UserError, match="has a context of 32 tokens, shorter than"):
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], reward=str(tmp_path / "short"), device="cpu"))
