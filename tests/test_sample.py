@@ -60,3 +60,15 @@ def test_a_reward_model_that_cannot_read_a_whole_sample_is_refused(tiny_chain, t
     save_checkpoint(tmp_path / "short", GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32})), meta)
     with pytest.raises(common.UserError, match="has a context of 32 tokens, shorter than"):
         sample.main(sample.Config(checkpoints=tiny_chain["sft"], reward=str(tmp_path / "short"), device="cpu"))
+
+
+def test_a_hugging_face_directory_samples_as_its_checkpoint(tiny_chain, tmp_path):
+    """--checkpoints takes a GPT-2 directory as written by `python -m model export`: the same answers."""
+    from model import export_hf
+    model, info = load_checkpoint(tiny_chain["sft"], head="lm")
+    export_hf(model, tmp_path / "hf", {k: info[k] for k in ("tokenizer", "tokenizer_fingerprint")})
+    out = tmp_path / "samples.jsonl"
+    sample.main(sample.Config(checkpoints=f"{tiny_chain['sft']},{tmp_path / 'hf'}", n_prompts=3, max_new_tokens=8,
+                              out=str(out), device="cpu"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in rows[:3]] == [r["response"] for r in rows[3:]]
