@@ -100,6 +100,11 @@ def test_scalar_head_keeps_float32_under_autocast():
     assert values.dtype == torch.float32
     assert exact.std() > 0.1 and exact.mean().item() == pytest.approx(300, abs=20)
     assert (values - exact).abs().max() < 0.25  # the trunk's bf16 matmuls only (the head in bf16: 1.1)
+    model.double()  # and a float64 model's values stay float64, as its tests need
+    with torch.no_grad():
+        values, _ = model(idx)
+        by_hand = model.hidden_states(idx) @ model.score.weight[0]
+    assert values.dtype == torch.float64 and (values - by_hand).abs().max() < 1e-9  # float32 rounds 300 to 3e-5
 
 
 def test_last_token_index_left_right_and_both_padded():
