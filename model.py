@@ -231,20 +231,28 @@ class GPT(nn.Module):
         return tokens[:, :end].clone()  # outside inference mode: an ordinary tensor, which PPO may train on
 
 
+def fit_prompt(ids, block_size, max_new_tokens):
+    """A prompt's token ids, cut from the left if need be to leave max_new_tokens of the context (its
+    last token is always kept): how every stage that samples fits its prompts (ppo.py, complete_ids)."""
+    return ids[-max(1, block_size - max_new_tokens):]
+
+
 @torch.no_grad()
-def complete_ids(model, tok, prompts, max_new_tokens, batch_size=256, **sampling):
+def complete_ids(model, tok, prompts, max_new_tokens, batch_size=256, leave_room=False, **sampling):
     """Continue each prompt (a string) with model, in left-padded batches. tok: a data.tokenizer.Tokenizer.
     Returns the token ids of each continuation, up to and including <|endoftext|> if the model
-    emitted it. A prompt that fills the context loses its start, as in every stage (formats.fit),
-    leaving room for max_new_tokens; a batch's continuations get the room its longest prompt leaves.
+    emitted it. A prompt that fills the context loses its start (fit_prompt), as in every stage
+    (formats.fit); one that fits is kept whole, and a batch's continuations get the room its longest
+    prompt leaves. leave_room=True cuts every prompt to leave max_new_tokens instead, as ppo.py does:
+    no prompt then shortens the continuations of the others.
     sampling: temperature, top_k, top_p, generator (see GPT.generate)."""
     device = model.transformer.wte.weight.device
     n_ctx = model.config.block_size
-    keep = max(1, n_ctx - max_new_tokens)  # what is left of a prompt too long to fit; one that fits is left as it is
     responses = []
     for i in range(0, len(prompts), batch_size):
         ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
-        idx, start = left_pad([p if len(p) < n_ctx else p[-keep:] for p in ids], tok.pad_id, device)
+        ids = [fit_prompt(p, n_ctx, max_new_tokens) if leave_room or len(p) >= n_ctx else p for p in ids]
+        idx, start = left_pad(ids, tok.pad_id, device)
         n = min(max_new_tokens, n_ctx - idx.size(1))
         out = model.generate(idx, n, start=start, eos_id=tok.eot_id, pad_id=tok.pad_id, **sampling)
         for row in out[:, idx.size(1):].tolist():

@@ -46,7 +46,7 @@ from data.formats import prompt_rows
 from data.judge import gold_score
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
-from model import left_pad, load_checkpoint, save_checkpoint
+from model import fit_prompt, left_pad, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -211,7 +211,6 @@ def rollout(policy, idx, start, max_new_tokens, temperature, tok, generator, gen
     return torch.cat([F.pad(p, (0, width - p.size(1)), value=tok.pad_id) for p in parts])
 
 
-
 def response_hidden(model, seqs, start, P):
     """Final hidden states at the positions that predict the response tokens: (B, R, C).
     seqs: (B, P + R) left-padded prompts then responses; position P - 1 + i predicts token P + i."""
@@ -300,7 +299,7 @@ def main(cfg):
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     print(f"{sum(len(p) > max_prompt for p in prompt_ids)} of {len(prompts)} prompts cut from the left to "
           f"{max_prompt} tokens: the context {policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
-    prompt_ids = [p[-max_prompt:] for p in prompt_ids]
+    prompt_ids = [fit_prompt(p, policy.config.block_size, cfg.max_new_tokens) for p in prompt_ids]
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0)

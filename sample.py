@@ -9,8 +9,9 @@ Samples from any checkpoint, side by side: what a stage learned, on your prompts
 --chat puts one user message into the chat template that every stage trains on ("Human: {chat}\\n\\nAssistant:",
 data/formats.py); --prompt is continued as it is; --data takes the prompts of any file ppo.py reads.
 eval.py scores the built-in task with its gold judge; on real data, samples (and the reward model's
-opinion of them) are what there is to look at. Each checkpoint samples with the same seed, and a
-prompt too long for a model's context loses its start, as in every stage.
+opinion of them) are what there is to look at. Each checkpoint samples with the same seed. A prompt
+that leaves less than --max_new_tokens of a model's context loses its start (model.fit_prompt, as
+in ppo.py), and the reward model reads the prompt as the policy did.
 """
 
 import json
@@ -23,8 +24,8 @@ import common
 from data.formats import chat_prompt, prompt_rows
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
-from eval import reward_scores
-from model import complete_ids, load_checkpoint
+from model import complete_ids, fit_prompt, load_checkpoint
+from reward import rewards
 
 
 @dataclass
@@ -69,8 +70,15 @@ def main(cfg):
             raise common.UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.temperature < 0:
         raise common.UserError(f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
+    if cfg.top_k < 0:
+        raise common.UserError(f"--top_k must be 0 (all) or more, got {cfg.top_k}")
+    if not 0 < cfg.top_p <= 1:  # at 0 no token is left to sample
+        raise common.UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.temperature == 0 and cfg.n_samples > 1:
         raise common.UserError(f"--n_samples {cfg.n_samples} needs --temperature above 0: greedy answers are all the same")
+    paths = [c for c in cfg.checkpoints.split(",") if c]
+    if not paths:
+        raise common.UserError(f"--checkpoints names no checkpoint: {cfg.checkpoints!r}")
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
 
     if cfg.chat:
@@ -89,7 +97,7 @@ def main(cfg):
     # every checkpoint answers every prompt n_samples times
     flat = [p for p in prompts for _ in range(cfg.n_samples)]
     blocks = []  # one list of samples per checkpoint, in the order of flat
-    for path in cfg.checkpoints.split(","):
+    for path in paths:
         model, info = load_checkpoint(path, head="lm", device=device)
         tok = tokenizer_for(info, path)
         if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
@@ -98,10 +106,15 @@ def main(cfg):
             raise common.UserError(f"{cfg.reward} has a context of {rm.config.block_size} tokens, shorter than "
                                    f"{path}'s {model.config.block_size}")
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast:
-            responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
-            scores = reward_scores(rm, tok, flat, responses, rm_info.get("reward_norm")) if cfg.reward else [None] * len(flat)
+        with torch.no_grad(), autocast:
+            responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, leave_room=True,
+                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
+            scores = [None] * len(flat)
+            if cfg.reward:  # read at each sample's last token, normalised as PPO sees it
+                seqs = [fit_prompt(tok.encode_prompt(p), model.config.block_size, cfg.max_new_tokens) + r for p, r in zip(flat, responses)]
+                raw = torch.cat([rewards(rm, seqs[i:i + 64], tok.pad_id, device) for i in range(0, len(seqs), 64)])
+                norm = rm_info.get("reward_norm", {"gain": 1.0, "bias": 0.0})
+                scores = (norm["gain"] * raw.float() + norm["bias"]).tolist()
         blocks.append([])
         for p, r, s in zip(flat, responses, scores):
             stopped = bool(r) and r[-1] == tok.eot_id

@@ -201,6 +201,15 @@ def test_complete_ids_cuts_a_prompt_too_long_for_the_context_from_the_left():
     # a prompt that fits is left as it is, even beside one that is cut
     _, fits = complete_ids(model, tok, [long, short], 4, temperature=0)
     assert fits == complete_ids(model, tok, [short], 4, temperature=0)[0]
+    # a prompt that fits but leaves less than max_new_tokens is kept whole, and its batch gets the room
+    # it leaves (4 tokens here); with leave_room it is cut instead, and a short prompt beside it keeps all 8
+    near = "Human: Tell me more. Tell me"
+    assert len(tok.encode(near)) + 8 > 16 > len(tok.encode(near))
+    whole, squeezed = complete_ids(model, tok, [near, short], 8, temperature=0)
+    assert len(whole) <= 4 and squeezed == complete_ids(model, tok, [short], 8, temperature=0)[0][:len(squeezed)]
+    _, kept = complete_ids(model, tok, [near, short], 8, temperature=0, leave_room=True)
+    assert kept == complete_ids(model, tok, [short], 8, temperature=0)[0]
+    assert len(kept) == 8 or kept[-1] == tok.eot_id
 
 
 def test_sample_filters():

@@ -72,3 +72,37 @@ def test_a_hugging_face_directory_samples_as_its_checkpoint(tiny_chain, tmp_path
                               out=str(out), device="cpu"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["response"] for r in rows[:3]] == [r["response"] for r in rows[3:]]
+
+
+def test_a_long_prompt_is_cut_to_leave_room_for_the_response(tiny_chain, tmp_path):
+    """As ppo.py cuts its prompts: one prompt near the end of the context does not shorten the other
+    prompts' responses (they are sampled in one batch), and a prompt longer than the context is
+    scored by the reward model as the policy read it (it used to end in a ValueError's traceback)."""
+    short, near, long = ("Human: What does the suho eat?\n\nAssistant:", "Human: " + "x y " * 12 + "?\n\nAssistant:",
+                         "Human: " + "the suho eats " * 40 + "?\n\nAssistant:")
+    tok = get_tokenizer("builtin")
+    assert len(tok.encode_prompt(short)) + 20 <= 64 < len(tok.encode_prompt(near)) + 20 and len(tok.encode_prompt(long)) > 64
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (short, near, long)))
+    out = tmp_path / "samples.jsonl"
+    sample.main(sample.Config(checkpoints=tiny_chain["sft"], data=str(data), max_new_tokens=20, reward=tiny_chain["rm"],
+                              out=str(out), device="cpu"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model, _ = load_checkpoint(tiny_chain["sft"], head="lm")
+    alone = complete(model.eval(), tok, [short], 20, temperature=0)[0]  # the short prompt sampled on its own
+    assert rows[0]["response"] + ("<|endoftext|>" if rows[0]["stopped"] else "") == alone
+    assert all(r["reward"] is not None for r in rows) and [r["prompt"] for r in rows] == [short, near, long]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(temperature=1.0, top_p=0.0), "--top_p must be in (0, 1], got 0.0"),
+    (dict(temperature=1.0, top_k=-1), "--top_k must be 0 (all) or more, got -1"),
+])
+def test_bad_sampling_filters_are_refused(tiny_chain, args, message):
+    with pytest.raises(common.UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], device="cpu", **args))
+
+
+def test_an_empty_checkpoint_list_is_refused():
+    with pytest.raises(common.UserError, match="--checkpoints names no checkpoint: ','"):
+        sample.main(sample.Config(checkpoints=",", device="cpu"))
