@@ -253,7 +253,7 @@ def main(cfg):
     def evaluate():
         """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin. Under
         torchrun each process takes every N-th batch, and the shares are added up (as reference_logps)."""
-        losses, margins = torch.zeros(len(val), device=device), torch.zeros(len(val), device=device)
+        losses, margins = (torch.zeros(len(val), dtype=torch.float64, device=device) for _ in range(2))  # any model's precision
         for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
             part = slice(i, i + eval_batch)
             losses[part], margins[part], _ = pair_losses(val[part], ref_val[0][part], ref_val[1][part])

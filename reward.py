@@ -174,7 +174,7 @@ def main(cfg):
         every N-th batch, and the shares are added up (each entry is one process's, the rest 0)."""
         training = ema.training
         ema.eval()
-        margins = torch.zeros(len(val), device=device)
+        margins = torch.zeros(len(val), dtype=torch.float64, device=device)  # float32 values exactly, a float64 model's too
         for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
             batch = val[i:i + eval_batch]
             with autocast:
