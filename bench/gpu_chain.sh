@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every stage on the GPU, shortened (a smoke run, not a result): pretrain, sft, reward, ppo, dpo,
-# eval, each on CUDA with bf16 autocast and the Triton kernels, timed. Checkpoints go to OUTDIR.
+# eval and sample.py, each on CUDA with bf16 autocast and the Triton kernels, timed. Checkpoints go to OUTDIR.
 # Usage (repo root): bash bench/gpu_chain.sh OUTDIR
 set -euo pipefail
 o=${1:?usage: bash bench/gpu_chain.sh OUTDIR}
@@ -19,3 +19,5 @@ run ppo --policy "$o/sft" --reward "$o/rm" --out_dir "$o/ppo" --iterations 10
 run dpo --init "$o/sft" --out_dir "$o/dpo" --n_prompts 300 --epochs 1
 run eval --checkpoints "$o/base,$o/sft,$o/ppo,$o/dpo" --reward "$o/rm" --reference "$o/sft" \
     --n_prompts 100 --best_of 1,4 --out "$o/eval.json"
+run sample --checkpoints "$o/sft,$o/ppo,$o/dpo" --reward "$o/rm" --n_prompts 4 --temperature 1 --n_samples 2 \
+    --out "$o/samples.jsonl"
