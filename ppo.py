@@ -10,8 +10,8 @@ Each iteration:
    temperature sampling so the samples follow the policy's own distribution), cut at the EOS;
 2. score: the reward model's (normalised) score of each prompt + response, minus a fixed penalty
    when the response never emitted an EOS;
-3. per-token reward: -kl_coef * KL estimate (log pi - log pi_ref) on every response token, plus
-   the score on the last one;
+3. per-token reward: -kl_coef * KL estimate (by default log pi - log pi_ref; --kl_estimator) on
+   every response token, plus the score on the last one;
 4. advantages: GAE over the response tokens with the value model's estimates, then whitened;
 5. learn: several epochs of minibatches on the clipped surrogate policy loss and the clipped value loss.
 The algorithm is Schulman et al. 2017 as used for language models by Ziegler et al. 2019, Stiennon
