@@ -512,6 +512,9 @@ def export_hf(model, out_dir, tokenizer=None):
     if model.config.head != "lm":
         raise CheckpointError(f"only a language model exports to GPT-2's layout, not a {model.config.head} head")
     c = model.config
+    if not tokenizer and c.vocab_size != 50257:  # read back, a directory that records no tokenizer means GPT-2's
+        raise CheckpointError(f"a vocabulary of {c.vocab_size} is not GPT-2's: pass the checkpoint's tokenizer "
+                              f"(its config dict from load_checkpoint) so that the export records it")
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()

@@ -164,6 +164,10 @@ def test_export_command_keeps_the_checkpoints_tokenizer(tmp_path, monkeypatch, c
     scalar = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, head="scalar"))
     with pytest.raises(CheckpointError, match="only a language model exports"):
         export_hf(scalar, tmp_path / "rm")
+    # from Python without the tokenizer, the directory would read back as GPT-2's BPE: refused
+    with pytest.raises(CheckpointError, match="a vocabulary of 50 is not GPT-2's: pass the checkpoint's tokenizer"):
+        export_hf(model, tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()
 
 
 def test_logits_match_transformers_gpt2(tmp_path):
