@@ -3,7 +3,7 @@ Supervised fine-tuning (SFT), the first stage of RLHF: the base model learns to 
 
     python sft.py                          # out/base + built-in demonstrations -> out/sft (under a minute on CPU)
     python sft.py --data demos.jsonl       # your demonstrations instead (formats: data/formats.py)
-    python sft.py --init gpt2-hf/          # from a Hugging Face GPT-2 directory (needs --data)
+    python sft.py --init gpt2-hf/ --data demos.jsonl   # from a Hugging Face GPT-2 directory, on your demonstrations
 
 A demonstration is a prompt and the ideal response. The model sees prompt + response + <|endoftext|>
 and is trained on next-token prediction of the response tokens only: the prompt's targets are
