@@ -179,15 +179,21 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, start=None, cache=None):
-        """Returns (logits (B, T, vocab), loss) for the lm head, (values (B, T) in float32 or wider, None)
-        for the scalar head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX."""
+        """Returns (logits (B, T, vocab), loss) for the lm head, (values (B, T) in float32 or wider, loss)
+        for the scalar head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX
+        (None without targets); the scalar head's goes through the tied embedding (reward.py --lm_coef)."""
         x = self.hidden_states(idx, start, cache)
         if self.config.head == "scalar":
             # in float32 even under autocast: Bradley-Terry fixes a reward only up to an offset, which
             # may be large next to the differences between responses, and bf16 keeps 8 bits of it
             dtype = torch.promote_types(x.dtype, torch.float32)  # a float64 model stays float64
             with torch.autocast(x.device.type, enabled=False):
-                return F.linear(x.to(dtype), self.score.weight.to(dtype)).squeeze(-1), None
+                values = F.linear(x.to(dtype), self.score.weight.to(dtype)).squeeze(-1)
+            if targets is None:
+                return values, None
+            mask = targets != kernels.IGNORE_INDEX  # the lm head at the target positions only
+            logps = kernels.fused_linear_logprobs(x[mask], self.transformer.wte.weight, targets[mask])
+            return values, -logps.sum() / mask.sum().clamp(min=1)
         logits = F.linear(x, self.transformer.wte.weight)  # (B, T, vocab), the tied lm head
         loss = None
         if targets is not None:

@@ -108,10 +108,10 @@ def stage_steps(cfg, tok, device):
 
     rows = preference_pairs(300, 4, Raters(), seed=0)
     rm_pairs = reward.encode_pairs(tok, rows, cfg.block_size)[0]
-    rm_order = batch_indices([max(len(c), len(r)) for c, r in rm_pairs], reward.Config.batch_size, rng)  # as reward.py batches
+    rm_order = batch_indices([max(len(c), len(r)) for c, r, _ in rm_pairs], reward.Config.batch_size, rng)  # as reward.py batches
 
     def reward_batch():
-        seqs = [s for j in next(rm_order) for s in rm_pairs[j]]  # chosen, rejected, chosen, ...
+        seqs = [s for j in next(rm_order) for s in rm_pairs[j][:2]]  # chosen, rejected, chosen, ...
         return (seqs,), [(len(seqs), max(map(len, seqs)))], sum(map(len, seqs)), (0,)
 
     def reward_loss(seqs):

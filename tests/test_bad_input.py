@@ -56,7 +56,7 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
                                   "negative_warmup", "rm_context_shorter", "val_fraction_one", "ppo_minibatch_zero",
                                   "ppo_minibatch_not_dividing", "ppo_few_prompts", "epochs_zero", "ppo_iterations_zero",
-                                  "ppo_epochs_zero", "ppo_generation_batch_negative"])
+                                  "ppo_epochs_zero", "ppo_generation_batch_negative", "negative_lm_coef"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -148,6 +148,8 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         stage, argv, message = ppo, ["--ppo_epochs", "0"], "--ppo_epochs must be at least 1, got 0"
     elif case == "ppo_generation_batch_negative":
         stage, argv, message = ppo, ["--generation_batch", "-1"], "--generation_batch must be 0 (all at once) or more, got -1"
+    elif case == "negative_lm_coef":
+        stage, argv, message = reward, ["--init", sft_ckpt, "--lm_coef", "-1"], "--lm_coef must be 0 (off) or more, got -1.0"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)

@@ -57,7 +57,7 @@ def test_the_accuracy_table_pairs_each_held_out_margin_with_its_own_row(tiny_cha
     pairs = reward.encode_pairs(TOK, rows, rm.config.block_size)[0]
     assert len(rows) == len(margins) >= 16
     with torch.no_grad():
-        r = reward.rewards(rm.eval(), [c for c, _ in pairs] + [x for _, x in pairs], TOK.pad_id, "cpu")
+        r = reward.rewards(rm.eval(), [c for c, _, _ in pairs] + [x for _, x, _ in pairs], TOK.pad_id, "cpu")
     torch.testing.assert_close(torch.tensor(margins), r[:len(pairs)] - r[len(pairs):], rtol=1e-4, atol=1e-5)
 
 
@@ -203,3 +203,28 @@ def test_held_out_pairs_share_no_prompt_with_training():
     assert split_by_prompt(rows, 0.2, seed=0) == (val, train)
     with pytest.raises(UserError, match="at least two distinct prompts"):
         split_by_prompt([r for r in rows if r["prompt"] == rows[0]["prompt"]], 0.2, seed=0)
+
+
+def test_the_lm_loss_is_the_chosen_responses_cross_entropy():
+    """--lm_coef: rewards(..., lm_prompts) also returns the mean negative log-likelihood of the first
+    sequences' response tokens through the tied embedding (not their prompts, not the rejected
+    sequences), here against a float64 hand computation; the rewards themselves are unchanged."""
+    torch.manual_seed(0)
+    rm = GPT(GPTConfig(block_size=32, vocab_size=TOK.n_vocab, n_layer=1, n_head=2, n_embd=16, head="scalar")).double().eval()
+    chosen, rejected, prompt_lens = [[1, 2, 3, 4, 5], [6, 7, 8]], [[1, 2, 9], [6, 10, 11, 12]], [2, 1]
+    with torch.no_grad():
+        r, lm = reward.rewards(rm, chosen + rejected, TOK.pad_id, "cpu", lm_prompts=prompt_lens)
+        nll = []
+        for s, n in zip(chosen, prompt_lens):
+            logp = (rm.hidden_states(torch.tensor([s]))[0] @ rm.transformer.wte.weight.t()).log_softmax(-1)
+            nll += [-logp[t - 1, s[t]] for t in range(n, len(s))]  # position t - 1 predicts token t
+        assert lm.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)  # the kernels return float32
+        assert torch.equal(r, reward.rewards(rm, chosen + rejected, TOK.pad_id, "cpu"))
+
+
+def test_lm_coef_adds_the_lm_loss_to_the_logged_loss(tiny_chain, tmp_path):
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), n_prompts=40, pairs_per_prompt=2,
+                              sft_samples=1, norm_prompts=8, batch_size=8, epochs=1, log_every=1, lm_coef=1.0, device="cpu"))
+    first = json.loads((tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()[0])
+    # step 0: the head is small and random, so the Bradley-Terry part is about log 2; the rest is the lm loss
+    assert first["lm_loss"] > 1 and 0.6 < first["loss"] - first["lm_loss"] < 0.8
