@@ -239,7 +239,8 @@ class GPT(nn.Module):
 
 def fit_prompt(ids, block_size, max_new_tokens):
     """A prompt's token ids, cut from the left if need be to leave max_new_tokens of the context (its
-    last token is always kept): how every stage that samples fits its prompts (ppo.py, complete_ids)."""
+    last token is always kept): ppo.py and sample.py cut every prompt so, complete_ids one that
+    fills the context."""
     return ids[-max(1, block_size - max_new_tokens):]
 
 
