@@ -62,9 +62,9 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     epochs: float = 2.0
     """passes over the training pairs"""
     batch_size: int = 16
-    """pairs per step (16: twice the updates of 32; held-out accuracy +0.03 / +0.05 on one SFT model, -0.02 on another: README)"""
+    """pairs per step (16: twice the updates of 32; held-out accuracy +0.03 / +0.05 on one SFT model, -0.02 on another: RESULTS.md)"""
     lr: float = 3e-4
-    """learning rate (after a linear warm-up, constant); 1.5e-4 with --epochs 4: 0.89 of the Bayes rate at two seeds, 0.91 with --lm_coef 1, in twice the time (README)"""
+    """learning rate (after a linear warm-up, constant); 1.5e-4 with --epochs 4: 0.89 of the Bayes rate at two seeds, 0.91 with --lm_coef 1, in twice the time (RESULTS.md)"""
     warmup_steps: int = 10
     """steps of linear warm-up (0: none)"""
     lm_coef: float = 0.0
