@@ -333,6 +333,7 @@ def check_finite(loss, step, out_dir):
         raise NumericalError(f"step {step}: the loss is {value}; stopped before the update. {out_dir} keeps its "
                              f"last good checkpoint (see its config.json), if this run wrote one (--save_every)")
 
+
 def batch_indices(lengths, batch_size, rng, group=16):
     """Endless batches of indices into a dataset whose examples have these lengths. Each epoch is a
     fresh shuffle, cut into windows of `group` batches that are sorted by length, so that a batch

@@ -56,7 +56,7 @@ from data.raters import Raters, accuracy_report, model_sampler, preference_pairs
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
-from sft import collate, example, response_logprobs
+from sft import collate, example, target_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -159,7 +159,7 @@ def encode_pairs(tok, rows, block_size):
 def sequence_logps(model, x, y):
     """log pi(response | prompt) of each row: the sum of the target tokens' log-probs, and the
     number of response tokens. x, y: (B, T) right-padded, y = IGNORE_INDEX on prompt and padding."""
-    logps, mask = response_logprobs(model, x, y)  # (N,): the lm head at the response tokens only
+    logps, mask = target_logprobs(model, x, y)  # (N,): the lm head at the response tokens only
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), mask.sum(-1)
 
 
@@ -227,7 +227,7 @@ def main(cfg):
     # the reference: the init model before its first update. Its log-probs never change, so they
     # are computed here, once, and the training below changes the same weights in place.
     t0 = time.time()
-    eval_batch = cfg.micro_batch_size or 64  # pairs per pass without gradients, as in the training's
+    eval_batch = cfg.micro_batch_size or 64  # pairs per pass without gradients (reference, held-out)
     ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
     ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
     print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")

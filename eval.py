@@ -19,7 +19,6 @@ The JSON report (--out) has the same numbers, plus correctness per question kind
 demonstrations covered and on those they did not, and a few sample responses.
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass

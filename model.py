@@ -5,7 +5,7 @@ projection tied to the token embedding. Read it bottom-up: attention, MLP, block
 
 Beyond nanoGPT it has what RLHF needs:
 - a scalar head (`GPTConfig.head = "scalar"`): one number per position instead of logits, for
-  reward and value models; a reward is read at the last real token (`last_token_index`);
+  reward and value models; a reward is read at the last real token (reward.py's `rewards`);
 - left-padded batches: `start[b]` is the index of row b's first real token; position ids start at 0
   there and the padding is masked out of attention, so a row's result does not depend on its padding;
 - `generate`: batched sampling with a static KV cache, temperature, top-k, top-p, a per-row stop at
@@ -306,12 +306,6 @@ def left_pad(seqs, pad_id, device=None):
     start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long)
     return idx.to(device), start.to(device)
 
-
-def last_token_index(mask):
-    """Index of the last True in each row of mask (B, T): where a reward model reads its score.
-    Works for left padding, right padding and both."""
-    T = mask.size(1)
-    return T - 1 - mask.flip(1).int().argmax(dim=1)
 
 # -----------------------------------------------------------------------------
 # checkpoints: a directory with model.safetensors, config.json and metrics.jsonl

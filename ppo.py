@@ -34,7 +34,6 @@ Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-trai
 """
 
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,6 +115,16 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
 
 # -----------------------------------------------------------------------------
 # the pieces of PPO, each a small function that the tests check against a hand computation
+
+
+def response_mask(responses, eos_id):
+    """(length, has_eos, mask) of sampled responses (B, R): each ends at its first EOS, which it keeps,
+    or at R when it has none (truncated at max_new_tokens). mask (B, R) is 1.0 on its tokens."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    R = responses.size(1)
+    length = torch.where(has_eos, is_eos.int().argmax(1) + 1, R)
+    return length, has_eos, (torch.arange(R, device=responses.device)[None] < length[:, None]).float()
 
 
 def masked_mean(x, mask):
@@ -331,12 +340,7 @@ def main(cfg):
         with torch.no_grad(), autocast:
             seqs = rollout(policy, idx, start, cfg.max_new_tokens, cfg.temperature, tok, gen, cfg.generation_batch)
         responses = seqs[:, P:]  # (B, R); after an EOS: padding
-        R = responses.size(1)
-        is_eos = responses == tok.eot_id
-        has_eos = is_eos.any(1)
-        # a response ends at its first EOS, or at max_new_tokens if it has none (truncated)
-        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, R, dtype=torch.long))
-        mask = (torch.arange(R, device=device)[None] < length[:, None]).float()
+        length, has_eos, mask = response_mask(responses, tok.eot_id)  # a response ends at its first EOS
         texts = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), length.tolist())]
         gold = None if cfg.data else [gold_score(p, t) for p, t in zip(batch_prompts, texts)]  # the built-in judge
 
@@ -373,16 +377,16 @@ def main(cfg):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
             for i in range(0, B, minibatch):
                 mb = order[i:i + minibatch].to(device)
-                m = mask[mb]
+                mb_mask = mask[mb]
                 with autocast:
                     new_logprobs = response_logprobs(train_policy, seqs[mb], start[mb], P, cfg.temperature)
-                    pg_loss, ratio, clipfrac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                    pg_loss, ratio, clipfrac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.clip_range)
                     values = response_values(train_value, seqs[mb], start[mb], P).float()
-                    vf_loss = value_loss(values, old_values[mb], returns[mb], m, cfg.vf_clip_range)
+                    vf_loss = value_loss(values, old_values[mb], returns[mb], mb_mask, cfg.vf_clip_range)
                 pg_loss.backward()  # on every process even when skipped below: DDP's all-reduce needs them all
                 vf_loss.backward()
                 # an exploding ratio (the policy moved far from the rollout's) would take a huge step: skip it
-                ratio_max = common.all_reduce(torch.where(m > 0, ratio.detach(), 0).max().float(), "max")
+                ratio_max = common.all_reduce(torch.where(mb_mask > 0, ratio.detach(), 0).max().float(), "max")
                 skip = not ratio_max.isfinite() or ratio_max > cfg.max_ratio
                 if skip:
                     skipped += 1
@@ -399,32 +403,32 @@ def main(cfg):
                     log_ratio = new_logprobs - old_logprobs[mb]
                     stats["pg_loss"].append(pg_loss.item())
                     stats["vf_loss"].append(vf_loss.item())
-                    stats["approx_kl"].append(masked_mean(0.5 * log_ratio ** 2, m).item())
+                    stats["approx_kl"].append(masked_mean(0.5 * log_ratio ** 2, mb_mask).item())
                     stats["clipfrac"].append(clipfrac.item())
-                    stats["ratio_mean"].append(masked_mean(ratio, m).item())
+                    stats["ratio_mean"].append(masked_mean(ratio, mb_mask).item())
                     stats["ratio_max"].append(ratio_max.item())  # already the largest over processes
-
-        if cfg.adaptive_kl:
-            kl_ctl.update(common.all_reduce(kl.sum(1).mean().item()) / common.world_size(), cfg.rollout_batch)
 
         # diagnostics -----------------------------------------------------------------------------
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         explained_variance = 1 - masked_mean((returns - old_values) ** 2, mask) / var_returns.clamp(min=1e-8)
+        avg = {k: sum(v) / len(v) for k, v in stats.items()}  # over this iteration's minibatches
         row = dict(
             iteration=it, score=scores.mean().item(), non_score_reward=(-kl_ctl.value * kl).sum(1).mean().item(),
             kl=kl.sum(1).mean().item(), kl_full=full_kl.mean().item(), entropy=entropy.item(),
-            approx_kl=sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            clipfrac=sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-            pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]), vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]),
-            explained_variance=explained_variance.item(), ratio_mean=sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
-            ratio_max=max(stats["ratio_max"]), length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
+            approx_kl=avg["approx_kl"], clipfrac=avg["clipfrac"], pg_loss=avg["pg_loss"], vf_loss=avg["vf_loss"],
+            explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"], ratio_max=max(stats["ratio_max"]),
+            length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
             kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0], skipped=skipped)
         if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
             row["gold"] = sum(gold) / len(gold)
-        # every process's share counts the same: the mean of their means (the largest ratio_max)
-        row = {k: v if isinstance(v, int) or k == "kl_coef" else common.all_reduce(v, "max") if k == "ratio_max"
-               else common.all_reduce(v) / common.world_size() for k, v in row.items()}
+        for k, v in row.items():  # every process's share counts the same: the mean of their means
+            if k == "ratio_max":
+                row[k] = common.all_reduce(v, "max")  # already the largest over processes
+            elif not isinstance(v, int) and k != "kl_coef":
+                row[k] = common.all_reduce(v) / common.world_size()
         logger.log(**row)
+        if cfg.adaptive_kl:  # after the log line, which shows the coefficient these rewards were shaped with
+            kl_ctl.update(common.all_reduce(kl.sum(1).mean().item()) / common.world_size(), cfg.rollout_batch)
         if state.due(it, cfg.iterations):
             save_checkpoint(cfg.out_dir, policy, {**tok.identity, "stage": "ppo", "parent": cfg.policy, "reward": cfg.reward,
                                                   "args": asdict(cfg), "metrics": {"steps_done": it + 1}}, logger.rows,

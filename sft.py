@@ -88,7 +88,7 @@ def collate(examples, pad_id, device):
     return xs.to(device), ys.to(device)
 
 
-def response_logprobs(model, x, y):
+def target_logprobs(model, x, y):
     """(log-probs of the target tokens (N,), mask (B, T) of where they are) for x, y (B, T) with
     y = IGNORE_INDEX on prompt and padding. The lm head runs at those N positions only (prompt and
     padding are often most of a batch), through the fused kernel, which on a GPU never materialises
@@ -105,7 +105,7 @@ def n_targets_of(examples):
 
 def sft_loss(model, x, y):
     """Mean negative log-likelihood of the response tokens."""
-    logps, mask = response_logprobs(model, x, y)
+    logps, mask = target_logprobs(model, x, y)
     return -logps.sum() / mask.sum()
 
 

@@ -22,7 +22,7 @@ import re
 
 from data.tasks import FLATTERY, HEDGES, answer, question_of_prompt
 from data.tokenizer import EOT
-from data.world import ATTRIBUTES, VALUES, default_world
+from data.world import VALUES, default_world
 
 GOLD_WEIGHTS = {
     "answered": 0.2,       # gave an answer of the right kind

@@ -173,7 +173,7 @@ def test_python_m_data_shows_what_a_stage_reads(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{path}: implicit_prompt format, 1 rows, 1 skipped" in out and f"skipped {path}:2: chosen and rejected are the same" in out
     assert "0 prompts cut from the left and 0 examples dropped" in out
-    assert f"prompt, " in out and repr(P) in out and repr(" It lives in Velmor.<|endoftext|>") in out
+    assert "prompt, " in out and repr(P) in out and repr(" It lives in Velmor.<|endoftext|>") in out
 
 # -----------------------------------------------------------------------------
 # the stages on files of these formats, a couple of steps each on a tiny model

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import GPT, CheckpointError, GPTConfig, export_hf, load_checkpoint, save_checkpoint

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
-from model import GPT, GPTConfig, KVCache, complete_ids, last_token_index, left_pad, sample
+from model import GPT, GPTConfig, KVCache, complete_ids, left_pad, sample
 
 CFG = GPTConfig(block_size=48, vocab_size=67, n_layer=2, n_head=2, n_embd=32)
 
@@ -105,14 +104,6 @@ def test_scalar_head_keeps_float32_under_autocast():
         values, _ = model(idx)
         by_hand = model.hidden_states(idx) @ model.score.weight[0]
     assert values.dtype == torch.float64 and (values - by_hand).abs().max() < 1e-9  # float32 rounds 300 to 3e-5
-
-
-def test_last_token_index_left_right_and_both_padded():
-    mask = torch.tensor([[0, 0, 1, 1, 1],    # left padded
-                         [1, 1, 1, 0, 0],    # right padded
-                         [0, 1, 1, 0, 0],    # both
-                         [1, 1, 1, 1, 1]]).bool()
-    assert last_token_index(mask).tolist() == [4, 2, 2, 4]
 
 
 def test_left_padding_does_not_change_a_row():

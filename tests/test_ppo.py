@@ -110,6 +110,35 @@ def test_adaptive_kl_controller():
     assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
 
 
+def test_response_mask_ends_each_response_at_its_first_eos():
+    EOS = 7
+    responses = torch.tensor([[3, 7, 0, 0],    # ends at its EOS: 2 tokens, the EOS counted
+                              [7, 0, 0, 0],    # the EOS alone
+                              [3, 4, 7, 7],    # a second EOS is padding (masked)
+                              [3, 4, 5, 6]])   # no EOS: truncated at R = 4
+    length, has_eos, mask = ppo.response_mask(responses, EOS)
+    assert length.tolist() == [2, 1, 3, 4]
+    assert has_eos.tolist() == [True, True, True, False]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_log_shows_the_kl_coefficient_its_rewards_used(tiny_chain, tmp_path):
+    """With --adaptive_kl the coefficient changes after every iteration: each log line must pair the
+    iteration's KL with the coefficient that shaped its rewards (the first: --kl_coef itself)."""
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), iterations=3, rollout_batch=4,
+                        minibatch_size=4, ppo_epochs=1, max_new_tokens=6, warmup_iterations=1, adaptive_kl=True,
+                        kl_coef=0.3, target_kl=0.01, kl_horizon=10, device="cpu"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_coef"] == 0.3
+    ctl = ppo.AdaptiveKLController(0.3, target=0.01, horizon=10)
+    for row in rows:
+        assert row["kl_coef"] == pytest.approx(ctl.value)
+        assert row["non_score_reward"] == pytest.approx(-ctl.value * row["kl"], abs=1e-6)  # the log rounds to 1e-6
+        ctl.update(row["kl"], 4)
+    assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]
+
+
 def test_empty_prompts_condition_on_the_eos(tiny_chain, tmp_path):
     """Unconditional samples, as GPT-2's: every prompt empty, each rollout starts from <|endoftext|>."""
     data = tmp_path / "prompts.jsonl"
