@@ -153,19 +153,31 @@ def run(main, config_cls):
 # device, dtype, seeding
 
 
-def setup_device(device="auto", dtype="auto"):
+def setup_device(device="auto", dtype="auto", training=True):
     """Returns (device, autocast context). auto: CUDA if there is one, else CPU; on CUDA autocast
-    to bfloat16 (float16 if the card lacks it), on CPU plain float32. Under torchrun it also joins
-    the process group (see setup_distributed), and each process takes the GPU of its local rank."""
+    to bfloat16, on CPU plain float32. A card without bfloat16 (before Ampere) trains in float32:
+    float16 gradients underflow without loss scaling, which the stages do not do (a CPU check of
+    an SFT step: 88% of the embedding's gradient entries became 0), so `training` refuses float16
+    and only inference (eval, sample) takes it. Under torchrun it also joins the process group
+    (see setup_distributed), and each process takes the GPU of its local rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r} is not a device: auto, cpu, cuda, cuda:1, ... ({e})") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can use")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = setup_distributed(device)
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float16" if device.type == "cuda" and not training else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    if dtype == "float16" and training:
+        raise UserError("--dtype float16: training in float16 needs loss scaling, which these stages do not do "
+                        "(its small gradients round to 0); use bfloat16, or float32 on a card without it")
     if dtype == "float32":
         return device, contextlib.nullcontext()
     return device, torch.autocast(device.type, dtype=getattr(torch, dtype))
@@ -374,12 +386,35 @@ def fmt(v):
 # atomic directory writes
 
 
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "metrics.jsonl", "resume.json", "resume.safetensors"}
+
+
+def check_out_dir(path, flag="--out_dir"):
+    """Refuse a path that writing a checkpoint there would destroy: the swap below replaces the whole
+    directory, so it must be new, empty, or a checkpoint (only the files one holds). `--out_dir out`
+    would otherwise delete out/base, out/sft, ... Stages call it first, before any training."""
+    path = os.path.normpath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):  # the swap would replace a link, not where it points
+        kind = "a symbolic link" if os.path.islink(path) else "not a directory"
+        raise UserError(f"{flag} {path} exists and is {kind}: name a new directory for the checkpoint")
+    if os.path.commonpath([os.path.abspath(path), os.getcwd()]) == os.path.abspath(path):
+        raise UserError(f"{flag} {path} holds the working directory: name a new directory inside it")
+    others = sorted(set(os.listdir(path)) - CHECKPOINT_FILES)
+    if others:
+        raise UserError(f"{flag} {path} holds {len(others)} entries that are not a checkpoint's ({others[0]!r}, ...): "
+                        f"writing the checkpoint there would delete them; name a new directory")
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yield a fresh temporary directory beside path; when the block succeeds, it replaces path.
     If the block raises, path is left exactly as it was. The swap is two renames: path -> old,
-    tmp -> path; a crash between them (microseconds) leaves the previous version at path + '.old'."""
+    tmp -> path; a crash between them (microseconds) leaves the previous version at path + '.old'.
+    A path that is not a checkpoint directory is refused first (check_out_dir): the swap would delete it."""
     path = os.path.normpath(path)
+    check_out_dir(path, "the output directory")
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -464,6 +499,15 @@ def set_python_rng_state(rng, state):
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
+def data_summary(examples):
+    """{"examples", "tokens"} of a training set whose examples are token lists, or tuples holding
+    them (an int beside them, such as a prompt length, is not counted). TrainState keeps it, so
+    that --resume refuses to go on over a data file that changed since the run began."""
+    def tokens(x):
+        return len(x) if isinstance(x, list) else sum(tokens(y) for y in x if isinstance(y, (list, tuple)))
+    return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples)}
+
+
 class TrainState:
     """What a killed run needs to go on as if it had never stopped, beside the weights of the
     checkpoint itself: the optimizers, every random number generator (Python's and torch's global
@@ -472,10 +516,11 @@ class TrainState:
     generators differ by process under torchrun (a stage seeds its samplers by rank), so each
     process's is kept; a resumed run must use as many processes as the interrupted one."""
 
-    def __init__(self, cfg, stage, optimizers=None, generators=None, rngs=None, models=None):
+    def __init__(self, cfg, stage, optimizers=None, generators=None, rngs=None, models=None, data=None):
         self.cfg, self.stage = cfg, stage
         self.optimizers, self.generators = optimizers or {}, generators or {}
         self.rngs, self.models = rngs or {}, models or {}
+        self.data = data  # data_summary of the training set: a resumed run must go on over the same data
 
     def due(self, step, steps):
         """Whether the end of step (0-based) is a time to save: every save_every steps, but not
@@ -487,7 +532,7 @@ class TrainState:
         """(tensors, info) to pass to save_checkpoint(..., resume=...). Every process must call it
         (it gathers their generators); only rank 0's result is written. step: steps done."""
         tensors, info = {}, {"stage": self.stage, "step": step, "world_size": world_size(),
-                             "args": dataclasses.asdict(self.cfg), "extra": extra, "optimizers": {}}
+                             "args": dataclasses.asdict(self.cfg), "data": self.data, "extra": extra, "optimizers": {}}
         for name, opt in self.optimizers.items():
             t, info["optimizers"][name] = optimizer_state(opt, f"optimizer.{name}")
             tensors.update(t)
@@ -519,6 +564,9 @@ class TrainState:
         for key, value in info["args"].items():
             if key not in ("resume", "save_every") and now.get(key) != value:
                 raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r}")
+        if info.get("data") is not None and info["data"] != self.data:  # the arguments are the same, the file is not
+            raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "
+                            f"{info['data']}: the data file changed since")
         weights = load_file(os.path.join(out_dir, "model.safetensors"))
         model.load_state_dict(weights)
         for name, m in self.models.items():

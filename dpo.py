@@ -104,7 +104,7 @@ class Config(Raters, common.Padded):  # the raters' biases are flags too, with r
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on a CUDA card that has it, else float32), float32, bfloat16 (float16 is refused: no loss scaling)"""
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -203,6 +203,7 @@ def main(cfg):
     if not 0 <= cfg.label_smoothing < 0.5:
         raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     t_start = time.time()
+    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -215,6 +216,7 @@ def main(cfg):
     t0 = time.time()
     rows = preference_rows(cfg.data) if cfg.data else built_in_pairs(cfg, model, tok, device)
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)  # as reward.py: the same held-out pairs
+    val_prompts = list(dict.fromkeys(r["prompt"] for r in val_rows))  # in their shuffled order, each once
     train, _, report = encode_pairs(tok, train_rows, model.config.block_size)
     print(f"training pairs: {report}")
     val, val_rows, report = encode_pairs(tok, val_rows, model.config.block_size)
@@ -261,8 +263,7 @@ def main(cfg):
         return {"val_loss": sum(losses) / len(val), "val_accuracy": sum(m > 0 for m in margins) / len(val),
                 "val_margin": sum(margins) / len(val)}, margins
 
-    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data \
-        else [r["prompt"] for r in rows[:cfg.n_samples]]
+    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else val_prompts[:cfg.n_samples]
     before = complete(model, tok, sample_prompts, 32, temperature=0)
 
     def meta(metrics):
@@ -275,7 +276,8 @@ def main(cfg):
     logger = common.Logger()
     rng = random.Random(cfg.seed)
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
-    state = common.TrainState(cfg, "dpo", optimizers={"adamw": optimizer}, rngs={"order": rng})
+    state = common.TrainState(cfg, "dpo", optimizers={"adamw": optimizer}, rngs={"order": rng},
+                              data=common.data_summary(train))
     first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
     order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0

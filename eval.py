@@ -190,7 +190,7 @@ def print_table(rows):
 
 
 def main(cfg):
-    device, _ = common.setup_device(cfg.device, "float32")
+    device, _ = common.setup_device(cfg.device, "float32", training=False)
     names = [c for c in cfg.checkpoints.split(",") if c]
     if cfg.checkpoints == DEFAULT_CHECKPOINTS:
         names = [c for c in names if os.path.isdir(c)]

@@ -542,6 +542,6 @@ if __name__ == "__main__":
     try:
         exported, meta = load_checkpoint(sys.argv[2], head="lm")
         export_hf(exported, sys.argv[3], {k: meta[k] for k in ("tokenizer", "tokenizer_fingerprint") if k in meta})
-    except CheckpointError as e:
+    except UserError as e:  # a bad checkpoint, or an OUT_DIR that is not a new directory
         sys.exit(f"error: {e}")
     print(f"wrote {sys.argv[3]}: GPT-2 layout, {exported.num_params():,} parameters, tokenizer {meta.get('tokenizer')}")

@@ -111,7 +111,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on a CUDA card that has it, else float32), float32, bfloat16 (float16 is refused: no loss scaling)"""
 
 # -----------------------------------------------------------------------------
 # the pieces of PPO, each a small function that the tests check against a hand computation
@@ -269,6 +269,7 @@ def main(cfg):
         raise common.UserError("--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)")
     if not cfg.temperature > 0:  # PPO samples its policy and divides the logits by it: no greedy decoding here
         raise common.UserError(f"--temperature must be positive, got {cfg.temperature}")
+    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, None, "--rollout_batch")
@@ -319,7 +320,8 @@ def main(cfg):
     logger = common.Logger()
     train_policy, train_value = common.DataParallel(policy), common.DataParallel(value_model)
     state = common.TrainState(cfg, "ppo", optimizers={"policy": optimizer, "value": value_optimizer},
-                              generators={"sampler": gen}, rngs={"prompts": rng}, models={"value": value_model})
+                              generators={"sampler": gen}, rngs={"prompts": rng}, models={"value": value_model},
+                              data=common.data_summary(prompt_ids))
     first = 0
     if cfg.resume:
         first, extra = state.restore(policy, logger)

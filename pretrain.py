@@ -83,7 +83,7 @@ class Config(common.Batched):  # and --save_every, --resume, --micro_batch_size 
     device: str = "auto"
     """auto, cpu, cuda, cuda:1, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on a CUDA card that has it, else float32), float32, bfloat16 (float16 is refused: no loss scaling)"""
 
 
 def load_tokens(cfg, tok):
@@ -140,6 +140,7 @@ def probe_world(model, tok):
 
 
 def main(cfg):
+    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -191,7 +192,8 @@ def main(cfg):
 
     logger = common.Logger()
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
-    state = common.TrainState(cfg, "pretrain", optimizers={"adamw": optimizer}, generators={"batches": gen})
+    state = common.TrainState(cfg, "pretrain", optimizers={"adamw": optimizer}, generators={"batches": gen},
+                              data={"tokens": len(train_tokens)})
     first = state.restore(model, logger)[0] if cfg.resume else 0
     tokens_per_step = cfg.batch_size * cfg.block_size
     t_last, logged = time.time(), first - 1  # the time and step of the last log line

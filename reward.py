@@ -84,7 +84,7 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on a CUDA card that has it, else float32), float32, bfloat16 (float16 is refused: no loss scaling)"""
 
 
 def scalar_model(lm):
@@ -131,6 +131,7 @@ def main(cfg):
         raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.norm_prompts < 2:  # the normalisation divides by the spread of their responses' scores
         raise common.UserError(f"--norm_prompts must be at least 2, got {cfg.norm_prompts}")
+    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -216,7 +217,7 @@ def main(cfg):
     batches = common.batch_indices([max(len(c), len(r)) for c, r, _ in train], cfg.batch_size, random.Random(cfg.seed))
     train_model = common.DataParallel(rm)  # under torchrun: gradients averaged over processes
     state = common.TrainState(cfg, "reward", optimizers={"adamw": optimizer}, generators={"sampler": gen},
-                              models={"ema": ema} if ema is not rm else {})
+                              models={"ema": ema} if ema is not rm else {}, data=common.data_summary(train))
     first = 0
     if cfg.resume:
         first, _ = state.restore(rm, logger)

@@ -59,7 +59,7 @@ class Config:
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on CUDA, float16 on a card without it, float32 on CPU), float32, bfloat16, float16"""
 
 
 def main(cfg):
@@ -79,7 +79,7 @@ def main(cfg):
     paths = [c for c in cfg.checkpoints.split(",") if c]
     if not paths:
         raise common.UserError(f"--checkpoints names no checkpoint: {cfg.checkpoints!r}")
-    device, autocast = common.setup_device(cfg.device, cfg.dtype)
+    device, autocast = common.setup_device(cfg.device, cfg.dtype, training=False)
 
     if cfg.chat:
         prompts = [chat_prompt([{"role": "user", "content": cfg.chat}])]

@@ -66,7 +66,7 @@ class Config(common.Padded):  # and --save_every, --resume, --micro_batch_size, 
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"""
+    """auto (bfloat16 on a CUDA card that has it, else float32), float32, bfloat16 (float16 is refused: no loss scaling)"""
 
 
 def example(prompt, completion):
@@ -110,6 +110,7 @@ def sft_loss(model, x, y):
 
 
 def main(cfg):
+    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)
@@ -122,10 +123,12 @@ def main(cfg):
         rows = [dict(prompt=p, completion=c) for p, c in demonstrations(cfg.n_demos, seed=cfg.seed)]
     encoded, rows, report = encode_rows(tok, rows, ("completion",), model.config.block_size)
     print(report)
-    examples = [example(p, c) for p, (c,) in encoded]
-    random.Random(cfg.seed).shuffle(examples)
+    order = list(range(len(encoded)))
+    random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling the examples themselves
+    examples = [example(encoded[i][0], encoded[i][1][0]) for i in order]
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
     val, train = examples[:n_val], examples[n_val:]
+    val_prompts = [rows[i]["prompt"] for i in order[:n_val]] or [rows[0]["prompt"]]  # one example: no held-out one
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} validation demonstrations, {steps} steps")
 
@@ -152,7 +155,7 @@ def main(cfg):
         model.train()
         return sum(losses) / len(losses)
 
-    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else [r["prompt"] for r in rows[:cfg.n_samples]]
+    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else val_prompts[:cfg.n_samples]
     model.eval()
     before = complete(model, tok, sample_prompts, 32, temperature=0)
     model.train()
@@ -168,7 +171,8 @@ def main(cfg):
     logger = common.Logger()
     rng = random.Random(cfg.seed)
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
-    state = common.TrainState(cfg, "sft", optimizers={"adamw": optimizer}, rngs={"order": rng})
+    state = common.TrainState(cfg, "sft", optimizers={"adamw": optimizer}, rngs={"order": rng},
+                              data=common.data_summary(train))
     first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
     order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0

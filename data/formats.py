@@ -29,7 +29,8 @@ Alpaca's user message is the instruction, then a blank line and the input if the
 An implicit-prompt transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") is split where chosen and
 rejected part: the prompt is their longest common prefix, cut after its last "\\n\\nAssistant:"
 (leading blank lines dropped, so it reads as the template does); the responses are the rest.
-Message lists split the same way, message by message.
+Message lists split the same way, message by message, and so do the chosen and rejected of a
+`preference` row when they are whole conversations (UltraFeedback's form).
 
 Rows that are well formed but unusable are skipped, and counted with the reason and the line:
 chosen equal to rejected, an empty response, transcripts that share no prompt, a conversation that
@@ -239,6 +240,16 @@ def parse_implicit(row, where):
     return pair(*split_transcripts(chosen, rejected))
 
 
+def parse_preference(row, where):
+    """{"prompt", "chosen", "rejected"}: responses that are strings or one assistant message each; or,
+    as UltraFeedback writes them, two whole conversations that share the prompt's messages, split as
+    transcripts are (the prompt field, the first user message alone, is then not needed)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list) and (len(chosen) > 1 or len(rejected) > 1):
+        return pair(*split_transcripts(messages(chosen, where, "chosen"), messages(rejected, where, "rejected")))
+    return pair(prompt_field(row, "prompt", where), response_field(row, "chosen", where), response_field(row, "rejected", where))
+
+
 def parse_openai(row, where):
     inp = row.get("input")
     if not isinstance(inp, dict) or "messages" not in inp:
@@ -273,9 +284,7 @@ def parse_alpaca(row, where):
 # format -> (the fields that identify it, the parser of one row, what it gives: "lm", "sft", "preference", "prompt")
 FORMATS = {
     "openai_preference": ({"input", "preferred_output", "non_preferred_output"}, parse_openai, "preference"),
-    "preference": ({"prompt", "chosen", "rejected"},
-                   lambda r, w: pair(prompt_field(r, "prompt", w), response_field(r, "chosen", w),
-                                     response_field(r, "rejected", w)), "preference"),
+    "preference": ({"prompt", "chosen", "rejected"}, parse_preference, "preference"),
     "implicit_prompt": ({"chosen", "rejected"}, parse_implicit, "preference"),
     "alpaca": ({"instruction", "output"}, parse_alpaca, "sft"),
     "prompt_completion": ({"prompt", "completion"},
@@ -317,7 +326,11 @@ class Dataset:
         self.format = detect(*records[0], task)
         parse = parse_chat_prompt if (task, self.format) == ("prompt", "chat") else FORMATS[self.format][1]
         self.rows, self.skipped = [], []
+        fields = FORMATS[self.format][0]
         for where, row in records:
+            if not fields <= set(row):  # every row in the first row's format
+                raise UserError(f"{where}: missing field {sorted(fields - set(row))[0]!r} (the row has {sorted(row)}); "
+                                f"the file's first row is in the {self.format} format, {{{', '.join(sorted(fields))}}}")
             try:
                 out = parse(row, where)
             except Skip as e:

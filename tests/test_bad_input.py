@@ -2,6 +2,7 @@
 and the checkpoint already in out_dir is left byte for byte as it was. Numerical faults: a NaN loss
 stops the stage at its step, keeping the last good checkpoint; PPO skips an exploding ratio."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import dpo
 import ppo
 import reward
 import sft
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, export_hf, load_checkpoint, save_checkpoint
 
 
 def snapshot(path):
@@ -56,7 +57,7 @@ PAIR = {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": "
                                   "gold_reward_with_data", "eval_every_zero", "ppo_temperature_zero",
                                   "negative_warmup", "rm_context_shorter", "val_fraction_one", "ppo_minibatch_zero",
                                   "ppo_minibatch_not_dividing", "ppo_few_prompts", "epochs_zero", "ppo_iterations_zero",
-                                  "ppo_epochs_zero", "ppo_generation_batch_negative", "negative_lm_coef"])
+                                  "ppo_epochs_zero", "ppo_generation_batch_negative", "negative_lm_coef", "dtype_float16"])
 def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, tmp_path, capsys, monkeypatch):
     before = snapshot(out_dir)
     sft_ckpt, rm_ckpt = tiny_chain["sft"], tiny_chain["rm"]
@@ -150,6 +151,9 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
         stage, argv, message = ppo, ["--generation_batch", "-1"], "--generation_batch must be 0 (all at once) or more, got -1"
     elif case == "negative_lm_coef":
         stage, argv, message = reward, ["--init", sft_ckpt, "--lm_coef", "-1"], "--lm_coef must be 0 (off) or more, got -1.0"
+    elif case == "dtype_float16":  # no loss scaling: its gradients would round to 0
+        stage, argv = sft, ["--init", sft_ckpt, "--dtype", "float16"]
+        message = "--dtype float16: training in float16 needs loss scaling"
     elif case == "no_length_groups":
         stage, argv, message = dpo, ["--init", sft_ckpt, "--length_groups", "0"], "--length_groups must be at least 1, got 0"
     status, err = run_stage(stage, argv + common_args, capsys, monkeypatch)
@@ -157,6 +161,57 @@ def test_refused_with_one_line_and_out_dir_untouched(case, tiny_chain, out_dir, 
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(out_dir) == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or p.endswith(".old")]  # no half write left
+
+
+def tree(path):
+    """Every file under path (or path itself, a file) and its bytes."""
+    if os.path.isfile(path):
+        return {".": open(path, "rb").read()}
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(path) for f in files}
+
+
+@pytest.mark.parametrize("layout", ["a_file_inside", "checkpoints_inside", "a_file", "the_working_directory"])
+def test_an_out_dir_that_is_not_a_checkpoint_is_refused_before_training(layout, tiny_chain, tmp_path, capsys, monkeypatch):
+    """Writing a checkpoint replaces its whole directory: `--out_dir out` would delete out/sft, out/rm, ...
+    So a stage refuses, at once, any out_dir that exists and holds more than a checkpoint's files."""
+    target = tmp_path / "target"
+    if layout == "a_file":
+        target.write_text("my notes")
+    else:
+        target.mkdir()
+        if layout == "a_file_inside":
+            shutil.copytree(tiny_chain["sft"], target, dirs_exist_ok=True)  # a checkpoint, and something more
+            (target / "notes.txt").write_text("my notes")
+        elif layout == "checkpoints_inside":
+            shutil.copytree(tiny_chain["sft"], target / "sft")
+        else:
+            monkeypatch.chdir(target)
+            (target / "notes.txt").write_text("my notes")
+    before = tree(target)
+    trained = []
+    monkeypatch.setattr(sft, "sft_loss", lambda *a: trained.append(1))  # must never be reached
+    status, err = run_stage(sft, ["--init", tiny_chain["sft"], "--n_demos", "40", "--device", "cpu",
+                                  "--out_dir", "." if layout == "the_working_directory" else str(target)], capsys, monkeypatch)
+    assert status == 1 and err.count("\n") == 1 and err.startswith("error: --out_dir "), err
+    assert tree(target) == before and not trained
+    if layout == "a_file_inside":  # the model export is refused the same way
+        with pytest.raises(common.UserError, match="notes.txt"):
+            export_hf(GPT(GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=8, block_size=8)), str(target))
+        assert tree(target) == before
+
+
+def test_device_and_dtype_are_checked():
+    with pytest.raises(common.UserError, match="--device 'gpu0' is not a device"):
+        common.setup_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match="--device cuda: this machine has 0 CUDA device"):
+            common.setup_device("cuda")
+    with pytest.raises(common.UserError, match="--dtype float16: training in float16 needs loss scaling"):
+        common.setup_device("cpu", "float16")
+    device, autocast = common.setup_device("cpu", "float16", training=False)  # inference may
+    assert device.type == "cpu" and autocast.fast_dtype == torch.float16
+    assert isinstance(common.setup_device("cpu", "auto")[1], contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("stage", [sft, dpo, reward, ppo], ids=lambda stage: stage.__name__)

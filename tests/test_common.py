@@ -53,19 +53,25 @@ def test_help_lists_every_field_with_its_doc(capsys):
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):
-    path = tmp_path / "out"
+    path = tmp_path / "out"  # a checkpoint's files: a, b
+    a, b = "config.json", "metrics.jsonl"
     with atomic_directory(path) as tmp:
-        open(os.path.join(tmp, "a"), "w").write("first")
-    assert (path / "a").read_text() == "first"
+        open(os.path.join(tmp, a), "w").write("first")
+    assert (path / a).read_text() == "first"
     with pytest.raises(RuntimeError):
         with atomic_directory(path) as tmp:
-            open(os.path.join(tmp, "a"), "w").write("second")
+            open(os.path.join(tmp, a), "w").write("second")
             raise RuntimeError("crash")
-    assert (path / "a").read_text() == "first"
+    assert (path / a).read_text() == "first"
     with atomic_directory(path) as tmp:
-        open(os.path.join(tmp, "b"), "w").write("third")
-    assert os.listdir(path) == ["b"]
+        open(os.path.join(tmp, b), "w").write("third")
+    assert os.listdir(path) == [b]
     assert os.listdir(tmp_path) == ["out"]  # no temporary or old directory left behind
+    (path / "notes.txt").write_text("mine")  # not a checkpoint's: the swap would delete it
+    with pytest.raises(common.UserError, match="holds 1 entries that are not a checkpoint's \\('notes.txt', ...\\)"):
+        with atomic_directory(path) as tmp:
+            open(os.path.join(tmp, b), "w").write("fourth")
+    assert sorted(os.listdir(path)) == [b, "notes.txt"] and os.listdir(tmp_path) == ["out"]
 
 
 def test_shard_sorts_by_length_into_groups_and_keeps_every_item():

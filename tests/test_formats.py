@@ -58,6 +58,12 @@ CASES = [  # (rows, task, detected format, the first row as a stage gets it)
     ([{"input": {"messages": [{"role": "user", "content": Q}]}, "preferred_output": [{"role": "assistant", "content": "A."}],
        "non_preferred_output": [{"role": "assistant", "content": "B."}]}], "preference", "openai_preference",
      {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"prompt": Q, "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": "A."}],  # UltraFeedback
+       "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": "B."}], "score_chosen": 8.0}],
+     "preference", "preference", {"prompt": P, "chosen": " A.", "rejected": " B."}),
+    ([{"prompt": Q, "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": "A."}],
+       "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": "B."}]}], "sft", "preference",
+     {"prompt": P, "completion": " A."}),
     ([{"prompt": P}], "prompt", "prompt", {"prompt": P}),
     ([{"messages": [USER, ASSISTANT]}], "prompt", "chat", {"prompt": "Human: Hi\n\nAssistant:"}),
     ([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}], "prompt", "implicit_prompt", {"prompt": P}),
@@ -125,6 +131,10 @@ def test_bad_files_are_named_by_file_and_line(tmp_path, capsys):
     with pytest.raises(UserError, match=r"d.jsonl:1: missing field 'chosen' \(the row has \['answer', 'question'\]\); "
                                         r"reward and dpo reads"):
         preference_rows(bad)
+    bad.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n" + json.dumps({"messages": [USER, ASSISTANT]}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:2: missing field 'completion' \(the row has \['messages'\]\); the file's "
+                                        r"first row is in the prompt_completion format"):
+        prompt_completion_rows(bad)  # a row in another format than the first is named as such
     bad.write_text("[1, 2]\n")
     with pytest.raises(UserError, match=r"d.jsonl:1: expected a JSON object, got list"):
         prompt_rows(bad)

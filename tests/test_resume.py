@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import dpo
 import ppo
 import reward
@@ -139,3 +140,23 @@ def test_reward_resume_state_without_its_average_is_refused_clearly(tiny_chain, 
     path.write_text(json.dumps(state))
     with pytest.raises(reward.common.UserError, match=r"--resume: .*resume.json holds no ema model"):
         reward.main(reward.Config(resume=True, **args))
+
+
+def test_resume_refuses_a_data_file_that_changed(tiny_chain, tmp_path, monkeypatch):
+    """The arguments are checked, and so is the data: a file with rows added or removed since the run
+    began would have it go on over another shuffle (or index past the end of the new one)."""
+    data = tmp_path / "demos.jsonl"
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": " It lives in Velmor."}
+            for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = dict(init=tiny_chain["base"], data=str(data), batch_size=8, n_samples=1, device="cpu", save_every=2,
+                out_dir=str(tmp_path / "sft"))
+    interrupt_at(monkeypatch, sft, "sft_loss", 12)  # after the save of step 2
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(sft.Config(**args))
+    monkeypatch.undo()
+    assert (tmp_path / "sft" / "resume.json").exists()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    with pytest.raises(common.UserError, match=r"--resume: the training data is \{'examples': 29, 'tokens': \d+\}, but "
+                                               r"the interrupted run .* had \{'examples': 38, .*the data file changed"):
+        sft.main(sft.Config(**args, resume=True))
