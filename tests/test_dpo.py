@@ -11,6 +11,7 @@ import dpo
 import kernels
 import reward
 from common import UserError
+from data.formats import preference_rows, split_by_prompt
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
@@ -289,6 +290,18 @@ def test_ipo_learns_a_simple_preference_from_a_file(init, tmp_path):
     info = load_checkpoint(out)[1]
     assert info["args"]["data"] == str(data) and info["metrics"]["val_pairs"] == 8  # 2 of the 6 prompts, 4 pairs each
     assert info["metrics"]["val_accuracy"] == 1.0 and info["metrics"]["val_margin"] > 0
+
+
+def test_with_data_the_before_after_samples_are_held_out_prompts(init, tmp_path, monkeypatch):
+    rows = [{"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."} for w in "abcdefgh"]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sampled, real = [], dpo.complete
+    monkeypatch.setattr(dpo, "complete", lambda model, tok, prompts, *a, **k: sampled.extend(prompts) or real(model, tok, prompts, *a, **k))
+    dpo.main(dpo.Config(init=str(init), out_dir=str(tmp_path / "dpo"), data=str(data), val_fraction=0.5, n_samples=4,
+                        epochs=1, batch_size=4, device="cpu"))
+    held_out = {r["prompt"] for r in split_by_prompt(preference_rows(data), 0.5, 0)[0]}  # the split dpo.py makes
+    assert len(held_out) == 4 and sorted(sampled) == sorted(list(held_out) * 2)  # before and after
 
 
 def test_passes_without_gradients_take_micro_batches(init, tmp_path, monkeypatch):

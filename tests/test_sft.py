@@ -123,3 +123,25 @@ def test_the_validation_loss_takes_micro_batches(tiny_chain, tmp_path, monkeypat
         if micro:
             assert max(sizes) == 2
     assert val[2] == pytest.approx(val[0], rel=1e-5)
+
+
+def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp_path, monkeypatch):
+    """The samples printed before and after training answer prompts the run held out, not the file's
+    first rows (most of which it trains on): every training example's prompt is never among them."""
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": " It lives in Velmor."}
+            for i in range(8)]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sampled, trained = [], set()
+    real_complete, real_loss = sft.complete, sft.sft_loss
+    monkeypatch.setattr(sft, "complete", lambda model, tok, prompts, *a, **k: sampled.extend(prompts) or real_complete(model, tok, prompts, *a, **k))
+
+    def loss(model, x, y):  # the prompt of every training example: the tokens before its first target
+        if torch.is_grad_enabled():
+            trained.update(TOK.decode(row[:int((t != kernels.IGNORE_INDEX).int().argmax()) + 1].tolist()) for row, t in zip(x, y))
+        return real_loss(model, x, y)
+    monkeypatch.setattr(sft, "sft_loss", loss)
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.5, n_samples=4, batch_size=4, epochs=1,
+                        out_dir=str(tmp_path / "sft"), device="cpu"))
+    assert len(trained) == 4 and len(sampled) == 8  # 4 prompts, before and after
+    assert set(sampled) == {r["prompt"] for r in rows} - trained
