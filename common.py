@@ -171,8 +171,7 @@ def setup_device(device="auto", dtype="auto", training=True):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = setup_distributed(device)
     if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float16" if device.type == "cuda" and not training else "float32"
+        dtype = auto_dtype(device, training)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     if dtype == "float16" and training:
@@ -181,6 +180,17 @@ def setup_device(device="auto", dtype="auto", training=True):
     if dtype == "float32":
         return device, contextlib.nullcontext()
     return device, torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def auto_dtype(device, training=True):
+    """--dtype auto: bfloat16 on a CUDA card that computes in it (compute capability 8.0, Ampere, or
+    later; torch.cuda.is_bf16_supported() also says yes where it is only emulated, as on a V100 or a
+    T4); on older cards float32 for training and float16 for inference; float32 on a CPU."""
+    if device.type != "cuda":
+        return "float32"
+    if torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bfloat16"
+    return "float32" if training else "float16"
 
 
 def seed_everything(seed):
@@ -390,21 +400,21 @@ CHECKPOINT_FILES = {"config.json", "model.safetensors", "metrics.jsonl", "resume
 
 
 def check_out_dir(path, flag="--out_dir"):
-    """Refuse a path that writing a checkpoint there would destroy: the swap below replaces the whole
-    directory, so it must be new, empty, or a checkpoint (only the files one holds). `--out_dir out`
-    would otherwise delete out/base, out/sft, ... Stages call it first, before any training."""
-    path = os.path.normpath(path)
-    if not os.path.lexists(path):
+    """Refuse, before any work, a path that is no place for a checkpoint: a file, the working
+    directory or one above it, or a directory holding more than a checkpoint's files (`--out_dir out`
+    would mix the new checkpoint with out/base, out/sft, ...). A symbolic link counts as its target."""
+    path = os.path.realpath(path)
+    if not os.path.exists(path):
         return
-    if os.path.islink(path) or not os.path.isdir(path):  # the swap would replace a link, not where it points
-        kind = "a symbolic link" if os.path.islink(path) else "not a directory"
-        raise UserError(f"{flag} {path} exists and is {kind}: name a new directory for the checkpoint")
-    if os.path.commonpath([os.path.abspath(path), os.getcwd()]) == os.path.abspath(path):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is not a directory: name a new directory for the checkpoint")
+    if os.path.commonpath([path, os.getcwd()]) == path:
         raise UserError(f"{flag} {path} holds the working directory: name a new directory inside it")
     others = sorted(set(os.listdir(path)) - CHECKPOINT_FILES)
     if others:
-        raise UserError(f"{flag} {path} holds {len(others)} entries that are not a checkpoint's ({others[0]!r}, ...): "
-                        f"writing the checkpoint there would delete them; name a new directory")
+        raise UserError(f"{flag} {path} holds {len(others)} {'entry' if len(others) == 1 else 'entries'} that "
+                        f"{'is' if len(others) == 1 else 'are'} not a checkpoint's ({', '.join(map(repr, others[:3]))}): "
+                        f"name a new directory, or an existing checkpoint")
 
 
 @contextlib.contextmanager
@@ -412,9 +422,9 @@ def atomic_directory(path):
     """Yield a fresh temporary directory beside path; when the block succeeds, it replaces path.
     If the block raises, path is left exactly as it was. The swap is two renames: path -> old,
     tmp -> path; a crash between them (microseconds) leaves the previous version at path + '.old'.
-    A path that is not a checkpoint directory is refused first (check_out_dir): the swap would delete it."""
-    path = os.path.normpath(path)
-    check_out_dir(path, "the output directory")
+    Entries of path that a checkpoint does not write (one that came during the run: the stages
+    check_out_dir first) move into the new directory: nothing is deleted but the old checkpoint."""
+    path = os.path.realpath(path)  # a symbolic link: its target is replaced, the link stays
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -425,6 +435,8 @@ def atomic_directory(path):
         raise
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
+        for name in set(os.listdir(path)) - CHECKPOINT_FILES - set(os.listdir(tmp)):
+            os.rename(os.path.join(path, name), os.path.join(tmp, name))
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -277,7 +277,7 @@ def main(cfg):
     rng = random.Random(cfg.seed)
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
     state = common.TrainState(cfg, "dpo", optimizers={"adamw": optimizer}, rngs={"order": rng},
-                              data=common.data_summary(train))
+                              data=common.data_summary(train) if cfg.data else None)  # built in: sampled again (README)
     first, extra = state.restore(model, logger) if cfg.resume else (0, {"order": []})
     order = extra["order"]  # the rest of this epoch's shuffle
     t_last, tokens = time.time(), 0

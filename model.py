@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
-from common import UserError, atomic_directory, is_main, save_state, write_json
+from common import UserError, atomic_directory, check_out_dir, is_main, save_state, write_json
 
 
 @dataclass
@@ -529,6 +529,7 @@ def export_hf(model, out_dir, tokenizer=None):
         config["rlhf_tokenizer"] = tokenizer["tokenizer"]
         if "tokenizer_fingerprint" in tokenizer:
             config["rlhf_tokenizer_fingerprint"] = tokenizer["tokenizer_fingerprint"]
+    check_out_dir(out_dir, "the export directory")  # a directory of other files is refused, not mixed in
     with atomic_directory(out_dir) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), config)

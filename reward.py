@@ -217,7 +217,8 @@ def main(cfg):
     batches = common.batch_indices([max(len(c), len(r)) for c, r, _ in train], cfg.batch_size, random.Random(cfg.seed))
     train_model = common.DataParallel(rm)  # under torchrun: gradients averaged over processes
     state = common.TrainState(cfg, "reward", optimizers={"adamw": optimizer}, generators={"sampler": gen},
-                              models={"ema": ema} if ema is not rm else {}, data=common.data_summary(train))
+                              models={"ema": ema} if ema is not rm else {},
+                              data=common.data_summary(train) if cfg.data else None)  # built in: sampled again (README)
     first = 0
     if cfg.resume:
         first, _ = state.restore(rm, logger)

@@ -1,12 +1,12 @@
-"""The command line from a config dataclass, and atomic directory writes."""
+"""The command line from a config dataclass, atomic directory writes, and the automatic dtype."""
 
 import os
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import common
-
 from common import UserError, atomic_directory, parse_args
 
 
@@ -67,11 +67,29 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         open(os.path.join(tmp, b), "w").write("third")
     assert os.listdir(path) == [b]
     assert os.listdir(tmp_path) == ["out"]  # no temporary or old directory left behind
-    (path / "notes.txt").write_text("mine")  # not a checkpoint's: the swap would delete it
-    with pytest.raises(common.UserError, match="holds 1 entries that are not a checkpoint's \\('notes.txt', ...\\)"):
-        with atomic_directory(path) as tmp:
-            open(os.path.join(tmp, b), "w").write("fourth")
-    assert sorted(os.listdir(path)) == [b, "notes.txt"] and os.listdir(tmp_path) == ["out"]
+    (path / "notes.txt").write_text("mine")  # not a checkpoint's (it came during a run): kept, not deleted
+    with atomic_directory(path) as tmp:
+        open(os.path.join(tmp, a), "w").write("fourth")
+    assert sorted(os.listdir(path)) == [a, "notes.txt"] and (path / "notes.txt").read_text() == "mine"
+    assert os.listdir(tmp_path) == ["out"]
+    with pytest.raises(common.UserError, match="holds 1 entry that is not a checkpoint's \\('notes.txt'\\)"):
+        common.check_out_dir(path)  # which a stage refuses before any work
+    link = tmp_path / "link"  # a symbolic link the user made: its target is written, the link stays
+    (path / "notes.txt").unlink()
+    link.symlink_to(path)
+    common.check_out_dir(link)
+    with atomic_directory(link) as tmp:
+        open(os.path.join(tmp, b), "w").write("fifth")
+    assert link.is_symlink() and (path / b).read_text() == "fifth" and sorted(os.listdir(tmp_path)) == ["link", "out"]
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_card_computes_in_it(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert common.auto_dtype(cpu) == "float32" and common.auto_dtype(cpu, training=False) == "float32"
+    for capability, training, inference in [((9, 0), "bfloat16", "bfloat16"), ((8, 0), "bfloat16", "bfloat16"),
+                                            ((7, 5), "float32", "float16"), ((7, 0), "float32", "float16")]:  # T4, V100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert (common.auto_dtype(cuda), common.auto_dtype(cuda, training=False)) == (training, inference), capability
 
 
 def test_shard_sorts_by_length_into_groups_and_keeps_every_item():
