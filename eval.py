@@ -14,9 +14,12 @@ response; the table shows the mean gold score with two standard errors, its part
   standard errors of that paired difference: most answers do not change, so it is much tighter
   than the two intervals side by side.
 With a reward model it also runs best-of-n on the reference model: n samples at temperature 1, the
-one the reward model likes best kept (its KL is the analytic bound log n - (n - 1) / n).
+one the reward model likes best kept (its KL is the analytic bound log n - (n - 1) / n). The n share
+their samples (the first n of the largest n's), so each smaller n costs nothing more.
 The JSON report (--out) has the same numbers, plus correctness per question kind, on entities the
-demonstrations covered and on those they did not, and a few sample responses.
+demonstrations covered and on those they did not, and a few sample responses; "rm" holds the reward
+model's held-out accuracy against the raters' Bayes rate (from its checkpoint), and "best_of_n" the
+curve, keyed by n.
 """
 
 import math
@@ -51,7 +54,7 @@ class Config:
     """sampling temperature; 0 is greedy decoding"""
     max_new_tokens: int = 48
     """longest response"""
-    best_of: str = "1,4,16"
+    best_of: str = "1,2,4,8,16"
     """best-of-n from the reference model with the reward model, for these n (empty: none)"""
     best_of_temperature: float = 1.0
     """temperature of best-of-n's samples (compare with ppo.py at the same --temperature)"""
@@ -144,7 +147,7 @@ def evaluate(model, tok, questions, cfg, rm=None, ref=None):
     responses = complete_ids(model, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
     result = summarize(questions, [tok.decode(r) for r in responses])
     if rm is not None:
-        result["rm_score"] = sum(reward_scores(rm[0], tok, prompts, responses, rm[1].get("reward_norm"))) / len(prompts)
+        result["rm"] = sum(reward_scores(rm[0], tok, prompts, responses, rm[1].get("reward_norm"))) / len(prompts)
     if ref is not None:
         kls = response_kl(model, ref, tok, prompts, responses)
         result["kl"] = sum(kls) / len(kls)
@@ -160,12 +163,12 @@ def best_of_n(policy, tok, questions, cfg, rm, ns):
     gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(cfg.seed)
     flat = complete_ids(policy, tok, [p for p in prompts for _ in range(N)], cfg.max_new_tokens, temperature=cfg.best_of_temperature, generator=gen)
     scores = reward_scores(rm[0], tok, [p for p in prompts for _ in range(N)], flat, rm[1].get("reward_norm"))
-    curve = []
+    curve = {}
     for n in ns:
         best = [max(range(i * N, i * N + n), key=lambda j: scores[j]) for i in range(len(prompts))]
         result = summarize(questions, [tok.decode(flat[j]) for j in best])
-        result.update(n=n, rm_score=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n)
-        curve.append(result)
+        result.update(n=n, rm=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n)
+        curve[str(n)] = result
     return curve
 
 
@@ -185,7 +188,7 @@ def print_table(rows):
     for name, r in rows:
         diff, diff_se = r.get("gold_vs_reference"), r.get("gold_vs_reference_se")
         vals = [r["gold"], 2 * r["gold_se"], diff, diff_se and 2 * diff_se, r["correct"], r["answered"], r["stopped"],
-                r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm_score"), r.get("kl")]
+                r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm"), r.get("kl")]
         print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in vals))
 
 
@@ -199,6 +202,9 @@ def main(cfg):
     if not 1 <= cfg.n_prompts <= 600:
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
     questions = eval_questions()[:cfg.n_prompts]
+    ns = [int(n) for n in cfg.best_of.split(",") if n.strip().isdigit() and int(n) > 0] if cfg.best_of else []
+    if cfg.best_of and len(ns) != len(cfg.best_of.split(",")):
+        raise common.UserError(f"--best_of must be positive integers separated by commas, not {cfg.best_of!r}")
 
     def optional(path, head):  # (model, config dict), or None
         if not (path and os.path.isdir(path)):
@@ -208,6 +214,10 @@ def main(cfg):
         return model.eval(), info
     rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
     report = {"config": asdict(cfg), "n_prompts": len(questions), "results": []}
+    if rm is not None and "val_accuracy" in rm[1].get("metrics", {}):  # as reward.py measured it
+        m = rm[1]["metrics"]
+        report["rm"] = {"accuracy": m["val_accuracy"], "bayes_accuracy": m.get("bayes_accuracy"),
+                        "accuracy_over_bayes": m.get("accuracy_over_bayes"), "pairs": m["val_pairs"]}
     rows = []
     for name in names:
         model, info = load_checkpoint(name, head="lm", device=device)
@@ -222,11 +232,10 @@ def main(cfg):
         print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, correct {result['correct']:.1%}, "
               f"by kind {({k: round(v, 2) for k, v in result['correct_by_kind'].items()})}, "
               f"covered/uncovered entities {result['correct_by_coverage']}")
-    if cfg.best_of and rm is not None and ref is not None:
-        ns = [int(n) for n in cfg.best_of.split(",")]
+    if ns and rm is not None and ref is not None:
         tok = tokenizer_for(ref[1], cfg.reference)
         report["best_of_n"] = best_of_n(ref[0], tok, questions, cfg, rm, ns)
-        for r in report["best_of_n"]:
+        for r in report["best_of_n"].values():
             r["kl"] = r["kl_bound"]
             rows.append((f"{cfg.reference} best-of-{r['n']}", r))
     paired_difference(rows, cfg.reference)  # the rows share their dicts with the report

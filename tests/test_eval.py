@@ -1,6 +1,13 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
 import torch
 
 import eval as evaluation
+from common import UserError
+from data.tasks import eval_questions
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -22,3 +29,47 @@ def test_response_kl_sums_each_responses_own_positions():
         want = (logp.exp() * (logp - logq)).sum().item()
         assert abs(kl - want) < 1e-5 * max(1.0, want), (kl, want)
     assert min(got) > 0  # two different random models
+
+
+def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n(monkeypatch):
+    """Three prompts, four samples each, with rewards set by hand: best-of-n must keep, for each
+    prompt, the best scored of its first n samples, and report that sample's reward and gold."""
+    tok = get_tokenizer("builtin")
+    questions = eval_questions()[:3]
+    rewards = [[0.1, 0.5, -1.0, 2.0], [3.0, 0.0, 0.0, 4.0], [-1.0, -2.0, 1.0, 0.5]]
+    words = ["zero", "one", "two", "three"]  # sample j of each prompt answers " <words[j]>"
+    monkeypatch.setattr(evaluation, "complete_ids", lambda policy, tok, prompts, *a, **k:
+                        [tok.encode(" " + words[j % 4]) for j in range(len(prompts))])
+    monkeypatch.setattr(evaluation, "reward_scores", lambda rm, tok, prompts, responses, norm:
+                        [r for row in rewards for r in row])
+    kept = []
+    real = evaluation.summarize
+    monkeypatch.setattr(evaluation, "summarize", lambda qs, texts: kept.append(texts) or real(qs, texts))
+    cfg = evaluation.Config(best_of_temperature=1.0, max_new_tokens=4)
+    curve = evaluation.best_of_n(GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8)), tok, questions,
+                                 cfg, (None, {}), [1, 2, 4])
+    assert kept == [[" zero", " zero", " zero"], [" one", " zero", " zero"], [" three", " three", " two"]]
+    assert list(curve) == ["1", "2", "4"]
+    assert [curve[n]["rm"] for n in curve] == pytest.approx([(0.1 + 3.0 - 1.0) / 3, (0.5 + 3.0 - 1.0) / 3, (2.0 + 4.0 + 1.0) / 3])
+    assert [curve[n]["kl_bound"] for n in curve] == pytest.approx([0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4])
+    assert curve["4"]["gold"] == real(questions, kept[2])["gold"]
+
+
+def test_report_holds_the_reward_models_accuracy_and_the_best_of_n_curve(tiny_chain, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
+                                      n_prompts=8, max_new_tokens=8, best_of="1,2", out=str(out), device="cpu"))
+    report = json.loads(out.read_text())
+    metrics = json.loads((Path(tiny_chain["rm"]) / "config.json").read_text())["metrics"]
+    assert report["rm"] == {"accuracy": metrics["val_accuracy"], "bayes_accuracy": metrics["bayes_accuracy"],
+                            "accuracy_over_bayes": metrics["accuracy_over_bayes"], "pairs": metrics["val_pairs"]}
+    assert list(report["best_of_n"]) == ["1", "2"]
+    assert report["best_of_n"]["2"]["rm"] >= report["best_of_n"]["1"]["rm"]  # the best of two includes the first
+    assert isinstance(report["results"][0]["rm"], float)
+
+
+@pytest.mark.parametrize("best_of", ["1,x", "0,4", "4,"])
+def test_a_bad_best_of_is_refused_in_one_line(best_of, tiny_chain, tmp_path):
+    with pytest.raises(UserError, match=f"--best_of must be positive integers separated by commas, not '{best_of}'"):
+        evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
+                                          n_prompts=2, max_new_tokens=4, best_of=best_of, out=str(tmp_path / "e.json"), device="cpu"))

@@ -63,8 +63,9 @@ def test_eval_report_schema(base, sft_ckpt, tmp_path):
         assert 0 <= r["correct"] <= r["answered"] <= 1
         assert set(r["correct_by_kind"]) == {"town", "food", "color", "age", "sum", "difference", "compare", "future_age"}
         assert set(r["correct_by_coverage"]) == {"covered", "uncovered"} and sum(r["n_by_coverage"].values()) <= 24
-        assert r["kl"] >= 0 and "rm_score" not in r
+        assert r["kl"] >= 0 and "rm" not in r
         assert len(r["samples"]) == 8 and set(r["samples"][0]) == {"prompt", "response"}
+    assert "rm" not in report and "best_of_n" not in report  # no reward model given
     assert report["results"][1]["kl"] < 1e-4  # the reference itself
     base_r, sft_r = report["results"]
     assert sft_r["gold_vs_reference"] == 0 and sft_r["gold_vs_reference_se"] == 0
