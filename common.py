@@ -378,13 +378,14 @@ class Logger:
         self.rows = []
         self.t0 = time.time()
 
-    def log(self, **metrics):
-        """Print `key value | key value ...` (rank 0's stdout only, under torchrun) and keep the row
-        (written into the checkpoint)."""
+    def log(self, echo=True, **metrics):
+        """Keep the row (written into the checkpoint's metrics.jsonl) and, if echo, print it as
+        `key value | key value ...` (rank 0's stdout only, under torchrun)."""
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
         row["elapsed"] = round(time.time() - self.t0, 2)
         self.rows.append(row)
-        print(" | ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
+        if echo:
+            print(" | ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
 
 
 def fmt(v):

@@ -94,7 +94,7 @@ class Config(Raters, common.Padded):  # the raters' biases are flags too, with r
     grad_clip: float = 1.0
     """clip the gradient norm to this (0: off)"""
     log_every: int = 10
-    """steps between log lines"""
+    """steps between printed log lines (metrics.jsonl has every step's)"""
     eval_every: int = 100
     """steps between evaluations of the held-out pairs (each logged with its step, as are the first and the last)"""
     n_samples: int = 4
@@ -296,15 +296,15 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(len(c[0]) + len(r[0]) for c, r in (train[i] for i in idx))
 
+        # every step's numbers go to metrics.jsonl (the fall of the chosen log-prob is a trend over
+        # steps); one line in log_every is printed, and every step that evaluates the held-out pairs
         evaluating = step % cfg.eval_every == 0 or step == steps - 1
-        if step % cfg.log_every == 0 or evaluating:
-            dt, t_last = time.time() - t_last, time.time()
-            row = dict(step=step, loss=loss.item(), **stats, lr=lr_at(step), tok_per_s=round(tokens / dt))
-            tokens = 0
-            if evaluating:
-                held_out = evaluate()  # (scores, margins); the last step's is the trained model's
-                row.update(held_out[0])
-            logger.log(**row)
+        row = dict(step=step, loss=loss.item(), **stats, lr=lr_at(step), tok_per_s=round(tokens / (time.time() - t_last)))
+        if evaluating:
+            held_out = evaluate()  # (scores, margins); the last step's is the trained model's
+            row.update(held_out[0])
+        logger.log(echo=step % cfg.log_every == 0 or evaluating, **row)
+        t_last, tokens = time.time(), 0
         if state.due(step, steps):
             save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows,
                             resume=state.capture(step + 1, order=order))

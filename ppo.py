@@ -22,7 +22,9 @@ rank), advantages are whitened and diagnostics averaged over every process's res
 gradient step averages the processes' minibatch gradients (DDP): a minibatch's mean is over its
 own tokens on each process, so with N > 1 the tokens weigh slightly differently than alone.
 A minibatch whose importance ratio exceeds --max_ratio (or is not finite) takes no step: it is
-counted in the log (skipped) instead of pulling the policy off a cliff.
+counted in the log (skipped) instead of pulling the policy off a cliff. The log's first_ratio is the
+token ratio farthest from 1 in the iteration's first minibatch: the policy has not moved yet, so it
+must be 1 (a recomputation that differs from the rollout's, a temperature or mask mistake, shows).
 `--reward gold --value out/rm` scores the rollouts with the built-in task's judge (eval.py's gold
 score) instead of the reward model: an oracle with no errors to exploit, which separates what PPO
 does from what the reward model lets it do. The gold score's spread on SFT's samples is about 0.42,
@@ -373,7 +375,7 @@ def main(cfg):
             advantages = whiten(advantages, mask)  # one scale for every batch: stable step sizes
 
         # 5. learn: several epochs of minibatches over this batch ---------------------------------
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max")}
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_far")}
         B, skipped = seqs.size(0), 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
@@ -409,6 +411,8 @@ def main(cfg):
                     stats["clipfrac"].append(clipfrac.item())
                     stats["ratio_mean"].append(masked_mean(ratio, mb_mask).item())
                     stats["ratio_max"].append(ratio_max.item())  # already the largest over processes
+                    off = torch.where(mb_mask > 0, ratio.detach() - 1, 0).flatten()
+                    stats["ratio_far"].append(1 + off[off.abs().argmax()].item())  # the token ratio farthest from 1
 
         # diagnostics -----------------------------------------------------------------------------
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -420,7 +424,7 @@ def main(cfg):
             approx_kl=avg["approx_kl"], clipfrac=avg["clipfrac"], pg_loss=avg["pg_loss"], vf_loss=avg["vf_loss"],
             explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"], ratio_max=max(stats["ratio_max"]),
             length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
-            kl_coef=kl_ctl.value, first_ratio=stats["ratio_mean"][0], skipped=skipped)
+            kl_coef=kl_ctl.value, first_ratio=stats["ratio_far"][0], skipped=skipped)
         if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
             row["gold"] = sum(gold) / len(gold)
         for k, v in row.items():  # every process's share counts the same: the mean of their means

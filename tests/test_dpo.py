@@ -268,15 +268,20 @@ def test_dpo_on_built_in_pairs_end_to_end(init, tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), model.state_dict().values()))
 
 
-def test_held_out_evaluations_are_logged_on_their_own_grid(init, tmp_path):
-    """--eval_every need not be a multiple of --log_every: an evaluation step gets a log line too."""
+def test_every_step_is_logged_and_evaluations_are_printed_on_their_own_grid(init, tmp_path, capsys):
+    """The issue: loss, accuracy, margin, rewards and log-probs logged every step (metrics.jsonl);
+    --log_every thins the printed lines only, and --eval_every need not be a multiple of it: an
+    evaluation step is printed too."""
     out = tmp_path / "dpo"
     dpo.main(dpo.Config(init=str(init), out_dir=str(out), n_prompts=8, pairs_per_prompt=4, sft_samples=0, batch_size=8,
                         epochs=2, log_every=3, eval_every=4, n_samples=1, device="cpu"))
     steps = load_checkpoint(out)[1]["metrics"]["steps"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    grid = {s for s in range(steps) if s % 3 == 0 or s % 4 == 0} | {steps - 1}
-    assert steps > 4 and [r["step"] for r in rows] == sorted(grid)
+    assert steps > 4 and [r["step"] for r in rows] == list(range(steps))
+    keys = {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen", "logp_rejected"}
+    assert all(keys <= set(r) for r in rows)
+    printed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == sorted({s for s in range(steps) if s % 3 == 0 or s % 4 == 0} | {steps - 1})
     assert [r["step"] for r in rows if "val_accuracy" in r] == sorted({s for s in range(0, steps, 4)} | {steps - 1})
 
 
