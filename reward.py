@@ -26,7 +26,9 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 
 import copy
 import itertools
+import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -57,6 +59,8 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     """rated pairs per prompt"""
     sft_samples: int = 2
     """samples from the init model per prompt, added to the scripted candidates (as InstructGPT did)"""
+    pairs_out: str = ""
+    """write the pairs as JSONL here ({"prompt", "chosen", "rejected"}, and the raters' p_chosen and kind), for --data of any stage"""
     val_fraction: float = 0.1
     """share of the prompts whose pairs are held out for accuracy"""
     epochs: float = 2.0
@@ -150,6 +154,11 @@ def main(cfg):
     else:  # candidates: the scripted styles plus the SFT model's own answers
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
                                 model_sampler(sft, tok, cfg.sft_samples, gen))
+    if cfg.pairs_out and common.is_main():  # the very pairs trained on and held out, in the file format every stage reads
+        with open(cfg.pairs_out + ".tmp", "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
+        os.replace(cfg.pairs_out + ".tmp", cfg.pairs_out)
+        print(f"wrote the {len(rows)} pairs to {cfg.pairs_out}")
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     train, train_rows, report = encode_pairs(tok, train_rows, sft.config.block_size)
     print(f"training pairs: {report}")

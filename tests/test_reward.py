@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import eval as evaluation
+import dpo
 import reward
 from common import UserError
+from data.formats import preference_rows
 from data.raters import Raters, accuracy_report, bayes_accuracy, candidates, label_pairs, preference_pairs
 from data.tasks import make_question, respond
 from data.tokenizer import EOT, get_tokenizer
@@ -228,3 +230,24 @@ def test_lm_coef_adds_the_lm_loss_to_the_logged_loss(tiny_chain, tmp_path):
     first = json.loads((tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()[0])
     # step 0: the head is small and random, so the Bradley-Terry part is about log 2; the rest is the lm loss
     assert first["lm_loss"] > 1 and 0.6 < first["loss"] - first["lm_loss"] < 0.8
+
+
+def test_pairs_out_writes_the_pairs_it_trains_on_for_any_stages_data(tiny_chain, tmp_path):
+    """--pairs_out: the built-in rated pairs, the SFT model's samples among them, as a JSONL file that
+    reads back (as --data) to the same rows, so that the run learns from the same pairs and holds out
+    the same ones, and that dpo.py reads too."""
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, norm_prompts=8, batch_size=8,
+                epochs=1, log_every=50, device="cpu")
+    pairs = tmp_path / "pairs.jsonl"
+    reward.main(reward.Config(out_dir=str(tmp_path / "rm"), pairs_out=str(pairs), **args))
+    rows = preference_rows(pairs)
+    assert len(rows) == 40 and all(set(json.loads(line)) == {"prompt", "chosen", "rejected", "p_chosen", "kind"}
+                                   for line in pairs.read_text().splitlines())
+    assert any("sft" in json.loads(line)["kind"] for line in pairs.read_text().splitlines())  # the model's own samples
+    reward.main(reward.Config(out_dir=str(tmp_path / "rm_file"), data=str(pairs), **args))
+    built_in, from_file = (load_checkpoint(tmp_path / d, head="scalar")[1]["metrics"] for d in ("rm", "rm_file"))
+    assert (from_file["train_pairs"], from_file["val_pairs"]) == (built_in["train_pairs"], built_in["val_pairs"])
+    assert from_file["val_accuracy"] == built_in["val_accuracy"]
+    dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "dpo"), data=str(pairs), batch_size=8, epochs=1,
+                        n_samples=1, device="cpu"))
+    assert load_checkpoint(tmp_path / "dpo")[1]["metrics"]["val_pairs"] == built_in["val_pairs"]
