@@ -304,10 +304,10 @@ def main(cfg):
             held_out = evaluate()  # (scores, margins); the last step's is the trained model's
             row.update(held_out[0])
         logger.log(echo=step % cfg.log_every == 0 or evaluating, **row)
-        t_last, tokens = time.time(), 0
         if state.due(step, steps):
             save_checkpoint(cfg.out_dir, model, meta({"steps_done": step + 1}), logger.rows,
                             resume=state.capture(step + 1, order=order))
+        t_last, tokens = time.time(), 0  # tok_per_s: the training step alone, without evaluation or saving
 
     after = complete(model, tok, sample_prompts, 32, temperature=0)
     print("held-out prompts, before -> after DPO:")

@@ -202,8 +202,11 @@ def main(cfg):
     if not 1 <= cfg.n_prompts <= 600:
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
     questions = eval_questions()[:cfg.n_prompts]
-    ns = [int(n) for n in cfg.best_of.split(",") if n.strip().isdigit() and int(n) > 0] if cfg.best_of else []
-    if cfg.best_of and len(ns) != len(cfg.best_of.split(",")):
+    try:
+        ns = [int(n) for n in cfg.best_of.split(",")] if cfg.best_of else []
+    except ValueError:
+        ns = [0]
+    if min(ns, default=1) < 1:
         raise common.UserError(f"--best_of must be positive integers separated by commas, not {cfg.best_of!r}")
 
     def optional(path, head):  # (model, config dict), or None

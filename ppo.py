@@ -197,6 +197,14 @@ def value_loss(values, old_values, returns, mask, clip_range):
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
+def farthest_from_one(ratio, mask):
+    """The importance ratio farthest from 1 among the masked tokens of every process: on the first
+    minibatch of an iteration it must be exactly 1. (A mean would let errors of both signs cancel.)"""
+    ratio = torch.where(mask > 0, ratio.detach().float(), 1.0)
+    hi, lo = common.all_reduce(ratio.max(), "max"), -common.all_reduce(-ratio.min(), "max")
+    return (hi if hi - 1 >= 1 - lo else lo).item()
+
+
 class AdaptiveKLController:
     """Ziegler et al. 2019: nudge the coefficient so that the KL tracks a target."""
 
@@ -375,7 +383,7 @@ def main(cfg):
             advantages = whiten(advantages, mask)  # one scale for every batch: stable step sizes
 
         # 5. learn: several epochs of minibatches over this batch ---------------------------------
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_far")}
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_max")}
         B, skipped = seqs.size(0), 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
@@ -411,8 +419,8 @@ def main(cfg):
                     stats["clipfrac"].append(clipfrac.item())
                     stats["ratio_mean"].append(masked_mean(ratio, mb_mask).item())
                     stats["ratio_max"].append(ratio_max.item())  # already the largest over processes
-                    off = torch.where(mb_mask > 0, ratio.detach() - 1, 0).flatten()
-                    stats["ratio_far"].append(1 + off[off.abs().argmax()].item())  # the token ratio farthest from 1
+                    if epoch == 0 and i == 0:  # the policy has not moved yet: every token's ratio is 1
+                        first_ratio = farthest_from_one(ratio, mb_mask)
 
         # diagnostics -----------------------------------------------------------------------------
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -424,13 +432,13 @@ def main(cfg):
             approx_kl=avg["approx_kl"], clipfrac=avg["clipfrac"], pg_loss=avg["pg_loss"], vf_loss=avg["vf_loss"],
             explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"], ratio_max=max(stats["ratio_max"]),
             length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
-            kl_coef=kl_ctl.value, first_ratio=stats["ratio_far"][0], skipped=skipped)
+            kl_coef=kl_ctl.value, first_ratio=first_ratio, skipped=skipped)
         if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
             row["gold"] = sum(gold) / len(gold)
         for k, v in row.items():  # every process's share counts the same: the mean of their means
             if k == "ratio_max":
                 row[k] = common.all_reduce(v, "max")  # already the largest over processes
-            elif not isinstance(v, int) and k != "kl_coef":
+            elif not isinstance(v, int) and k not in ("kl_coef", "first_ratio"):  # those two: already global
                 row[k] = common.all_reduce(v) / common.world_size()
         logger.log(**row)
         if cfg.adaptive_kl:  # after the log line, which shows the coefficient these rewards were shaped with

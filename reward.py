@@ -135,6 +135,8 @@ def main(cfg):
         raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.norm_prompts < 2:  # the normalisation divides by the spread of their responses' scores
         raise common.UserError(f"--norm_prompts must be at least 2, got {cfg.norm_prompts}")
+    if cfg.pairs_out and os.path.isdir(cfg.pairs_out):
+        raise common.UserError(f"--pairs_out {cfg.pairs_out} is a directory: name the .jsonl file to write")
     common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
@@ -155,6 +157,7 @@ def main(cfg):
         rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
                                 model_sampler(sft, tok, cfg.sft_samples, gen))
     if cfg.pairs_out and common.is_main():  # the very pairs trained on and held out, in the file format every stage reads
+        os.makedirs(os.path.dirname(cfg.pairs_out) or ".", exist_ok=True)
         with open(cfg.pairs_out + ".tmp", "w") as f:
             f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
         os.replace(cfg.pairs_out + ".tmp", cfg.pairs_out)

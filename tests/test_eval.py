@@ -68,7 +68,7 @@ def test_report_holds_the_reward_models_accuracy_and_the_best_of_n_curve(tiny_ch
     assert isinstance(report["results"][0]["rm"], float)
 
 
-@pytest.mark.parametrize("best_of", ["1,x", "0,4", "4,"])
+@pytest.mark.parametrize("best_of", ["1,x", "0,4", "4,", "\u00b2"])
 def test_a_bad_best_of_is_refused_in_one_line(best_of, tiny_chain, tmp_path):
     with pytest.raises(UserError, match=f"--best_of must be positive integers separated by commas, not '{best_of}'"):
         evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],

@@ -102,6 +102,14 @@ def test_clipped_value_loss_by_hand():
     assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 4.0) / 3)
 
 
+def test_first_ratio_is_the_token_ratio_farthest_from_one():
+    """Not a mean: 1.2 and 0.8 average to 1, and the on-policy check would pass on a broken batch."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert ppo.farthest_from_one(torch.tensor([[1.2, 0.8, 5.0]]), mask) == pytest.approx(1.2)  # 5.0 is padding
+    assert ppo.farthest_from_one(torch.tensor([[1.2, 0.7, 5.0]]), mask) == pytest.approx(0.7)
+    assert ppo.farthest_from_one(torch.ones(2, 3), torch.ones(2, 3)) == 1.0
+
+
 def test_adaptive_kl_controller():
     ctl = ppo.AdaptiveKLController(0.1, target=2.0, horizon=1000)
     ctl.update(kl=4.0, n_responses=100)  # error clipped to +0.2

@@ -251,3 +251,13 @@ def test_pairs_out_writes_the_pairs_it_trains_on_for_any_stages_data(tiny_chain,
     dpo.main(dpo.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "dpo"), data=str(pairs), batch_size=8, epochs=1,
                         n_samples=1, device="cpu"))
     assert load_checkpoint(tmp_path / "dpo")[1]["metrics"]["val_pairs"] == built_in["val_pairs"]
+
+
+def test_pairs_out_makes_its_directory_and_refuses_a_directory(tiny_chain, tmp_path):
+    with pytest.raises(UserError, match=f"--pairs_out {tmp_path} is a directory: name the .jsonl file to write"):
+        reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(tmp_path), device="cpu"))
+    assert not (tmp_path / "rm").exists()
+    pairs = tmp_path / "new" / "dir" / "pairs.jsonl"
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(pairs), n_prompts=12,
+                              pairs_per_prompt=2, sft_samples=0, norm_prompts=4, batch_size=4, epochs=1, device="cpu"))
+    assert len(pairs.read_text().splitlines()) == 24
