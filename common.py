@@ -168,6 +168,8 @@ def setup_device(device="auto", dtype="auto", training=True):
         raise UserError(f"--device {device!r} is not a device: auto, cpu, cuda, cuda:1, ... ({e})") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can use")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device: it must be this one (cuda:1 alone)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = setup_distributed(device)
     if dtype == "auto":
@@ -248,6 +250,16 @@ def all_gather(t):
     out = [torch.empty_like(t, device=on) for _ in range(world_size())]
     dist.all_gather(out, t.to(on))
     return [o.to(t.device) for o in out]
+
+
+def check_same_everywhere(values, what):
+    """Raise on every process at once if these numbers differ between processes: data that each
+    process makes for itself (the built-in pairs, sampled on each GPU) must come out the same, or a
+    later collective would wait forever for a process with fewer steps."""
+    everyone = all_gather(torch.tensor([float(v) for v in values], dtype=torch.float64))
+    if any(not torch.equal(t, everyone[0]) for t in everyone):
+        raise UserError(f"{what} differ between processes ({', '.join(str(t.tolist()) for t in everyone)}): their sampling "
+                        f"is not deterministic on this machine; pass the pairs as a file (reward.py --pairs_out, then --data)")
 
 
 def check_batch(batch_size, micro_batch_size, what="--batch_size"):

@@ -398,7 +398,8 @@ def main(cfg):
                 pg_loss.backward()  # on every process even when skipped below: DDP's all-reduce needs them all
                 vf_loss.backward()
                 # an exploding ratio (the policy moved far from the rollout's) would take a huge step: skip it
-                ratio_max = common.all_reduce(torch.where(mb_mask > 0, ratio.detach(), 0).max().float(), "max")
+                ratio_max = torch.where(mb_mask > 0, ratio.detach(), 0).max().float()
+                ratio_max = common.all_reduce(ratio_max.nan_to_num(nan=float("inf"), posinf=float("inf")), "max")  # NCCL may drop a NaN
                 skip = not ratio_max.isfinite() or ratio_max > cfg.max_ratio
                 if skip:
                     skipped += 1

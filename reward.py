@@ -154,8 +154,10 @@ def main(cfg):
     if cfg.data:
         rows = preference_rows(cfg.data)
     else:  # candidates: the scripted styles plus the SFT model's own answers
-        rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
-                                model_sampler(sft, tok, cfg.sft_samples, gen))
+        with autocast:
+            rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
+                                    model_sampler(sft, tok, cfg.sft_samples, gen))
+        common.check_same_everywhere([len(rows), sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)], "the built-in pairs")
     if cfg.pairs_out and common.is_main():  # the very pairs trained on and held out, in the file format every stage reads
         os.makedirs(os.path.dirname(cfg.pairs_out) or ".", exist_ok=True)
         with open(cfg.pairs_out + ".tmp", "w") as f:
@@ -279,7 +281,8 @@ def main(cfg):
     # cache), which draws other samples of the same distribution. The built-in prompts are short:
     # their samples, and so the gain and bias, never depend on that flag.
     sample_batch = cfg.micro_batch_size if cfg.data and cfg.micro_batch_size else 256
-    responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
+    with autocast:
+        responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])

@@ -209,6 +209,14 @@ def test_device_and_dtype_are_checked():
             common.setup_device("cuda")
     with pytest.raises(common.UserError, match="--dtype float16: training in float16 needs loss scaling"):
         common.setup_device("cpu", "float16")
+    calls = []  # a second GPU, alone: it becomes the current device, where Triton launches its kernels
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 2)
+        m.setattr(torch.cuda, "set_device", lambda d: calls.append(str(d)))
+        assert str(common.setup_device("cuda:1", "float32")[0]) == "cuda:1" and calls == ["cuda:1"]
+        with pytest.raises(common.UserError, match="--device cuda:2: this machine has 2 CUDA device"):
+            common.setup_device("cuda:2")
     device, autocast = common.setup_device("cpu", "float16", training=False)  # inference may
     assert device.type == "cpu" and autocast.fast_dtype == torch.float16
     assert isinstance(common.setup_device("cpu", "auto")[1], contextlib.nullcontext)

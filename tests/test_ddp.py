@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import common
 import dpo
 import reward
 import sft
@@ -86,3 +88,28 @@ def test_ppo_runs_two_iterations_on_two_processes(tiny_chain, tmp_path):
     info = json.loads((tmp_path / "ppo" / "config.json").read_text())
     assert info["stage"] == "ppo" and info["metrics"]["kl_coef"] == 0.2
     assert sorted(os.listdir(tmp_path)) == ["ppo"]
+
+
+def _divergent(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        common.check_same_everywhere([10, 20], "the same numbers")  # passes
+        common.check_same_everywhere([10 + rank, 20], "the built-in pairs")
+    except common.UserError as e:
+        with open(f"{path}.{rank}", "w") as f:
+            f.write(str(e))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_that_differs_between_processes_stops_every_process(tmp_path):
+    """Each process samples the built-in pairs for itself: if they came out different (nondeterministic
+    GPU sampling), every process must stop with the same error, not wait on a collective forever."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_divergent, args=(2, port, str(tmp_path / "err")), nprocs=2)
+    errors = [(tmp_path / f"err.{r}").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith("the built-in pairs differ between processes ([10.0, 20.0], [11.0, 20.0])")
