@@ -129,6 +129,12 @@ def response_mask(responses, eos_id):
     return length, has_eos, (torch.arange(R, device=responses.device)[None] < length[:, None]).float()
 
 
+def last_token_values(values, P, length):
+    """values (B, P + R) read at each response's last token, position P - 1 + length: its EOS, or the
+    last token of a response cut at max_new_tokens. It is where the reward model scores the text."""
+    return values.gather(1, (P - 1 + length)[:, None]).squeeze(1)
+
+
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -370,7 +376,7 @@ def main(cfg):
             if oracle:
                 raw_scores = torch.tensor(gold, device=device)
             else:
-                raw_scores = rm_values.gather(1, (P - 1 + length)[:, None]).squeeze(1)  # read at the last token
+                raw_scores = last_token_values(rm_values, P, length)
             scores = norm["gain"] * raw_scores + norm["bias"]
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()  # a response must end
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask

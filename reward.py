@@ -123,6 +123,16 @@ def rewards(rm, seqs, pad_id, device, lm_prompts=()):
     return (r, lm_loss) if lm_prompts else r
 
 
+def normalisation(scores):
+    """{"gain", "bias"} that take these rewards (of the SFT model's own responses) to mean 0 and std 1:
+    PPO reads gain * r + bias, so that its KL coefficient keeps one meaning whatever the scale."""
+    mean, std = scores.mean().item(), scores.std().item()
+    if not 0 < std < math.inf:  # before anything is written: PPO would take a NaN or infinite gain from config.json
+        raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} ± {std:.4g}: "
+                               f"the reward cannot be scaled to std 1 (a reward model that scores everything alike: more --norm_prompts?)")
+    return {"gain": 1 / std, "bias": -mean / std}
+
+
 def bradley_terry_loss(r_chosen, r_rejected):
     """-log P(chosen > rejected) under Bradley-Terry: the negative log-likelihood of the labels."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
@@ -286,11 +296,8 @@ def main(cfg):
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])
-    mean, std = scores.mean().item(), scores.std().item()
-    if not 0 < std < math.inf:  # before anything is written: PPO would take a NaN or infinite gain from config.json
-        raise common.UserError(f"the {len(scores)} SFT responses that normalise the reward score {mean:.4g} ± {std:.4g}: "
-                               f"the reward cannot be scaled to std 1 (a reward model that scores everything alike: more --norm_prompts?)")
-    metrics["reward_norm"] = {"gain": 1 / std, "bias": -mean / std}
+    metrics["reward_norm"] = norm = normalisation(scores)
+    mean, std = -norm["bias"] / norm["gain"], 1 / norm["gain"]
     metrics["wall_s"] = round(time.time() - logger.t0, 1)
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (
         f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")

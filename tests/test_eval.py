@@ -73,3 +73,12 @@ def test_a_bad_best_of_is_refused_in_one_line(best_of, tiny_chain, tmp_path):
     with pytest.raises(UserError, match=f"--best_of must be positive integers separated by commas, not '{best_of}'"):
         evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
                                           n_prompts=2, max_new_tokens=4, best_of=best_of, out=str(tmp_path / "e.json"), device="cpu"))
+
+
+def test_paired_difference_by_hand():
+    rows = [("a", {"gold_scores": [1.0, 0.0, 1.0]}), ("ref", {"gold_scores": [0.0, 0.0, 0.5]})]
+    evaluation.paired_difference(rows, "ref")
+    a, ref = rows[0][1], rows[1][1]
+    # differences 1, 0, 0.5: mean 0.5, sample variance 0.25, standard error sqrt(0.25 / 3)
+    assert a["gold_vs_reference"] == pytest.approx(0.5) and a["gold_vs_reference_se"] == pytest.approx(math.sqrt(0.25 / 3))
+    assert ref["gold_vs_reference"] == 0 and ref["gold_vs_reference_se"] == 0

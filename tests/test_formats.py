@@ -101,6 +101,13 @@ def test_hh_transcripts_that_part_early(tmp_path):
         (f"{path}:4", "chosen and rejected are the same")]
 
 
+def test_transcripts_that_share_their_first_turns_split_at_the_last_shared_assistant():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: And the suho?\n\nAssistant: It lives in Velmor."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: And the suho?\n\nAssistant: No idea."
+    assert split_transcripts(chosen, rejected) == (
+        "Human: Hi\n\nAssistant: Hello.\n\nHuman: And the suho?\n\nAssistant:", " It lives in Velmor.", " No idea.")
+
+
 def test_long_transcripts_split_at_c_speed():
     """HH-RLHF's 160k rows share prompts of about a thousand characters: a Python loop over the
     characters (2 s here for 10 rows of a million) made startup take minutes; now it is slice

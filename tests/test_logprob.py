@@ -306,3 +306,16 @@ def test_cuda_bf16_realistic():
     torch.testing.assert_close(out, out32, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_the_cpu_references_divide_by_the_temperature(temperature):
+    """The PyTorch references are what every CPU run uses (PPO's log-probs at its temperature among
+    them): checked on their own against float64, not only through the kernels' dispatch."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 7, 300) * 3, random_targets((5, 7), 300)
+    torch.testing.assert_close(logprob.token_logprobs_ref(logits, targets, temperature).double(),
+                               logprobs64(logits.double(), targets, temperature), rtol=1e-5, atol=1e-5)
+    hidden, weight = torch.randn(5, 7, 16), torch.randn(300, 16) * 0.5
+    torch.testing.assert_close(logprob.fused_linear_logprobs_ref(hidden, weight, targets, temperature).double(),
+                               logprobs64(hidden.double() @ weight.double().t(), targets, temperature), rtol=1e-5, atol=1e-5)

@@ -210,6 +210,8 @@ def test_sample_filters():
     assert set(sample(logits, top_k=2, generator=gen).tolist()) == {0, 1}
     assert set(sample(logits, top_p=0.8, generator=gen).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
     assert set(sample(logits, top_p=0.81, generator=gen).tolist()) == {0, 1, 2}
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).expand(4000, 4)  # 0.5 + 0.25 is 0.75 exactly
+    assert set(sample(exact, top_p=0.75, generator=gen).tolist()) == {0, 1}  # reaching top_p is enough
     freq = torch.bincount(sample(logits, generator=gen), minlength=4) / 4000
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
     hot = torch.bincount(sample(logits, temperature=2.0, generator=gen), minlength=4) / 4000

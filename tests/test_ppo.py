@@ -93,6 +93,55 @@ def test_clipped_policy_loss_by_hand():
     torch.testing.assert_close(ratio, torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
 
 
+def test_a_ratio_exactly_at_the_clip_range_is_not_clipped():
+    x = torch.randn(2, 5)
+    _, ratio, clipfrac = ppo.policy_loss(x, x, torch.randn(2, 5), torch.ones(2, 5), clip_range=0.0)
+    assert (ratio == 1).all() and clipfrac.item() == 0  # on-policy: |r - 1| = 0 is not above a range of 0
+
+
+def test_the_reward_is_read_at_each_responses_last_token():
+    P, R = 3, 4
+    values = torch.arange(2 * (P + R), dtype=torch.float32).view(2, P + R)  # each entry its own flat index
+    length = torch.tensor([1, 4])  # an EOS alone; a response cut at max_new_tokens
+    assert ppo.last_token_values(values, P, length).tolist() == [P - 1 + 1, (P + R) + P - 1 + 4]
+
+
+def test_score_rollouts_at_a_temperature_by_hand():
+    """Every number score_rollouts returns, at T = 0.7, against the formulas: log-probs, KL and
+    entropy of softmax(logits / T) at the positions that predict the response, values before each
+    response token, the reward model's values everywhere."""
+    from model import GPTConfig, left_pad
+    lm, scalar = (GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, head=h) for h in ("lm", "scalar"))
+    torch.manual_seed(0)
+    policy, ref, value, rm = GPT(lm).eval(), GPT(lm).eval(), GPT(scalar).eval(), GPT(scalar).eval()
+    idx, start = left_pad([[1, 2, 3], [4, 5]], 0)
+    seqs = torch.cat([idx, torch.randint(1, 50, (2, 5))], 1)
+    P, T = idx.size(1), 0.7
+    with torch.no_grad():
+        logprobs, ref_logprobs, kl, entropy, values, rm_values = ppo.score_rollouts(policy, ref, value, rm, seqs, start, P, T)
+        logp = (policy(seqs, start=start)[0][:, P - 1:-1] / T).double().log_softmax(-1)
+        logq = (ref(seqs, start=start)[0][:, P - 1:-1] / T).double().log_softmax(-1)
+        want_values = value(seqs, start=start)[0][:, P - 1:-1]
+        want_rm = rm(seqs, start=start)[0]
+    target = seqs[:, P:, None]
+    torch.testing.assert_close(logprobs.double(), logp.gather(-1, target).squeeze(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_logprobs.double(), logq.gather(-1, target).squeeze(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, want_values)
+    torch.testing.assert_close(rm_values, want_rm)
+
+
+def test_ppo_at_a_temperature_is_on_policy(tiny_chain, tmp_path):
+    """The learning phase recomputes the log-probs at the sampling temperature, as scoring does:
+    at T = 0.7 the first minibatch's ratios are still exactly 1."""
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), iterations=1, rollout_batch=4,
+                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, warmup_iterations=1, temperature=0.7, device="cpu"))
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_clipped_value_loss_by_hand():
     old = torch.tensor([[0.0, 0.0, 1.0]])
     new = torch.tensor([[0.5, 0.1, 1.0]])

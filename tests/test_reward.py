@@ -261,3 +261,31 @@ def test_pairs_out_makes_its_directory_and_refuses_a_directory(tiny_chain, tmp_p
     reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(pairs), n_prompts=12,
                               pairs_per_prompt=2, sft_samples=0, norm_prompts=4, batch_size=4, epochs=1, device="cpu"))
     assert len(pairs.read_text().splitlines()) == 24
+
+
+def test_normalisation_takes_the_sft_responses_to_mean_0_and_std_1():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    norm = reward.normalisation(scores)
+    std = math.sqrt(5 / 3)  # the sample standard deviation of 1, 2, 3, 4
+    assert norm["gain"] == pytest.approx(1 / std) and norm["bias"] == pytest.approx(-2.5 / std)
+    scaled = norm["gain"] * scores + norm["bias"]
+    assert scaled.mean().item() == pytest.approx(0, abs=1e-6) and scaled.std().item() == pytest.approx(1)
+    with pytest.raises(UserError, match="the reward cannot be scaled to std 1"):
+        reward.normalisation(torch.full((4,), 0.3))
+
+
+def test_the_saved_reward_model_is_the_moving_average_of_the_trained_one(tiny_chain, tmp_path):
+    """One step, then the average: its decay starts at min(ema, 1 / 10) = 0.1, so the saved weights are
+    0.1 x the initial model + 0.9 x the trained one (the run with --ema 0 saves the trained one)."""
+    from safetensors.torch import load_file
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=0, norm_prompts=4, batch_size=8,
+                epochs=0.01, device="cpu")  # a single step
+    reward.main(reward.Config(out_dir=str(tmp_path / "avg"), ema=0.99, **args))
+    reward.main(reward.Config(out_dir=str(tmp_path / "last"), ema=0.0, **args))
+    sft_model = load_checkpoint(tiny_chain["sft"], head="lm")[0]
+    torch.manual_seed(0)  # as reward.py seeds its head
+    init = reward.scalar_model(sft_model).state_dict()
+    avg, last = (load_file(tmp_path / d / "model.safetensors") for d in ("avg", "last"))
+    assert not torch.equal(avg["score.weight"], last["score.weight"])
+    for k in avg:
+        torch.testing.assert_close(avg[k], 0.1 * init[k] + 0.9 * last[k], rtol=1e-5, atol=1e-6)
