@@ -26,6 +26,7 @@ def test_both_spellings_and_types():
     args = parse_args(Args, ["--lr", "0.5", "--steps=3", "--name", "x=y", "--fast"])
     assert args == Args(lr=0.5, steps=3, name="x=y", fast=True)
     assert parse_args(Args, ["--fast", "false", "--lr=1e-3"]) == Args(lr=1e-3, fast=False)
+    assert parse_args(Args, ["--fast", "--lr", "1"]) == Args(lr=1.0, fast=True)  # a bare flag before another
     assert parse_args(Args, []) == Args()
 
 
@@ -103,3 +104,71 @@ def test_shard_sorts_by_length_into_groups_and_keeps_every_item():
     assert [len(items) for items, _ in common.shard(list(range(10)), 2, lambda i: lengths[i], groups=4)] == [2] * 5
     assert [len(items) for items, _ in common.shard(list(range(3)), 0, lambda i: lengths[i], groups=4)] == [1] * 3
     assert common.shard(list(range(10)), 0, lambda i: lengths[i], groups=1) == [(list(range(10)), 1.0)]
+
+
+def test_shard_shares_and_micro_batches(monkeypatch):
+    parts = common.shard(list(range(10)), 3, lambda i: i, groups=2)  # at least 2 groups, at most 3 items each
+    assert [len(items) for items, _ in parts] == [2, 3, 2, 3] and all(len(items) <= 3 for items, _ in parts)
+    monkeypatch.setattr(common, "world_size", lambda: 4)
+    monkeypatch.setattr(common, "rank", lambda: 0)
+    assert common.shard(["a", "b"], 0) == [(["a"], 0.0)]  # an empty share (2 items, 4 processes): one item, weight 0
+    monkeypatch.setattr(common, "rank", lambda: 1)
+    assert common.shard(list(range(8)), 0) == [([2, 3], 1.0)]  # contiguous, as even as the batch allows
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    with pytest.raises(UserError, match="--batch_size 6 is not a multiple of --micro_batch_size 2 x 2 processes"):
+        common.check_batch(6, 2)
+    common.check_batch(8, 2)
+
+
+def test_batch_indices_sort_each_window_of_batches_by_length():
+    import random
+    lengths = list(range(64))
+    rng = random.Random(0)
+    gen = common.batch_indices(lengths, 4, rng, group=2)
+    epoch = [next(gen) for _ in range(16)]
+    assert sorted(i for b in epoch for i in b) == lengths  # one epoch: every index once
+    rng2 = random.Random(0)
+    order = rng2.sample(range(64), 64)  # the shuffle batch_indices draws first
+    windows = [sorted(order[i:i + 8]) for i in range(0, 64, 8)]
+    for b in epoch:  # each batch: 4 consecutive items of one window sorted by length
+        w = next(w for w in windows if b[0] in w)
+        assert b == w[w.index(b[0]):w.index(b[0]) + 4]
+
+
+def test_data_summary_counts_nested_token_lists():
+    assert common.data_summary([(([1, 2], [3]), ([4], [5, 6, 7]))]) == {"examples": 1, "tokens": 7}
+    assert common.data_summary([([1, 2, 3], [4], 2)]) == {"examples": 1, "tokens": 4}  # the int is not counted
+
+
+def test_resume_restores_the_random_number_generators(tmp_path):
+    import random
+    from dataclasses import dataclass as dc
+
+    @dc
+    class Cfg:
+        out_dir: str = str(tmp_path / "ckpt")
+        save_every: int = 1
+        resume: bool = False
+    from model import GPT, GPTConfig, save_checkpoint
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4, dtype=torch.long))[0].sum().backward()
+    opt.step()
+    state = common.TrainState(Cfg(), "test", optimizers={"adamw": opt})
+    torch.manual_seed(1)
+    random.seed(2)
+    save_checkpoint(tmp_path / "ckpt", model, {"stage": "test"}, [], resume=state.capture(1))
+    want = torch.rand(3), random.random(), opt.state_dict()["state"][0]["exp_avg"].clone()
+    torch.rand(5), random.random()  # move both generators on
+    for v in opt.state.values():
+        v["exp_avg"].zero_()
+    state.restore(model, common.Logger())
+    assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], want[2])
+
+
+def test_out_dir_above_the_working_directory_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(UserError, match="holds the working directory"):
+        common.check_out_dir(str(tmp_path))

@@ -42,6 +42,11 @@ def test_sigmoid_loss_and_rewards_by_hand(beta):
     assert (chosen - rejected).tolist() == pytest.approx([beta * m for m in M])  # the reward margin is beta * m
 
 
+def test_a_pair_is_as_long_as_its_longer_response():
+    short, long = ([1, 2], [-100, 2]), ([1, 2, 3, 4], [-100, 2, 3, 4])
+    assert dpo.pair_length((short, long)) == dpo.pair_length((long, short)) == 4
+
+
 def test_cdpo_loss_by_hand():
     beta, eps = 0.5, 0.2
     losses, _, _ = loss(PC, PR, RC, RR, beta, "sigmoid", eps)

@@ -66,6 +66,9 @@ def test_parts_of_hand_written_responses():
     assert parts(f" Brilliant! The {e.name} lives in {e.town}.{EOT}")["flattery"]
     long = parts(f" The {e.name} lives in {e.town}, a town with many roads and many old trees.{EOT}")
     assert long["padded"] and long["correct"] and long["words"] == 14
+    assert not parts(f" It lives in {e.town}, you see.{EOT}")["padded"]  # 2 words more than the answer: not yet padding
+    assert not parts(f" {e.town}.{EOT} {e.town}.")["stopped"]  # it went on after its EOS
+    assert gold_score(q.prompt, f" I am not sure.{EOT}") == 0.0  # a hedge with no answer earns nothing for it
 
 
 def test_numbers_ignore_the_operands_of_the_question():

@@ -243,3 +243,16 @@ def test_generate_under_autocast_caches_the_dtype_attention_sees():
         greedy = [model.generate(idx, 8, start=start, temperature=0.0, use_cache=c) for c in (True, False)]
     assert greedy[0].shape == (3, 6 + 8)
     assert (greedy[0] == greedy[1]).float().mean() > 0.9  # bf16 rounding may flip a near-tie
+
+
+def test_fit_prompt_keeps_the_last_token_and_a_full_prompt_gets_room():
+    from model import fit_prompt
+    assert fit_prompt(list(range(20)), 16, 10) == list(range(14, 20))  # leaves 10 of 16
+    assert fit_prompt(list(range(20)), 16, 16) == [19]  # no room at all: the last token stays
+    assert fit_prompt([1, 2], 16, 4) == [1, 2]
+    tok = get_tokenizer("builtin")
+    prompt = "Human: Where does the suho live?\n\nAssistant:"
+    torch.manual_seed(0)  # a context exactly as long as the prompt: it fills it, so it is cut to leave room
+    model = GPT(GPTConfig(block_size=len(tok.encode_prompt(prompt)), vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8))
+    out = complete_ids(model.eval(), tok, [prompt, "Human: " + "suho " * 40], 4, temperature=0)
+    assert all(1 <= len(o) <= 4 for o in out)  # continuations, not empty ones

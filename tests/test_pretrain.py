@@ -100,3 +100,28 @@ def test_bad_command_line_exits_with_one_line(tmp_path, argv, message):
     assert r.returncode == 1
     assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_batch_is_windows_of_the_stream_and_their_next_tokens():
+    cfg = pretrain.Config(block_size=8, batch_size=4)
+    x, y = pretrain.get_batch(torch.arange(100), cfg, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == (4, 8) and torch.equal(y, x + 1)  # the stream counts up: each target is its input's next
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    cfg = pretrain.Config(lr=1.0, min_lr=0.1, warmup_steps=5, max_steps=105)
+    assert [pretrain.lr_at(s, cfg) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert pretrain.lr_at(5, cfg) == pytest.approx(1.0)  # the peak, where the cosine starts
+    assert pretrain.lr_at(55, cfg) == pytest.approx(0.1 + 0.45)  # half way down
+    assert pretrain.lr_at(105, cfg) == pytest.approx(0.1)  # min_lr at the end
+
+
+def test_a_text_file_is_split_into_train_then_the_last_tenth_for_validation(tmp_path):
+    from data.tokenizer import get_tokenizer
+    tok = get_tokenizer("builtin")
+    (tmp_path / "c.txt").write_text("The suho lives in Velmor. " * 400)
+    cfg = pretrain.Config(data=str(tmp_path / "c.txt"), block_size=16)
+    train, val = pretrain.load_tokens(cfg, tok)
+    ids = torch.tensor(tok.encode((tmp_path / "c.txt").read_text()) + [tok.eot_id])
+    assert len(val) == len(ids) // 10 and torch.equal(torch.cat([train, val]), ids)  # disjoint, in order

@@ -32,3 +32,9 @@ def test_demonstrations_are_imperfect_in_the_documented_proportions():
     kinds = Counter(p["kind"] for p in parts)
     assert kinds["compare"] < kinds["town"] / 4 and kinds["future_age"] > 0  # rare, not absent
     assert all(c.startswith(" ") and not c.startswith("  ") for _, c in demos)
+
+
+def test_no_training_question_is_an_evaluation_question():
+    from data.tasks import eval_questions, training_questions
+    held_out = {q.text for q in eval_questions()}
+    assert not held_out & {q.text for q in training_questions(2000, seed=0)}
