@@ -330,3 +330,17 @@ def test_passes_without_gradients_take_micro_batches(init, tmp_path, monkeypatch
             assert max(sizes) == 2
     for a, b in zip(logged[0], logged[2], strict=True):
         assert "val_loss" not in a or b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5) and b["val_margin"] == pytest.approx(a["val_margin"], abs=1e-5)
+
+
+def test_label_smoothing_and_the_learning_rate_schedule_reach_the_training(init, tmp_path, monkeypatch):
+    rows = [{"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."} for w in "abcdefghij"]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    smoothing, real = [], dpo.dpo_loss
+    monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: smoothing.append(a[6] if len(a) > 6 else k.get("label_smoothing")) or real(*a, **k))
+    out = tmp_path / "dpo"
+    dpo.main(dpo.Config(init=str(init), out_dir=str(out), data=str(data), val_fraction=0.2, batch_size=4, epochs=2,
+                        lr=1e-3, warmup_steps=2, label_smoothing=0.2, n_samples=1, device="cpu"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(smoothing) == {0.2}
+    assert [r["lr"] for r in logged] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # 8 pairs, 2 epochs of 4: 4 steps

@@ -82,3 +82,26 @@ def test_paired_difference_by_hand():
     # differences 1, 0, 0.5: mean 0.5, sample variance 0.25, standard error sqrt(0.25 / 3)
     assert a["gold_vs_reference"] == pytest.approx(0.5) and a["gold_vs_reference_se"] == pytest.approx(math.sqrt(0.25 / 3))
     assert ref["gold_vs_reference"] == 0 and ref["gold_vs_reference_se"] == 0
+
+
+def test_reward_scores_apply_the_normalisation(tiny_chain):
+    from model import load_checkpoint
+    tok = get_tokenizer("builtin")
+    rm = load_checkpoint(tiny_chain["rm"], head="scalar")[0].eval()
+    prompts = [q.prompt for q in eval_questions()[:3]]
+    responses = [tok.encode(" It lives in Velmor.") + [tok.eot_id], tok.encode(" Blue."), [tok.eot_id]]
+    raw = evaluation.reward_scores(rm, tok, prompts, responses)
+    scaled = evaluation.reward_scores(rm, tok, prompts, responses, {"gain": 2.0, "bias": -1.0})
+    assert scaled == pytest.approx([2 * r - 1 for r in raw]) and len(set(raw)) == 3
+
+
+def test_summarize_counts_words_and_coverage_by_hand():
+    from data.tasks import covered_entities
+    from data.world import default_world
+    covered = {e.name for e in covered_entities(default_world())}
+    mixed = next(q for q in eval_questions() if len(q.names) == 2 and len(set(q.names) & covered) == 1)
+    single = next(q for q in eval_questions() if len(q.names) == 1)
+    s = evaluation.summarize([mixed, single], [" one two three", " one two three four five"])
+    assert s["words"] == 4  # the mean over responses
+    inside = "covered" if single.names[0] in covered else "uncovered"
+    assert s["n_by_coverage"] == {"covered": inside == "covered", "uncovered": inside == "uncovered"}  # the mixed one in neither

@@ -272,3 +272,33 @@ def test_scoring_by_minibatch_gives_each_rollout_its_own_numbers():
     assert whole[2].abs().min() > 0  # the KL at every position: two different models
     for w, parts in zip(whole, zip(*rows)):
         torch.testing.assert_close(torch.cat(parts), w, rtol=1e-5, atol=1e-6)
+
+
+def test_every_flag_reaches_the_piece_it_configures(tiny_chain, tmp_path, monkeypatch):
+    """ppo.main with non-default flags, each spied on where it acts: --whiten_rewards, --kl_estimator,
+    --generation_batch, --grad_clip, the learning-rate schedule, the reward's normalisation, and
+    the fixed KL coefficient (no --adaptive_kl)."""
+    import shutil
+    rm = tmp_path / "rm"  # the tiny reward model with a normalisation that makes every score 3
+    shutil.copytree(tiny_chain["rm"], rm)
+    info = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**info, "reward_norm": {"gain": 0.0, "bias": 3.0}}))
+    seen = {"whiten": [], "estimator": [], "generate": [], "clip": [], "lr": []}
+    whiten, estimate, generate, clip, step = ppo.whiten, ppo.kl_estimate, GPT.generate, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step
+    monkeypatch.setattr(ppo, "whiten", lambda x, mask, shift_mean=True: seen["whiten"].append(shift_mean) or whiten(x, mask, shift_mean))
+    monkeypatch.setattr(ppo, "kl_estimate", lambda a, b, est: seen["estimator"].append(est) or estimate(a, b, est))
+    monkeypatch.setattr(GPT, "generate", lambda self, idx, *a, **k: seen["generate"].append(idx.size(0)) or generate(self, idx, *a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: seen["clip"].append(max_norm) or clip(params, max_norm))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a: seen["lr"].append(self.param_groups[0]["lr"]) or step(self, *a))
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=str(rm), out_dir=str(out), iterations=4, rollout_batch=4,
+                        minibatch_size=4, ppo_epochs=1, max_new_tokens=6, warmup_iterations=2, lr=1e-3, value_lr=1e-2,
+                        whiten_rewards=True, kl_estimator="k3", generation_batch=1, grad_clip=0.5, missing_eos_penalty=0.0,
+                        kl_coef=0.3, device="cpu"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert seen["whiten"].count(False) == 4  # the rewards, once an iteration, their mean kept
+    assert set(seen["estimator"]) == {"k3"} and set(seen["generate"]) == {1} and set(seen["clip"]) == {0.5}
+    policy_lr = [lr for lr in seen["lr"] if lr < 5e-3]  # the value model's are ten times larger
+    assert policy_lr == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warm-up over 2 iterations, then down
+    assert all(r["score"] == pytest.approx(3.0) for r in rows)  # gain 0, bias 3: the normalisation applied
+    assert all(r["kl_coef"] == 0.3 for r in rows)  # no --adaptive_kl: the coefficient stays

@@ -106,3 +106,14 @@ def test_bad_sampling_filters_are_refused(tiny_chain, args, message):
 def test_an_empty_checkpoint_list_is_refused():
     with pytest.raises(common.UserError, match="--checkpoints names no checkpoint: ','"):
         sample.main(sample.Config(checkpoints=",", device="cpu"))
+
+
+@pytest.mark.parametrize("flag", [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_and_top_p_reach_the_sampler(tiny_chain, tmp_path, flag):
+    """At temperature 1, keeping only the most likely token is greedy decoding."""
+    runs = []
+    for args in (dict(temperature=0.0), dict(temperature=1.0, **flag)):
+        out = tmp_path / "s.jsonl"
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], n_prompts=3, max_new_tokens=8, out=str(out), device="cpu", **args))
+        runs.append([json.loads(line)["response"] for line in out.read_text().splitlines()])
+    assert runs[0] == runs[1]

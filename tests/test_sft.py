@@ -145,3 +145,21 @@ def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp
                         out_dir=str(tmp_path / "sft"), device="cpu"))
     assert len(trained) == 4 and len(sampled) == 8  # 4 prompts, before and after
     assert set(sampled) == {r["prompt"] for r in rows} - trained
+
+
+def test_length_groups_epochs_and_the_learning_rate_schedule_reach_the_training(tiny_chain, tmp_path, monkeypatch):
+    import common
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": " It lives in Velmor."}
+            for i in range(20)]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups, real = [], common.shard
+    monkeypatch.setattr(common, "shard", lambda *a, **k: groups.append(a[3] if len(a) > 3 else k.get("groups")) or real(*a, **k))
+    out = tmp_path / "sft"
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.1, batch_size=4, epochs=2, lr=1e-3,
+                        warmup_steps=2, length_groups=2, log_every=1, n_samples=1, out_dir=str(out), device="cpu"))
+    info = json.loads((out / "config.json").read_text())
+    assert info["metrics"]["steps"] == 9  # 18 training demonstrations, 2 epochs of 4
+    assert set(groups) == {2}
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3 * min((s + 1) / 2, (9 - s) / 7) for s in range(9)], abs=1e-6)  # up in 2 steps, down
