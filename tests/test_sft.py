@@ -163,3 +163,22 @@ def test_length_groups_epochs_and_the_learning_rate_schedule_reach_the_training(
     assert set(groups) == {2}
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1e-3 * min((s + 1) / 2, (9 - s) / 7) for s in range(9)], abs=1e-6)  # up in 2 steps, down
+
+
+def test_the_validation_loss_is_the_mean_over_response_tokens(tiny_chain, tmp_path, monkeypatch):
+    """With the validation set in one batch, each logged val_loss must be sft_loss over that batch:
+    the negative log-likelihood summed over its response tokens, divided by their number."""
+    passes, real = [], sft.sft_loss
+
+    def spy(*args):
+        loss = real(*args)
+        if not torch.is_grad_enabled():  # a validation pass
+            passes.append(loss.item())
+        return loss
+    monkeypatch.setattr(sft, "sft_loss", spy)
+    out = tmp_path / "sft"
+    sft.main(sft.Config(init=tiny_chain["sft"], n_demos=60, val_fraction=0.1, batch_size=8, epochs=1, log_every=2,
+                        n_samples=1, out_dir=str(out), device="cpu"))
+    logged = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((out / "config.json").read_text())["metrics"]["val_loss"]
+    assert len(logged) >= 3 and logged + [final] == pytest.approx(passes, abs=1e-6)  # and once more for the metrics
