@@ -219,7 +219,6 @@ def main(cfg):
     else:
         with autocast:
             rows = built_in_pairs(cfg, model, tok, device)
-        common.check_same_everywhere([len(rows), sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)], "the built-in pairs")
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)  # as reward.py: the same held-out pairs
     val_prompts = list(dict.fromkeys(r["prompt"] for r in val_rows))  # in their shuffled order, each once
     train, _, report = encode_pairs(tok, train_rows, model.config.block_size)

@@ -202,12 +202,10 @@ def main(cfg):
     if not 1 <= cfg.n_prompts <= 600:
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
     questions = eval_questions()[:cfg.n_prompts]
-    try:
-        ns = [int(n) for n in cfg.best_of.split(",")] if cfg.best_of else []
-    except ValueError:
-        ns = [0]
-    if min(ns, default=1) < 1:
+    ns = cfg.best_of.split(",") if cfg.best_of else []
+    if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
         raise common.UserError(f"--best_of must be positive integers separated by commas, not {cfg.best_of!r}")
+    ns = [int(n) for n in ns]
 
     def optional(path, head):  # (model, config dict), or None
         if not (path and os.path.isdir(path)):

@@ -26,7 +26,6 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 
 import copy
 import itertools
-import json
 import math
 import os
 import random
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 import common
 import kernels
-from data.formats import encode_rows, preference_rows, split_by_prompt
+from data.formats import encode_rows, preference_rows, split_by_prompt, write_rows
 from data.raters import Raters, accuracy_report, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
@@ -167,12 +166,8 @@ def main(cfg):
         with autocast:
             rows = preference_pairs(cfg.n_prompts, cfg.pairs_per_prompt, raters, cfg.seed,
                                     model_sampler(sft, tok, cfg.sft_samples, gen))
-        common.check_same_everywhere([len(rows), sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)], "the built-in pairs")
     if cfg.pairs_out and common.is_main():  # the very pairs trained on and held out, in the file format every stage reads
-        os.makedirs(os.path.dirname(cfg.pairs_out) or ".", exist_ok=True)
-        with open(cfg.pairs_out + ".tmp", "w") as f:
-            f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
-        os.replace(cfg.pairs_out + ".tmp", cfg.pairs_out)
+        write_rows(cfg.pairs_out, rows)
         print(f"wrote the {len(rows)} pairs to {cfg.pairs_out}")
     val_rows, train_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     train, train_rows, report = encode_pairs(tok, train_rows, sft.config.block_size)

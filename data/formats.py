@@ -46,6 +46,7 @@ is dropped. Stages print both counts.
 
 import gzip
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -353,6 +354,14 @@ class Dataset:
             line += f", {len(self.skipped)} skipped (" + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + \
                 f"; first at {self.skipped[0][0]})"
         return line
+
+
+def write_rows(path, rows):
+    """rows (dicts) as a .jsonl file at path, which any stage's --data reads; written whole or not at all."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
 
 
 def read_text(path):

@@ -27,16 +27,17 @@ optimised hard against that model to pad and flatter.
 writes them in the common {"prompt", "chosen", "rejected"} form (plus "p_chosen" and "kind").
 """
 
-import json
 import math
 import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
+from common import check_same_everywhere
 from data.judge import gold_parts, score_parts
 from data.tasks import respond, training_questions
 from data.tokenizer import EOT
+from data.formats import write_rows
 from data.world import default_world
 
 
@@ -131,7 +132,8 @@ def model_sampler(model, tok, n, generator=None, max_new_tokens=48):
 
 def preference_pairs(n_prompts, pairs_per_prompt, raters, seed=0, sample_fn=None):
     """Rated pairs for n_prompts training questions. sample_fn(prompts) -> [[response text, ...]]
-    adds the policy's own samples to the candidates (None: scripted candidates only)."""
+    adds the policy's own samples to the candidates (None: scripted candidates only). Under
+    torchrun every process makes them itself; they must come out the same everywhere."""
     world = default_world()
     rng = random.Random(seed)
     questions = training_questions(n_prompts, seed, world)
@@ -139,6 +141,7 @@ def preference_pairs(n_prompts, pairs_per_prompt, raters, seed=0, sample_fn=None
     rows = []
     for q, s in zip(questions, sampled):
         rows += label_pairs(q.prompt, candidates(q, world, rng, s), raters, rng, pairs_per_prompt)
+    check_same_everywhere([len(rows), sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)], "the built-in pairs")
     return rows
 
 
@@ -159,6 +162,5 @@ if __name__ == "__main__":
     args = parse_args(Args, sys.argv[1:])
     raters = Raters(args.quality, args.length, args.flattery, args.confidence)
     rows = preference_pairs(args.n_prompts, args.pairs_per_prompt, raters, args.seed)
-    with open(args.out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_rows(args.out, rows)
     print(f"wrote {len(rows)} pairs to {args.out}; Bayes-optimal accuracy {bayes_accuracy([r['p_chosen'] for r in rows]):.3f}")
