@@ -179,26 +179,28 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, start=None, cache=None):
-        """Returns (logits (B, T, vocab), loss) for the lm head, (values (B, T) in float32 or wider, loss)
-        for the scalar head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX
-        (None without targets); the scalar head's goes through the tied embedding (reward.py --lm_coef)."""
+        """Without targets: (logits (B, T, vocab), None) for the lm head, (values (B, T) in float32 or
+        wider, None) for the scalar head. With targets: (None, loss) for the lm head, (values, loss) for
+        the scalar head. loss: mean cross-entropy over targets that are not kernels.IGNORE_INDEX (0 if
+        there are none), computed by kernels.fused_linear_logprobs from the hidden states at those
+        targets only: on a GPU the (B, T, vocab) logits never exist, which is most of a step's memory
+        with GPT-2's vocabulary. The scalar head's lm loss (reward.py --lm_coef) goes through the tied
+        embedding the same way."""
         x = self.hidden_states(idx, start, cache)
+        out = None
         if self.config.head == "scalar":
             # in float32 even under autocast: Bradley-Terry fixes a reward only up to an offset, which
             # may be large next to the differences between responses, and bf16 keeps 8 bits of it
             dtype = torch.promote_types(x.dtype, torch.float32)  # a float64 model stays float64
             with torch.autocast(x.device.type, enabled=False):
-                values = F.linear(x.to(dtype), self.score.weight.to(dtype)).squeeze(-1)
-            if targets is None:
-                return values, None
-            mask = targets != kernels.IGNORE_INDEX  # the lm head at the target positions only
-            logps = kernels.fused_linear_logprobs(x[mask], self.transformer.wte.weight, targets[mask])
-            return values, -logps.sum() / mask.sum().clamp(min=1)
-        logits = F.linear(x, self.transformer.wte.weight)  # (B, T, vocab), the tied lm head
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=kernels.IGNORE_INDEX)
-        return logits, loss
+                out = F.linear(x.to(dtype), self.score.weight.to(dtype)).squeeze(-1)
+        elif targets is None:
+            out = F.linear(x, self.transformer.wte.weight)  # (B, T, vocab), the tied lm head
+        if targets is None:
+            return out, None
+        mask = targets != kernels.IGNORE_INDEX  # the lm head at the target positions only
+        logps = kernels.fused_linear_logprobs(x[mask], self.transformer.wte.weight, targets[mask])
+        return out, -logps.sum() / mask.sum().clamp(min=1)
 
     def generate(self, idx, max_new_tokens, start=None, temperature=1.0, top_k=0, top_p=1.0,
                  eos_id=None, pad_id=0, generator=None, use_cache=True):

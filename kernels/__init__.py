@@ -14,6 +14,9 @@ reference that sits beside each kernel (and that the kernels are tested against)
 variable RLHF_KERNELS forces a path: RLHF_KERNELS=torch always runs the reference, RLHF_KERNELS=triton
 always runs Triton (on CPU tensors that needs TRITON_INTERPRET=1, which is how the tests run the
 kernels without a GPU). It is read at every call, so a test can flip it.
+
+The log-prob ops return float32 whatever the input dtype, except that the references keep a
+float64 input in float64, so that a float64 model stays exact in the tests.
 """
 
 import os

@@ -51,10 +51,15 @@ import triton.language as tl
 IGNORE_INDEX = -100  # a target equal to this gives log-prob 0 and no gradient
 
 
+def wide(x):
+    """x in float32, or wider: the references keep a float64 input float64 (the tests' references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs_ref(logits, targets, temperature=1.0):
     """log softmax(logits / temperature)[targets]: logits [..., V], targets [...] -> float32 [...]."""
     V = logits.size(-1)
-    x = logits.float().reshape(-1, V)
+    x = wide(logits).reshape(-1, V)
     if temperature != 1.0:  # x / 1.0 is x again, at the cost of a copy of the logits (and its backward)
         x = x / temperature
     nll = F.cross_entropy(x, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
@@ -69,14 +74,14 @@ def fused_linear_logprobs_ref(hidden, weight, targets, temperature=1.0):
 def kl_div_ref(logits_p, logits_q):
     """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, [..., V] -> float32 [...].
     q is a constant: no gradient flows into logits_q."""
-    logp = F.log_softmax(logits_p.float(), dim=-1)
-    logq = F.log_softmax(logits_q.detach().float(), dim=-1)
+    logp = F.log_softmax(wide(logits_p), dim=-1)
+    logq = F.log_softmax(wide(logits_q.detach()), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def entropy_ref(logits):
     """H(p) = -sum_v p_v log p_v per position, [..., V] -> float32 [...]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(wide(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, KVCache, complete_ids, left_pad, sample
@@ -60,11 +61,25 @@ def test_loss_is_mean_cross_entropy_over_kept_targets():
     idx = torch.randint(0, CFG.vocab_size, (2, 9))
     targets = torch.randint(0, CFG.vocab_size, (2, 9))
     targets[0, :4] = -100
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)
     logp = logits.log_softmax(-1)
     kept = [(b, t) for b in range(2) for t in range(9) if targets[b, t] != -100]
     expected = -sum(logp[b, t, targets[b, t]] for b, t in kept) / len(kept)
-    torch.testing.assert_close(loss, expected)
+    none, loss = model(idx, targets)  # the fused path: no logits with targets
+    assert none is None
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    # and the gradients of every weight are those of the full logits' cross-entropy
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_grads = torch.autograd.grad(F.cross_entropy(model(idx)[0].flatten(0, 1), targets.flatten(), ignore_index=-100),
+                                         list(model.parameters()))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_is_zero_without_kept_targets():
+    model = make_model(torch.float64)
+    _, loss = model(torch.randint(0, CFG.vocab_size, (2, 5)), torch.full((2, 5), -100))
+    assert loss.item() == 0.0
 
 
 def test_fresh_model_predicts_near_uniform():
