@@ -292,7 +292,9 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     # It draws as torch.multinomial does, at a tenth of its cost on a CPU (multinomial draws one
     # exponential per vocabulary entry). A filtered token (probability 0) adds a flat step to the
     # CDF, which the search for the first entry above u never stops on.
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1).cummax(dim=-1).values  # (B, V); a parallel (GPU) sum may dip by a rounding
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    if cdf.device.type != "cpu":  # a parallel scan (a GPU's) may dip by a rounding; the CPU sums in order, never down
+        cdf = cdf.cummax(dim=-1).values
     total = cdf[:, -1:]  # 1 up to rounding
     u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u * total may round up to total
