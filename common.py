@@ -8,6 +8,7 @@ algorithm is in its own file.
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -525,12 +526,16 @@ def set_python_rng_state(rng, state):
 
 
 def data_summary(examples):
-    """{"examples", "tokens"} of a training set whose examples are token lists, or tuples holding
-    them (an int beside them, such as a prompt length, is not counted). TrainState keeps it, so
-    that --resume refuses to go on over a data file that changed since the run began."""
+    """{"examples", "tokens", "sha256"} of a training set whose examples are token lists, or tuples
+    holding them (an int beside them, such as a prompt length, is hashed but not counted). TrainState
+    keeps it, so that --resume refuses to go on over a data file that changed since the run began,
+    counts and all the same (a pair's chosen and rejected swapped)."""
     def tokens(x):
         return len(x) if isinstance(x, list) else sum(tokens(y) for y in x if isinstance(y, (list, tuple)))
-    return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples)}
+    digest = hashlib.sha256()
+    for x in examples:
+        digest.update(repr(x).encode())  # brackets and all: the examples' boundaries count too
+    return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples), "sha256": digest.hexdigest()[:16]}
 
 
 class TrainState:

@@ -136,8 +136,24 @@ def test_batch_indices_sort_each_window_of_batches_by_length():
 
 
 def test_data_summary_counts_nested_token_lists():
-    assert common.data_summary([(([1, 2], [3]), ([4], [5, 6, 7]))]) == {"examples": 1, "tokens": 7}
-    assert common.data_summary([([1, 2, 3], [4], 2)]) == {"examples": 1, "tokens": 4}  # the int is not counted
+    nested = common.data_summary([(([1, 2], [3]), ([4], [5, 6, 7]))])
+    assert {k: nested[k] for k in ("examples", "tokens")} == {"examples": 1, "tokens": 7}
+    pair = common.data_summary([([1, 2, 3], [4], 2)])
+    assert {k: pair[k] for k in ("examples", "tokens")} == {"examples": 1, "tokens": 4}  # the int is not counted
+
+
+def test_data_summary_tells_apart_training_sets_with_the_same_counts():
+    """The hash sees what the counts cannot: chosen and rejected swapped, another prompt length,
+    the same tokens cut into examples differently, the same examples in another order."""
+    base = common.data_summary([([1, 2, 3], [4], 2), ([5], [6, 7], 1)])
+    assert common.data_summary([([1, 2, 3], [4], 2), ([5], [6, 7], 1)]) == base  # the same data, the same summary
+    for other in ([([4], [1, 2, 3], 2), ([5], [6, 7], 1)],
+                  [([1, 2, 3], [4], 1), ([5], [6, 7], 1)],
+                  [([1, 2], [3, 4], 2), ([5], [6, 7], 1)],
+                  [([5], [6, 7], 1), ([1, 2, 3], [4], 2)]):
+        summary = common.data_summary(other)
+        assert (summary["examples"], summary["tokens"]) == (base["examples"], base["tokens"])
+        assert summary["sha256"] != base["sha256"], other
 
 
 def test_resume_restores_the_random_number_generators(tmp_path):
