@@ -527,12 +527,17 @@ def set_python_rng_state(rng, state):
 
 def data_summary(examples):
     """{"examples", "tokens", "sha256"} of a training set whose examples are token lists, or tuples
-    holding them (an int beside them, such as a prompt length, is hashed but not counted). TrainState
-    keeps it, so that --resume refuses to go on over a data file that changed since the run began,
-    counts and all the same (a pair's chosen and rejected swapped)."""
+    holding them (an int beside them, such as a prompt length, is hashed but not counted); of a
+    1-D tensor of tokens (pretraining's stream), {"tokens", "sha256"}. TrainState keeps it, so that
+    --resume refuses to go on over a data file that changed since the run began, counts and all the
+    same (a pair's chosen and rejected swapped, documents reordered)."""
+    digest = hashlib.sha256()
+    if isinstance(examples, torch.Tensor):
+        digest.update(examples.cpu().numpy().tobytes())
+        return {"tokens": examples.numel(), "sha256": digest.hexdigest()[:16]}
+
     def tokens(x):
         return len(x) if isinstance(x, list) else sum(tokens(y) for y in x if isinstance(y, (list, tuple)))
-    digest = hashlib.sha256()
     for x in examples:
         digest.update(repr(x).encode())  # brackets and all: the examples' boundaries count too
     return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples), "sha256": digest.hexdigest()[:16]}
@@ -594,7 +599,8 @@ class TrainState:
         for key, value in info["args"].items():
             if key not in ("resume", "save_every") and now.get(key) != value:
                 raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r}")
-        if info.get("data") is not None and info["data"] != self.data:  # the arguments are the same, the file is not
+        # the arguments are the same; is the data? (The state of an older version holds fewer keys: those are compared.)
+        if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "
                             f"{info['data']}: the data file changed since")
         weights = load_file(os.path.join(out_dir, "model.safetensors"))

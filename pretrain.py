@@ -193,7 +193,7 @@ def main(cfg):
     logger = common.Logger()
     train_model = common.DataParallel(model)  # under torchrun: gradients averaged over processes
     state = common.TrainState(cfg, "pretrain", optimizers={"adamw": optimizer}, generators={"batches": gen},
-                              data={"tokens": len(train_tokens)})
+                              data=common.data_summary(train_tokens))
     first = state.restore(model, logger)[0] if cfg.resume else 0
     tokens_per_step = cfg.batch_size * cfg.block_size
     t_last, logged = time.time(), first - 1  # the time and step of the last log line

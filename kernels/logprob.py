@@ -4,7 +4,8 @@ Log-probabilities, KL and entropy over the vocabulary: PyTorch references and Tr
 Every RLHF stage needs, per position, one number from a softmax over the whole vocabulary: the
 log-prob of the target token (SFT loss, PPO ratios, DPO), the KL between policy and reference, the
 entropy. The references below are written for clarity and accumulate in float32 whatever the input
-dtype; they materialise float32 [N, V] tensors, which is exactly the memory the kernels remove.
+dtype (float64 stays float64); they materialise float32 [N, V] tensors, which is exactly the memory
+the kernels remove.
 
 The memory-traffic story, per vocabulary entry, for bf16 logits [N, V] (2 bytes an entry):
 - token_logprobs_ref reads the logits, writes a float32 copy, a float32 copy divided by the
@@ -57,7 +58,8 @@ def wide(x):
 
 
 def token_logprobs_ref(logits, targets, temperature=1.0):
-    """log softmax(logits / temperature)[targets]: logits [..., V], targets [...] -> float32 [...]."""
+    """log softmax(logits / temperature)[targets]: logits [..., V], targets [...] -> float32 [...]
+    (float64 for float64 logits)."""
     V = logits.size(-1)
     x = wide(logits).reshape(-1, V)
     if temperature != 1.0:  # x / 1.0 is x again, at the cost of a copy of the logits (and its backward)
@@ -72,15 +74,15 @@ def fused_linear_logprobs_ref(hidden, weight, targets, temperature=1.0):
 
 
 def kl_div_ref(logits_p, logits_q):
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, [..., V] -> float32 [...].
-    q is a constant: no gradient flows into logits_q."""
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, [..., V] -> float32 [...] (float64 for
+    float64 logits). q is a constant: no gradient flows into logits_q."""
     logp = F.log_softmax(wide(logits_p), dim=-1)
     logq = F.log_softmax(wide(logits_q.detach()), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def entropy_ref(logits):
-    """H(p) = -sum_v p_v log p_v per position, [..., V] -> float32 [...]."""
+    """H(p) = -sum_v p_v log p_v per position, [..., V] -> float32 [...] (float64 for float64 logits)."""
     logp = F.log_softmax(wide(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

@@ -154,6 +154,10 @@ def test_data_summary_tells_apart_training_sets_with_the_same_counts():
         summary = common.data_summary(other)
         assert (summary["examples"], summary["tokens"]) == (base["examples"], base["tokens"])
         assert summary["sha256"] != base["sha256"], other
+    stream = torch.tensor([5, 1, 2, 0, 3, 4, 0])  # pretraining's token stream: its documents reordered
+    assert common.data_summary(stream) == common.data_summary(stream.clone())
+    reordered = common.data_summary(torch.tensor([3, 4, 0, 5, 1, 2, 0]))
+    assert reordered["tokens"] == 7 and reordered["sha256"] != common.data_summary(stream)["sha256"]
 
 
 def test_resume_restores_the_random_number_generators(tmp_path):

@@ -220,7 +220,7 @@ def test_the_lm_loss_is_the_chosen_responses_cross_entropy():
         for s, n in zip(chosen, prompt_lens):
             logp = (rm.hidden_states(torch.tensor([s]))[0] @ rm.transformer.wte.weight.t()).log_softmax(-1)
             nll += [-logp[t - 1, s[t]] for t in range(n, len(s))]  # position t - 1 predicts token t
-        assert lm.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)  # the kernels return float32
+        assert lm.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)
         assert torch.equal(r, reward.rewards(rm, chosen + rejected, TOK.pad_id, "cpu"))
 
 
