@@ -129,8 +129,13 @@ def test_custom_scale_and_strided_inputs():
     assert not q.is_contiguous() and v.stride(-1) == 2 and not do.is_contiguous()
     kw = dict(causal=True, sm_scale=0.3)
     out = attention(q, k, v, **kw)
-    got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    got = (out, *torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
     assert_close(got, reference64(q, k, v, do, **kw), TOL[torch.float32])
+    # an upstream gradient whose head dim is not contiguous either (the backward copies it)
+    do_strided = torch.randn(B, H, T, 2 * D, generator=gen).to(DEVICE)[..., ::2]
+    assert do_strided.stride(-1) == 2
+    got = (out, *torch.autograd.grad(out, (q, k, v), do_strided))
+    assert_close(got, reference64(q, k, v, do_strided, **kw), TOL[torch.float32])
 
 
 def test_every_element_written(monkeypatch):
@@ -164,6 +169,16 @@ def test_dispatch(monkeypatch, mode, expect):
     q, k, v, do = make_inputs(1, 2, 37, 37, 16, torch.float32, seed=4)
     assert_close(run(kernels.attention, q, k, v, do), reference64(q, k, v, do), TOL[torch.float32])
     assert calls == [expect or ("attention" if q.is_cuda else "attention_ref")]
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_dispatch_passes_every_argument(monkeypatch, mode):
+    """kernels.attention hands causal, sm_scale and kv_start on to either path (the model passes only
+    causal=True and kv_start): here no causal mask, Tq != Tk, a scale of 0.3 and a left-padded row."""
+    monkeypatch.setenv("RLHF_KERNELS", mode)
+    q, k, v, do = make_inputs(2, 2, 5, 37, 16, torch.float32, seed=6)
+    kw = dict(causal=False, sm_scale=0.3, kv_start=torch.tensor([0, 9]))
+    assert_close(run(kernels.attention, q, k, v, do, **kw), reference64(q, k, v, do, **kw), TOL[torch.float32])
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")

@@ -95,17 +95,29 @@ def test_refuses_missing_or_extra_tensors(tmp_path):
     (path / "config.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=r"unexpected \['score.weight'\]"):
         load_checkpoint(path)
+    info["model"]["head"] = "scalar"  # and the other way: a scalar head over an lm's weights
+    save_checkpoint(path, tiny("lm"), META)
+    (path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"does not match the model: missing \['score.weight'\], unexpected \[\]"):
+        load_checkpoint(path)
 
 
 def test_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "ck.old").mkdir()  # a save killed between its two renames left only the previous checkpoint
+    with pytest.raises(CheckpointError, match=r"ck: no such checkpoint directory \(an interrupted save left the "
+                                              r"previous one at .*ck\.old\)"):
+        load_checkpoint(tmp_path / "ck")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is not a checkpoint: it has no config.json"):
         load_checkpoint(tmp_path / "empty")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="model.safetensors is a file: a checkpoint is a directory"):
         load_checkpoint(tmp_path / "model.safetensors")
+    (tmp_path / "empty" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="empty/config.json is not a JSON object"):
+        load_checkpoint(tmp_path / "empty")
 
 
 def test_a_changed_tokenizer_is_refused(tmp_path):

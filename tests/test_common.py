@@ -1,5 +1,8 @@
-"""The command line from a config dataclass, atomic directory writes, and the automatic dtype."""
+"""The command line from a config dataclass, atomic directory writes, the automatic dtype, the resume
+state's checks and the logger."""
 
+import contextlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -28,6 +31,8 @@ def test_both_spellings_and_types():
     assert parse_args(Args, ["--fast", "false", "--lr=1e-3"]) == Args(lr=1e-3, fast=False)
     assert parse_args(Args, ["--fast", "--lr", "1"]) == Args(lr=1.0, fast=True)  # a bare flag before another
     assert parse_args(Args, []) == Args()
+    for text, value in [("True", True), ("YES", True), ("1", True), ("False", False), ("no", False), ("0", False)]:
+        assert parse_args(Args, ["--fast", text]).fast is value, text  # as Python and shells spell them
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -59,11 +64,13 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     with atomic_directory(path) as tmp:
         open(os.path.join(tmp, a), "w").write("first")
     assert (path / a).read_text() == "first"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(path) as tmp:
-            open(os.path.join(tmp, a), "w").write("second")
-            raise RuntimeError("crash")
-    assert (path / a).read_text() == "first"
+    for crash in (RuntimeError, KeyboardInterrupt):  # an error, or Ctrl-C (not an Exception)
+        with pytest.raises(crash):
+            with atomic_directory(path) as tmp:
+                open(os.path.join(tmp, a), "w").write("second")
+                raise crash("crash")
+        assert (path / a).read_text() == "first"
+        assert os.listdir(tmp_path) == ["out"]  # the temporary directory went with the failure
     with atomic_directory(path) as tmp:
         open(os.path.join(tmp, b), "w").write("third")
     assert os.listdir(path) == [b]
@@ -91,6 +98,11 @@ def test_auto_dtype_is_bfloat16_only_where_the_card_computes_in_it(monkeypatch):
                                             ((7, 5), "float32", "float16"), ((7, 0), "float32", "float16")]:  # T4, V100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         assert (common.auto_dtype(cuda), common.auto_dtype(cuda, training=False)) == (training, inference), capability
+    # and setup_device's --dtype auto asks for the same (a pretend V100: inference autocasts to float16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert isinstance(common.setup_device("cuda", "auto")[1], contextlib.nullcontext)
+    assert common.setup_device("cuda", "auto", training=False)[1].fast_dtype == torch.float16
 
 
 def test_shard_sorts_by_length_into_groups_and_keeps_every_item():
@@ -185,6 +197,20 @@ def test_resume_restores_the_random_number_generators(tmp_path):
     state.restore(model, common.Logger())
     assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], want[2])
+    # the checks before anything is loaded: the stage, the number of processes, the data where the run
+    # recorded its summary; and of the arguments, --save_every and --resume may change
+    with pytest.raises(UserError, match=r"resume.json is the state of a test run, not of other"):
+        common.TrainState(Cfg(), "other").restore(model, common.Logger())
+    assert common.TrainState(Cfg(save_every=5, resume=True), "test").restore(model, common.Logger())[0] == 1
+    path = tmp_path / "ckpt" / "resume.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "world_size": 2}))
+    with pytest.raises(UserError, match="written by 2 processes; resume with as many, not 1"):
+        state.restore(model, common.Logger())
+    path.write_text(json.dumps({**info, "data": {"examples": 3, "sha256": "ab"}}))
+    data = common.TrainState(Cfg(), "test", data={"examples": 3, "tokens": 9, "sha256": "cd"})
+    with pytest.raises(UserError, match="the training data is .* the data file changed since"):
+        data.restore(model, common.Logger())
 
 
 def test_out_dir_above_the_working_directory_is_refused(tmp_path, monkeypatch):
@@ -192,3 +218,19 @@ def test_out_dir_above_the_working_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "a")
     with pytest.raises(UserError, match="holds the working directory"):
         common.check_out_dir(str(tmp_path))
+    (tmp_path / "link").symlink_to(tmp_path)  # a link to it is the directory itself
+    with pytest.raises(UserError, match="holds the working directory"):
+        common.check_out_dir(str(tmp_path / "link"))
+
+
+def test_logger_keeps_every_row_and_prints_the_echoed_ones(capsys):
+    """Rows go to metrics.jsonl whether echoed or not, floats rounded to 6 decimals; the printed line
+    gives 4 significant digits, and whole numbers from 1e4 on (negative ones too)."""
+    logger = common.Logger()
+    logger.log(echo=False, step=1, loss=0.1234567891)
+    assert capsys.readouterr().out == ""
+    logger.log(step=2, loss=2.5, reward=-12345.6, note="x")
+    assert [{k: v for k, v in r.items() if k != "elapsed"} for r in logger.rows] == [
+        {"step": 1, "loss": 0.123457}, {"step": 2, "loss": 2.5, "reward": -12345.6, "note": "x"}]
+    assert all(isinstance(r["elapsed"], float) for r in logger.rows)
+    assert capsys.readouterr().out.startswith("step 2 | loss 2.5 | reward -12346 | note x | elapsed ")

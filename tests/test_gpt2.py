@@ -94,6 +94,32 @@ def test_loads_hf_layout_and_computes_gpt2(tmp_path, prefix, buffers, lm_head):
     torch.testing.assert_close(logits, gpt2_forward(tensors, HF, IDS), rtol=1e-10, atol=1e-10)
 
 
+def test_sharded_weights_under_an_older_config_load(tmp_path):
+    """Weights split over the shards that model.safetensors.index.json lists (as save_pretrained
+    writes a large model), under the config.json of an older transformers: no model_type, and the
+    context length as n_ctx only."""
+    d = tmp_path / "gpt2"
+    tensors = write_hf_dir(d, buffers=False, lm_head=False)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(d / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((d / "config.json").read_text())
+    del config["model_type"]
+    config["n_ctx"] = config.pop("n_positions")
+    (d / "config.json").write_text(json.dumps(config))
+    model, info = load_checkpoint(d)
+    assert model.config == GPTConfig(block_size=24, vocab_size=61, n_layer=2, n_head=3, n_embd=24, dropout=0.0)
+    assert info["tokenizer"] == "gpt2"
+    with torch.no_grad():
+        logits, _ = model.double()(IDS)
+    torch.testing.assert_close(logits, gpt2_forward(tensors, HF, IDS), rtol=1e-10, atol=1e-10)
+
+
 def test_every_stage_loader_takes_a_hf_directory(tmp_path):
     write_hf_dir(tmp_path / "gpt2")
     model, info = load_checkpoint(tmp_path / "gpt2", head="lm", tokenizer="gpt2")
@@ -126,6 +152,12 @@ def test_bad_hf_directories_are_refused_by_file_and_key(tmp_path):
     write_hf_dir(d, activation_function="relu")
     with pytest.raises(CheckpointError, match=r"config.json: activation_function 'relu' is not supported \(this GPT has gelu_new\)"):
         load_checkpoint(d)
+    for field, value in [("tie_word_embeddings", False), ("n_inner", 100), ("layer_norm_epsilon", 1e-6),
+                         ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                         ("add_cross_attention", True)]:  # every other variant this GPT does not compute
+        write_hf_dir(d, **{field: value})
+        with pytest.raises(CheckpointError, match=rf"config.json: {field} {value!r} is not supported"):
+            load_checkpoint(d)
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
     write_hf_dir(tmp_path / "other")  # config.json only is left in d once the safetensors go

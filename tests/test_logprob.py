@@ -96,10 +96,12 @@ def test_entropy_and_kl(dtype, shape):
     check(logprob.kl_div, kl64, logits_p, logits_q)
 
 
-def test_kl_no_gradient_into_q():
+@pytest.mark.parametrize("op", [logprob.kl_div, logprob.kl_div_ref])
+def test_kl_no_gradient_into_q(op):
+    """q is a constant for the kernel and for the CPU reference alike (PPO's reference model)."""
     logits_p = torch.randn(5, 300, requires_grad=True)
     logits_q = torch.randn(5, 300, requires_grad=True)
-    logprob.kl_div(logits_p, logits_q).sum().backward()
+    op(logits_p, logits_q).sum().backward()
     assert logits_p.grad is not None and logits_q.grad is None
 
 
@@ -184,6 +186,13 @@ def test_strided_rows():
     logits = torch.randn(3, 8, V)[:, :-1]
     check(logprob.token_logprobs, logprobs64, logits, random_targets((3, 7), V))
     check(logprob.entropy, entropy64, logits)
+    # a vocabulary that is not contiguous (a transpose: stride 5 from one entry to the next): copied
+    transposed = (torch.randn(V, 5) * 3).t()
+    assert transposed.stride() == (1, 5)
+    check(logprob.token_logprobs, logprobs64, transposed, targets[:5], 0.7)
+    check(logprob.entropy, entropy64, transposed)
+    check(logprob.kl_div, kl64, transposed, wide[:5, :V])
+    check(logprob.kl_div, kl64, wide[:5, :V], transposed)
 
 
 def test_empty_batch_and_single_position():
@@ -250,6 +259,33 @@ def test_fused_linear_frozen_weight(monkeypatch):
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_linear_under_autocast_recomputes_the_forwards_logits():
+    """Under autocast the forward's logits are bf16; the backward runs outside autocast, so the
+    op casts hidden and weight itself: its backward must recompute those very bf16 logits, not
+    float32 ones (whose softmax disagrees with the saved bf16 log-sum-exp by up to
+    |logit| * 2^-9, percents at logits ~30). So it matches, value and gradients, the unfused
+    path under the same autocast: the autocast matmul, then the log-prob kernel on its logits."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = (torch.randn(40, 16) * 2).requires_grad_()  # logits up to ~30
+    targets = random_targets((2, 9), 40)
+    g = torch.randn(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = logprob.fused_linear_logprobs(hidden, weight, targets)
+    (out * g).sum().backward()
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h @ w.t()
+        assert logits.dtype == torch.bfloat16
+        want = logprob.token_logprobs(logits, targets)
+    (want * g).sum().backward()
+    assert out.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    for got, ref in ((hidden.grad, h.grad), (weight.grad, w.grad)):
+        # the same bf16 products (equal on a CPU); a gradient from float32 logits is 6% off here
+        assert (got - ref).abs().max() <= 2**-8 * ref.abs().max()
+
+
 @pytest.mark.parametrize("op", ["token_logprobs", "fused_linear_logprobs", "kl_div", "entropy"])
 def test_dispatch_switch(monkeypatch, op):
     """RLHF_KERNELS=triton runs the kernel, =torch the reference; auto on a CPU tensor: torch."""
@@ -279,6 +315,19 @@ def test_dispatch_switch(monkeypatch, op):
     monkeypatch.setenv("RLHF_KERNELS", "cuda")
     with pytest.raises(ValueError):
         getattr(kernels, op)(*args)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_dispatch_passes_the_temperature(monkeypatch, mode):
+    """kernels.token_logprobs and kernels.fused_linear_logprobs hand the temperature on to either path."""
+    monkeypatch.setenv("RLHF_KERNELS", mode)
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 50) * 3, random_targets((4,), 50, n_ignored=1)
+    hidden, weight = torch.randn(4, 16), torch.randn(50, 16)
+    torch.testing.assert_close(kernels.token_logprobs(logits, targets, 0.7).double(),
+                               logprobs64(logits.double(), targets, 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.fused_linear_logprobs(hidden, weight, targets, 0.7).double(),
+                               logprobs64(hidden.double() @ weight.double().t(), targets, 0.7), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",

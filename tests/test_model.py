@@ -171,13 +171,18 @@ def test_generate_stops_each_row_at_eos():
     idx, start = left_pad([[1, 2, 3], [4, 5], [6, 7, 8]], pad_id=0)
     free = model.generate(idx, 12, start=start, temperature=0)[:, 3:]
     eos = free[0, 2].item()  # pick as EOS a token that row 0 emits at its third step
-    out = model.generate(idx, 12, start=start, temperature=0, eos_id=eos, pad_id=66)[:, 3:]
+    pad = (eos + 1) % CFG.vocab_size  # not the EOS: a done row must stay done after its first pad
+    out = model.generate(idx, 12, start=start, temperature=0, eos_id=eos, pad_id=pad)[:, 3:]
     for b in range(3):
         row, ref = out[b].tolist(), free[b].tolist()
         n = ref.index(eos) + 1 if eos in ref[:out.size(1)] else out.size(1)
-        assert row[:n] == ref[:n] and all(t == 66 for t in row[n:])
+        assert row[:n] == ref[:n] and all(t == pad for t in row[n:])
     if all(eos in r for r in free.tolist()):  # every row finished: generation stopped early
         assert out.size(1) == max(r.index(eos) + 1 for r in free.tolist())
+    # a batch whose every row is done stops there: row 0 alone ends with its first EOS
+    alone = model.generate(idx[:1], 12, start=start[:1], temperature=0, eos_id=eos, pad_id=pad)
+    first = free[0].tolist()
+    assert alone[0, 3:].tolist() == first[:first.index(eos) + 1]
 
 
 def test_generate_refuses_sequences_longer_than_block_size():
@@ -258,6 +263,17 @@ def test_generate_under_autocast_caches_the_dtype_attention_sees():
         greedy = [model.generate(idx, 8, start=start, temperature=0.0, use_cache=c) for c in (True, False)]
     assert greedy[0].shape == (3, 6 + 8)
     assert (greedy[0] == greedy[1]).float().mean() > 0.9  # bf16 rounding may flip a near-tie
+    # a cache filled under autocast refuses float32 keys (autocast turned off midway), and the reverse
+    cache = KVCache(model.config, 3, idx.size(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :-1], start=start, cache=cache)
+    with pytest.raises(ValueError, match="KVCache holds torch.bfloat16, got torch.float32 keys"):
+        model(idx[:, -1:], start=start, cache=cache)
+    cache = KVCache(model.config, 3, idx.size(1))
+    model(idx[:, :-1], start=start, cache=cache)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="KVCache holds torch.float32, got torch.bfloat16 keys"):
+            model(idx[:, -1:], start=start, cache=cache)
 
 
 def test_fit_prompt_keeps_the_last_token_and_a_full_prompt_gets_room():
