@@ -99,6 +99,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_card_computes_in_it(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         assert (common.auto_dtype(cuda), common.auto_dtype(cuda, training=False)) == (training, inference), capability
     # and setup_device's --dtype auto asks for the same (a pretend V100: inference autocasts to float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert isinstance(common.setup_device("cuda", "auto")[1], contextlib.nullcontext)
@@ -229,8 +230,8 @@ def test_logger_keeps_every_row_and_prints_the_echoed_ones(capsys):
     logger = common.Logger()
     logger.log(echo=False, step=1, loss=0.1234567891)
     assert capsys.readouterr().out == ""
-    logger.log(step=2, loss=2.5, reward=-12345.6, note="x")
+    logger.log(step=2, loss=0.1234567, reward=-12345.6, note="x")
     assert [{k: v for k, v in r.items() if k != "elapsed"} for r in logger.rows] == [
-        {"step": 1, "loss": 0.123457}, {"step": 2, "loss": 2.5, "reward": -12345.6, "note": "x"}]
+        {"step": 1, "loss": 0.123457}, {"step": 2, "loss": 0.123457, "reward": -12345.6, "note": "x"}]
     assert all(isinstance(r["elapsed"], float) for r in logger.rows)
-    assert capsys.readouterr().out.startswith("step 2 | loss 2.5 | reward -12346 | note x | elapsed ")
+    assert capsys.readouterr().out.startswith("step 2 | loss 0.1235 | reward -12346 | note x | elapsed ")

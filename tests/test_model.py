@@ -170,7 +170,7 @@ def test_generate_stops_each_row_at_eos():
     model = make_model(torch.float64)
     idx, start = left_pad([[1, 2, 3], [4, 5], [6, 7, 8]], pad_id=0)
     free = model.generate(idx, 12, start=start, temperature=0)[:, 3:]
-    eos = free[0, 2].item()  # pick as EOS a token that row 0 emits at its third step
+    eos = free[0, 2].item()  # pick as EOS a token that row 0 emits by its third step
     pad = (eos + 1) % CFG.vocab_size  # not the EOS: a done row must stay done after its first pad
     out = model.generate(idx, 12, start=start, temperature=0, eos_id=eos, pad_id=pad)[:, 3:]
     for b in range(3):
@@ -179,6 +179,8 @@ def test_generate_stops_each_row_at_eos():
         assert row[:n] == ref[:n] and all(t == pad for t in row[n:])
     if all(eos in r for r in free.tolist()):  # every row finished: generation stopped early
         assert out.size(1) == max(r.index(eos) + 1 for r in free.tolist())
+    else:  # a row never finished: all 12 steps ran, whichever rows were done before
+        assert out.size(1) == 12
     # a batch whose every row is done stops there: row 0 alone ends with its first EOS
     alone = model.generate(idx[:1], 12, start=start[:1], temperature=0, eos_id=eos, pad_id=pad)
     first = free[0].tolist()
