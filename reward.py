@@ -291,12 +291,11 @@ def main(cfg):
     with torch.no_grad(), autocast:
         seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])
-    metrics["reward_norm"] = norm = normalisation(scores)
-    mean, std = -norm["bias"] / norm["gain"], 1 / norm["gain"]
+    metrics["reward_norm"] = normalisation(scores)
     metrics["wall_s"] = round(time.time() - logger.t0, 1)
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (
         f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")
-        + f"; SFT responses score {mean:.3f} ± {std:.3f} before normalisation")
+        + f"; SFT responses score {scores.mean():.3f} ± {scores.std():.3f} before normalisation")
     save_checkpoint(cfg.out_dir, rm, {**tok.identity, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
                                       "metrics": metrics, "reward_norm": metrics["reward_norm"]}, logger.rows)
     print(f"wrote {cfg.out_dir}")
