@@ -5,8 +5,10 @@ Evaluation: the same held-out prompts through every stage, one table.
     python eval.py --checkpoints out/sft,out/ppo_nokl --temperature 1
 
 Each checkpoint answers the held-out evaluation prompts of the built-in task (data/tasks.py; no
-training stage ever sees them), greedily by default. The gold judge (data/judge.py) scores every
-response; the table shows the mean gold score with two standard errors, its parts, and:
+training stage ever sees them), greedily by default; at a temperature above 0 it samples --samples
+responses per prompt, and a prompt's gold score is their mean (the standard errors are then over
+prompts, the unit the intervals are about). The gold judge (data/judge.py) scores every response;
+the table shows the mean gold score with two standard errors, its parts, and:
 - rm: the reward model's score of the responses (when out/rm exists), the proxy the policy optimises;
 - kl: KL(policy || reference) summed over the response tokens, with the full-vocabulary formula at
   each position (a policy's drift from the SFT model);
@@ -16,12 +18,20 @@ response; the table shows the mean gold score with two standard errors, its part
 With a reward model it also runs best-of-n on the reference model: n samples at temperature 1, the
 one the reward model likes best kept (its KL is the analytic bound log n - (n - 1) / n). The n share
 their samples (the first n of the largest n's), so each smaller n costs nothing more.
-The JSON report (--out) has the same numbers, plus correctness per question kind, on entities the
-demonstrations covered and on those they did not, and a few sample responses; "rm" holds the reward
-model's held-out accuracy against the raters' Bayes rate (from its checkpoint), and "best_of_n" the
-curve, keyed by n.
+It writes --out_dir/report.md (the table, and a few responses of each checkpoint) and
+--out_dir/report.json, for other tools to read:
+    {"config": {...}, "n_prompts": 600,
+     "stages": {"<name>": {"gold", "gold_se", "accuracy", "answered", "eos_rate", "length", "words",
+                           "rm", "kl", "gold_vs_reference", ..., "accuracy_by_kind", "samples", ...}},
+     "rm": {"accuracy", "bayes_accuracy", "accuracy_over_bayes", "pairs"},
+     "best_of_n": {"<n>": {"gold", "rm", "kl_bound", ...}}}
+<name> is the checkpoint directory's name (base, sft, ppo, dpo with the defaults; its path where two
+share a name), and each entry also holds its "stage" and "checkpoint". "rm" is the reward model's
+held-out accuracy against the raters' Bayes rate (from its checkpoint); "length" is the mean
+response length in tokens, the EOS included.
 """
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -52,14 +62,16 @@ class Config:
     """held-out prompts to evaluate (at most 600)"""
     temperature: float = 0.0
     """sampling temperature; 0 is greedy decoding"""
+    samples: int = 4
+    """responses sampled per prompt when --temperature > 0 (a prompt's gold score is their mean)"""
     max_new_tokens: int = 48
     """longest response"""
     best_of: str = "1,2,4,8,16"
     """best-of-n from the reference model with the reward model, for these n (empty: none)"""
     best_of_temperature: float = 1.0
     """temperature of best-of-n's samples (compare with ppo.py at the same --temperature)"""
-    out: str = "out/eval.json"
-    """where the JSON report is written"""
+    out_dir: str = "out/eval"
+    """where report.json and report.md are written"""
     seed: int = 0
     """seed of sampling when temperature > 0"""
     device: str = "auto"
@@ -115,37 +127,43 @@ def rate(rows, key):
     return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
 
 
-def summarize(questions, texts):
-    """The gold judgement of the responses (texts) to questions: a JSON-able dict."""
-    prompts = [q.prompt for q in questions]
-    parts = [gold_parts(p, t) for p, t in zip(prompts, texts)]
+def summarize(questions, texts, k=1):
+    """The gold judgement of the responses (texts) to questions, k responses per question, a question's
+    side by side: a JSON-able dict. A question's gold score is the mean of its k; the standard error
+    is over questions. The rates are over every response."""
+    parts = [gold_parts(q.prompt, t) for q, t in zip((q for q in questions for _ in range(k)), texts)]
     scores = [score_parts(p) for p in parts]
-    gold, se = mean_se(scores)
+    per_question = [sum(scores[i:i + k]) / k for i in range(0, len(scores), k)]
+    gold, se = mean_se(per_question)
     covered = {e.name for e in covered_entities(default_world())}
     split = {"covered": [], "uncovered": []}
-    for q, p in zip(questions, parts):
+    for i, q in enumerate(questions):
         if q.names and all(n in covered for n in q.names):
-            split["covered"].append(p)
+            split["covered"] += parts[i * k:(i + 1) * k]
         elif q.names and not any(n in covered for n in q.names):
-            split["uncovered"].append(p)
+            split["uncovered"] += parts[i * k:(i + 1) * k]
     kinds = sorted({q.kind for q in questions})
     return {
-        "gold": gold, "gold_se": se, "gold_scores": scores,
-        **{k: rate(parts, k) for k in ("correct", "answered", "stopped", "hedged", "flattery", "padded")},
+        "gold": gold, "gold_se": se, "gold_scores": per_question, "samples_per_prompt": k,
+        "accuracy": rate(parts, "correct"), "answered": rate(parts, "answered"), "eos_rate": rate(parts, "stopped"),
+        **{flag: rate(parts, flag) for flag in ("hedged", "flattery", "padded")},
         "words": sum(p["words"] for p in parts) / len(parts),
-        "correct_by_kind": {k: rate([p for p in parts if p["kind"] == k], "correct") for k in kinds},
-        "correct_by_coverage": {k: rate(v, "correct") for k, v in split.items()},
-        "n_by_coverage": {k: len(v) for k, v in split.items()},
-        "samples": [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[:8])],
+        "accuracy_by_kind": {kind: rate([p for p in parts if p["kind"] == kind], "correct") for kind in kinds},
+        "accuracy_by_coverage": {c: rate(v, "correct") for c, v in split.items()},
+        "n_by_coverage": {c: len(v) // k for c, v in split.items()},  # questions
+        "samples": [{"prompt": q.prompt, "response": t} for q, t in zip(questions[:8], texts[::k])],
     }
 
 
 def evaluate(model, tok, questions, cfg, rm=None, ref=None):
-    """Responses of model to questions, judged; with the reward model's score and the KL to ref."""
-    prompts = [q.prompt for q in questions]
+    """Responses of model to questions (cfg.samples each when sampling), judged; with the reward
+    model's score and the KL to ref, each a mean over every response."""
+    k = cfg.samples if cfg.temperature > 0 else 1  # greedy decoding would give the same answer k times
+    prompts = [q.prompt for q in questions for _ in range(k)]
     gen = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(cfg.seed)
     responses = complete_ids(model, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
-    result = summarize(questions, [tok.decode(r) for r in responses])
+    result = summarize(questions, [tok.decode(r) for r in responses], k)
+    result["length"] = sum(map(len, responses)) / len(responses)
     if rm is not None:
         result["rm"] = sum(reward_scores(rm[0], tok, prompts, responses, rm[1].get("reward_norm"))) / len(prompts)
     if ref is not None:
@@ -167,7 +185,8 @@ def best_of_n(policy, tok, questions, cfg, rm, ns):
     for n in ns:
         best = [max(range(i * N, i * N + n), key=lambda j: scores[j]) for i in range(len(prompts))]
         result = summarize(questions, [tok.decode(flat[j]) for j in best])
-        result.update(n=n, rm=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n)
+        result.update(n=n, rm=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n,
+                      length=sum(len(flat[j]) for j in best) / len(best))
         curve[str(n)] = result
     return curve
 
@@ -181,15 +200,47 @@ def paired_difference(rows, reference):
             r["gold_vs_reference"], r["gold_vs_reference_se"] = mean_se([a - b for a, b in zip(r["gold_scores"], ref)])
 
 
+COLUMNS = ["gold", "±2se", "vs ref", "±2se", "accuracy", "answered", "eos", "words", "hedged", "flattery", "padded", "rm", "kl"]
+
+
+def table_row(r):
+    """The values of COLUMNS for one result (None where it has none)."""
+    diff, diff_se = r.get("gold_vs_reference"), r.get("gold_vs_reference_se")
+    return [r["gold"], 2 * r["gold_se"], diff, diff_se and 2 * diff_se, r["accuracy"], r["answered"], r["eos_rate"],
+            r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm"), r.get("kl")]
+
+
 def print_table(rows):
-    cols = ["gold", "±2se", "vs ref", "±2se", "correct", "answered", "stopped", "words", "hedged", "flattery",
-            "padded", "rm", "kl"]
-    print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in cols))
+    print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in COLUMNS))
     for name, r in rows:
-        diff, diff_se = r.get("gold_vs_reference"), r.get("gold_vs_reference_se")
-        vals = [r["gold"], 2 * r["gold_se"], diff, diff_se and 2 * diff_se, r["correct"], r["answered"], r["stopped"],
-                r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm"), r.get("kl")]
-        print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in vals))
+        print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in table_row(r)))
+
+
+def markdown(report, rows):
+    """report.md: what the run compared, the table, the reward model's accuracy, a few responses."""
+    cfg = report["config"]
+    decoding = "greedy" if cfg["temperature"] == 0 else f"{cfg['samples']} samples per prompt at temperature {cfg['temperature']}"
+    lines = [f"# eval.py: {report['n_prompts']} held-out prompts, {decoding}", "",
+             "vs ref: gold minus the reference's (" + (cfg["reference"] or "none") + "), prompt by prompt. "
+             "kl: KL(policy || reference) summed over a response (for best-of-n, its bound).", "",
+             "| checkpoint | " + " | ".join(COLUMNS) + " |", "| --- |" + " --: |" * len(COLUMNS)]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in table_row(r)) + " |")
+    if "rm" in report:
+        rm = report["rm"]
+        bayes = f" (the raters' Bayes rate: {rm['bayes_accuracy']:.3f})" if rm.get("bayes_accuracy") is not None else ""
+        lines += ["", f"Reward model ({cfg['reward']}): held-out accuracy {rm['accuracy']:.3f}{bayes} on {rm['pairs']} pairs."]
+    for name, r in report["stages"].items():
+        lines += ["", f"## {name} ({r['checkpoint']}, stage {r['stage']})", ""]
+        lines += [f"- {s['prompt']!r} -> {s['response']!r}" for s in r["samples"][:4]]
+    return "\n".join(lines) + "\n"
+
+
+def report_names(paths):
+    """Each checkpoint's key in report.json's "stages": its directory's name (base, sft, ppo, dpo with
+    the defaults), or its path where two directories share a name."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
 def main(cfg):
@@ -199,8 +250,14 @@ def main(cfg):
         names = [c for c in names if os.path.isdir(c)]
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
+    if len(set(names)) < len(names):
+        raise common.UserError(f"--checkpoints names a checkpoint twice: {cfg.checkpoints}")
     if not 1 <= cfg.n_prompts <= 600:
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
+    if cfg.samples < 1:
+        raise common.UserError(f"--samples must be at least 1, got {cfg.samples}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):  # before the evaluation, not after
+        raise common.UserError(f"--out_dir {cfg.out_dir} is a file: name a directory for report.json and report.md")
     questions = eval_questions()[:cfg.n_prompts]
     ns = cfg.best_of.split(",") if cfg.best_of else []
     if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
@@ -214,13 +271,13 @@ def main(cfg):
         tokenizer_for(info, path)  # refuses a checkpoint whose tokenizer has changed since
         return model.eval(), info
     rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
-    report = {"config": asdict(cfg), "n_prompts": len(questions), "results": []}
+    report = {"config": asdict(cfg), "n_prompts": len(questions), "stages": {}}
     if rm is not None and "val_accuracy" in rm[1].get("metrics", {}):  # as reward.py measured it
         m = rm[1]["metrics"]
         report["rm"] = {"accuracy": m["val_accuracy"], "bayes_accuracy": m.get("bayes_accuracy"),
                         "accuracy_over_bayes": m.get("accuracy_over_bayes"), "pairs": m["val_pairs"]}
     rows = []
-    for name in names:
+    for name, key in zip(names, report_names(names)):
         model, info = load_checkpoint(name, head="lm", device=device)
         tok = tokenizer_for(info, name)
         for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
@@ -228,11 +285,11 @@ def main(cfg):
                 raise common.UserError(f"{path} and {name} were trained with different tokenizers")
         result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0])
         result = {"checkpoint": name, "stage": info.get("stage"), **result}
-        report["results"].append(result)
+        report["stages"][key] = result
         rows.append((name, result))
-        print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, correct {result['correct']:.1%}, "
-              f"by kind {({k: round(v, 2) for k, v in result['correct_by_kind'].items()})}, "
-              f"covered/uncovered entities {result['correct_by_coverage']}")
+        print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, accuracy {result['accuracy']:.1%}, "
+              f"by kind {({k: round(v, 2) for k, v in result['accuracy_by_kind'].items()})}, "
+              f"covered/uncovered entities {result['accuracy_by_coverage']}")
     if ns and rm is not None and ref is not None:
         tok = tokenizer_for(ref[1], cfg.reference)
         report["best_of_n"] = best_of_n(ref[0], tok, questions, cfg, rm, ns)
@@ -242,11 +299,13 @@ def main(cfg):
     paired_difference(rows, cfg.reference)  # the rows share their dicts with the report
     print()
     print_table(rows)
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    tmp = cfg.out + ".tmp"
-    common.write_json(tmp, report)
-    os.replace(tmp, cfg.out)
-    print(f"wrote {cfg.out}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", markdown(report, rows))):
+        path = os.path.join(cfg.out_dir, name)
+        with open(path + ".tmp", "w") as f:  # then renamed: an earlier report is replaced whole or not at all
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {cfg.out_dir}/report.json and report.md")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,6 @@ run reward --init "$o/sft" --out_dir "$o/rm" --n_prompts 300 --epochs 1
 run ppo --policy "$o/sft" --reward "$o/rm" --out_dir "$o/ppo" --iterations 10
 run dpo --init "$o/sft" --out_dir "$o/dpo" --n_prompts 300 --epochs 1
 run eval --checkpoints "$o/base,$o/sft,$o/ppo,$o/dpo" --reward "$o/rm" --reference "$o/sft" \
-    --n_prompts 100 --best_of 1,4 --out "$o/eval.json"
+    --n_prompts 100 --best_of 1,4 --out_dir "$o/eval"
 run sample --checkpoints "$o/sft,$o/ppo,$o/dpo" --reward "$o/rm" --n_prompts 4 --temperature 1 --n_samples 2 \
     --out "$o/samples.jsonl"

@@ -56,23 +56,24 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n(monkeypatch)
 
 
 def test_report_holds_the_reward_models_accuracy_and_the_best_of_n_curve(tiny_chain, tmp_path):
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval"
     evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
-                                      n_prompts=8, max_new_tokens=8, best_of="1,2", out=str(out), device="cpu"))
-    report = json.loads(out.read_text())
+                                      n_prompts=8, max_new_tokens=8, best_of="1,2", out_dir=str(out), device="cpu"))
+    report = json.loads((out / "report.json").read_text())
     metrics = json.loads((Path(tiny_chain["rm"]) / "config.json").read_text())["metrics"]
     assert report["rm"] == {"accuracy": metrics["val_accuracy"], "bayes_accuracy": metrics["bayes_accuracy"],
                             "accuracy_over_bayes": metrics["accuracy_over_bayes"], "pairs": metrics["val_pairs"]}
     assert list(report["best_of_n"]) == ["1", "2"]
     assert report["best_of_n"]["2"]["rm"] >= report["best_of_n"]["1"]["rm"]  # the best of two includes the first
-    assert isinstance(report["results"][0]["rm"], float)
+    assert isinstance(report["stages"]["sft"]["rm"], float) and isinstance(report["best_of_n"]["2"]["length"], float)
+    assert f"held-out accuracy {metrics['val_accuracy']:.3f}" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("best_of", ["1,x", "0,4", "4,", "\u00b2"])
 def test_a_bad_best_of_is_refused_in_one_line(best_of, tiny_chain, tmp_path):
     with pytest.raises(UserError, match=f"--best_of must be positive integers separated by commas, not '{best_of}'"):
         evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
-                                          n_prompts=2, max_new_tokens=4, best_of=best_of, out=str(tmp_path / "e.json"), device="cpu"))
+                                          n_prompts=2, max_new_tokens=4, best_of=best_of, out_dir=str(tmp_path / "e"), device="cpu"))
 
 
 def test_paired_difference_by_hand():
@@ -105,3 +106,59 @@ def test_summarize_counts_words_and_coverage_by_hand():
     assert s["words"] == 4  # the mean over responses
     inside = "covered" if single.names[0] in covered else "uncovered"
     assert s["n_by_coverage"] == {"covered": inside == "covered", "uncovered": inside == "uncovered"}  # the mixed one in neither
+
+
+def test_several_samples_a_prompt_average_into_its_gold_score():
+    """k responses per question: a question's gold score is the mean of its k, the standard error is over
+    the questions (their number, not the responses', is the sample size), and the rates count every response."""
+    from data.tasks import answer
+    from data.tokenizer import EOT
+    from data.world import default_world
+    questions = eval_questions()[:3]
+    right = [f" {answer(q, default_world())}{EOT}" for q in questions]
+    texts = [right[0], " I am not sure.", right[1], right[1], " Why do you ask?", " 42." + EOT]  # question i: texts 2i, 2i + 1
+    alone = [evaluation.summarize([q], [t]) for q, t in zip([q for q in questions for _ in range(2)], texts)]
+    s = evaluation.summarize(questions, texts, k=2)
+    means = [(alone[2 * i]["gold"] + alone[2 * i + 1]["gold"]) / 2 for i in range(3)]
+    assert len(set(means)) == 3 and alone[0]["gold"] != alone[1]["gold"]  # the case tells the two ways apart
+    assert s["gold_scores"] == pytest.approx(means) and s["gold"] == pytest.approx(sum(means) / 3)
+    sd = (sum((m - sum(means) / 3) ** 2 for m in means) / 2) ** 0.5
+    assert s["gold_se"] == pytest.approx(sd / 3 ** 0.5)  # over 3 questions, not 6 responses
+    assert s["accuracy"] == pytest.approx(sum(a["accuracy"] for a in alone) / 6) == pytest.approx(3 / 6)
+    assert s["eos_rate"] == pytest.approx(4 / 6)
+    assert s["samples"] == [{"prompt": q.prompt, "response": texts[2 * i]} for i, q in enumerate(questions)]
+    assert s["samples_per_prompt"] == 2
+
+
+def test_sampling_draws_samples_responses_per_prompt_and_greedy_one(monkeypatch):
+    tok = get_tokenizer("builtin")
+    seen = []
+    monkeypatch.setattr(evaluation, "complete_ids", lambda model, tok, prompts, n, **kw:
+                        seen.append((list(prompts), kw["temperature"])) or [tok.encode(" Blue.") + [tok.eot_id]] * len(prompts))
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8))
+    questions = eval_questions()[:3]
+    r = evaluation.evaluate(model, tok, questions, evaluation.Config(temperature=0.7, samples=3))
+    assert seen[0] == ([q.prompt for q in questions for _ in range(3)], 0.7)
+    assert r["samples_per_prompt"] == 3 and len(r["gold_scores"]) == 3 and r["length"] == len(tok.encode(" Blue.")) + 1
+    evaluation.evaluate(model, tok, questions, evaluation.Config(temperature=0.0, samples=3))
+    assert seen[1] == ([q.prompt for q in questions], 0.0)  # greedy: one answer per prompt
+
+
+def test_report_names_are_directory_names_unless_two_share_one():
+    assert evaluation.report_names(["out/base", "out/sft", "out/ppo/", "out/dpo"]) == ["base", "sft", "ppo", "dpo"]
+    assert evaluation.report_names(["out/sft", "out/ppo", "runs/a/sft/"]) == ["out/sft", "ppo", "runs/a/sft/"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(checkpoints="{sft},{sft}"), "--checkpoints names a checkpoint twice"),
+    (dict(samples=0), "--samples must be at least 1, got 0"),
+    (dict(out_dir="{file}"), "--out_dir {file} is a file: name a directory for report.json and report.md"),
+])
+def test_bad_eval_arguments_are_refused_before_any_work(args, message, tiny_chain, tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    names = dict(sft=tiny_chain["sft"], file=str(tmp_path / "taken"))
+    args = {"checkpoints": tiny_chain["sft"], "out_dir": str(tmp_path / "e"), **{k: v.format(**names) if isinstance(v, str) else v
+                                                                                  for k, v in args.items()}}
+    with pytest.raises(UserError, match=message.format(**names)):
+        evaluation.main(evaluation.Config(reward="", reference="", n_prompts=2, device="cpu", **args))
+    assert (tmp_path / "taken").read_text() == "not a directory"

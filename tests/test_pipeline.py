@@ -49,30 +49,38 @@ def test_sft_on_a_jsonl_file(base, tmp_path):
 
 
 def test_eval_report_schema(base, sft_ckpt, tmp_path):
-    out = tmp_path / "eval.json"
+    """report.json in the form issue #3 set: {"stages": {"<name>": {"gold", "gold_se", "accuracy",
+    "eos_rate", "length", ...}}, ...}, keyed by the checkpoint directory's name; report.md beside it."""
+    out = tmp_path / "eval"
     evaluation.main(evaluation.Config(checkpoints=f"{base},{sft_ckpt}", reward="", reference=str(sft_ckpt),
-                                      n_prompts=24, max_new_tokens=12, out=str(out), device="cpu"))
-    report = json.loads(out.read_text())
+                                      n_prompts=24, max_new_tokens=12, out_dir=str(out), device="cpu"))
+    report = json.loads((out / "report.json").read_text())
     assert report["n_prompts"] == 24 and report["config"]["max_new_tokens"] == 12
-    assert [r["checkpoint"] for r in report["results"]] == [str(base), str(sft_ckpt)]
-    assert [r["stage"] for r in report["results"]] == ["pretrain", "sft"]
-    for r in report["results"]:
-        for key in ("gold", "correct", "answered", "stopped", "hedged", "flattery", "padded"):
+    assert list(report["stages"]) == ["base", "sft"]
+    assert [r["checkpoint"] for r in report["stages"].values()] == [str(base), str(sft_ckpt)]
+    assert [r["stage"] for r in report["stages"].values()] == ["pretrain", "sft"]
+    for r in report["stages"].values():
+        for key in ("gold", "accuracy", "answered", "eos_rate", "length", "words", "hedged", "flattery", "padded"):
             assert isinstance(r[key], float)
-        assert -1 <= r["gold"] <= 1 and r["gold_se"] >= 0
-        assert 0 <= r["correct"] <= r["answered"] <= 1
-        assert set(r["correct_by_kind"]) == {"town", "food", "color", "age", "sum", "difference", "compare", "future_age"}
-        assert set(r["correct_by_coverage"]) == {"covered", "uncovered"} and sum(r["n_by_coverage"].values()) <= 24
+        assert -1 <= r["gold"] <= 1 and r["gold_se"] >= 0 and r["samples_per_prompt"] == 1 and len(r["gold_scores"]) == 24
+        assert 0 <= r["accuracy"] <= r["answered"] <= 1
+        assert 1 <= r["length"] <= 12  # tokens, the EOS included
+        assert set(r["accuracy_by_kind"]) == {"town", "food", "color", "age", "sum", "difference", "compare", "future_age"}
+        assert set(r["accuracy_by_coverage"]) == {"covered", "uncovered"} and sum(r["n_by_coverage"].values()) <= 24
         assert r["kl"] >= 0 and "rm" not in r
         assert len(r["samples"]) == 8 and set(r["samples"][0]) == {"prompt", "response"}
     assert "rm" not in report and "best_of_n" not in report  # no reward model given
-    assert report["results"][1]["kl"] < 1e-4  # the reference itself
-    base_r, sft_r = report["results"]
+    base_r, sft_r = report["stages"].values()
+    assert sft_r["kl"] < 1e-4  # the reference itself
     assert sft_r["gold_vs_reference"] == 0 and sft_r["gold_vs_reference_se"] == 0
     assert base_r["gold_vs_reference"] == pytest.approx(base_r["gold"] - sft_r["gold"])  # a paired mean is the difference of means
     diffs = [a - b for a, b in zip(base_r["gold_scores"], sft_r["gold_scores"])]
     sd = (sum((d - base_r["gold_vs_reference"]) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
     assert base_r["gold_vs_reference_se"] == pytest.approx(sd / len(diffs) ** 0.5)
+    md = (out / "report.md").read_text().splitlines()
+    table = [line for line in md if line.startswith(f"| {base} |") or line.startswith(f"| {sft_ckpt} |")]
+    assert len(table) == 2 and f"{base_r['gold']:.3f}" in table[0] and f"{sft_r['accuracy']:.3f}" in table[1]
+    assert "## base (" in "\n".join(md) and repr(sft_r["samples"][0]["response"]) in "\n".join(md)
 
 
 @pytest.fixture(scope="module")
