@@ -1,7 +1,7 @@
 """
 Evaluation: the same held-out prompts through every stage, one table.
 
-    python eval.py                                    # out/base, out/sft, out/ppo, out/dpo (those that exist)
+    python eval.py                                    # every language model under out/: base, sft, ppo, dpo, ...
     python eval.py --checkpoints out/sft,out/ppo_nokl --temperature 1
 
 Each checkpoint answers the held-out evaluation prompts of the built-in task (data/tasks.py; no
@@ -11,7 +11,9 @@ prompts, the unit the intervals are about). The gold judge (data/judge.py) score
 the table shows the mean gold score with two standard errors, its parts, and:
 - rm: the reward model's score of the responses (when out/rm exists), the proxy the policy optimises;
 - kl: KL(policy || reference) summed over the response tokens, with the full-vocabulary formula at
-  each position (a policy's drift from the SFT model);
+  each position (a policy's drift from the SFT model). The summed log-ratio log pi/pi_ref of the
+  sampled tokens estimates the same thing from one sample per position; the exact sum has no
+  sampling noise, and its kernel reads the logits once (kernels.kl_div);
 - vs ref: the gold score minus the reference's (the SFT model's), prompt by prompt, with two
   standard errors of that paired difference: most answers do not change, so it is much tighter
   than the two intervals side by side.
@@ -45,15 +47,15 @@ from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
 from data.world import default_world
-from model import complete_ids, left_pad, load_checkpoint
+from model import CheckpointError, complete_ids, left_pad, load_checkpoint, read_checkpoint_config
 
-DEFAULT_CHECKPOINTS = "out/base,out/sft,out/ppo,out/dpo"
+STAGES = ("pretrain", "sft", "ppo", "dpo")  # the order of the table
 
 
 @dataclass
 class Config:
-    checkpoints: str = DEFAULT_CHECKPOINTS
-    """comma-separated checkpoint directories (with the default list, missing ones are skipped)"""
+    checkpoints: str = ""
+    """comma-separated checkpoint directories; empty: every language model (lm head) directly under out/"""
     reward: str = "out/rm"
     """reward model for the rm column (skipped if it does not exist; empty: none)"""
     reference: str = "out/sft"
@@ -236,6 +238,24 @@ def markdown(report, rows):
     return "\n".join(lines) + "\n"
 
 
+def found_checkpoints(root="out"):
+    """Every language-model checkpoint directly under root, in the order of STAGES, then by name (the
+    reward model, with its scalar head, is not one; an interrupted save's .tmp and .old are skipped)."""
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if name.endswith(".old") or ".tmp" in name:
+            continue
+        try:
+            info = read_checkpoint_config(path)
+        except CheckpointError:
+            continue
+        if info.get("model", {}).get("head", "lm") == "lm":
+            stage = info.get("stage")
+            found.append((STAGES.index(stage) if stage in STAGES else len(STAGES), path))
+    return [path for _, path in sorted(found)]
+
+
 def report_names(paths):
     """Each checkpoint's key in report.json's "stages": its directory's name (base, sft, ppo, dpo with
     the defaults), or its path where two directories share a name."""
@@ -245,9 +265,7 @@ def report_names(paths):
 
 def main(cfg):
     device, _ = common.setup_device(cfg.device, "float32", training=False)
-    names = [c for c in cfg.checkpoints.split(",") if c]
-    if cfg.checkpoints == DEFAULT_CHECKPOINTS:
-        names = [c for c in names if os.path.isdir(c)]
+    names = [c for c in cfg.checkpoints.split(",") if c] if cfg.checkpoints else found_checkpoints()
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
     if len(set(names)) < len(names):

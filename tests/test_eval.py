@@ -162,3 +162,17 @@ def test_bad_eval_arguments_are_refused_before_any_work(args, message, tiny_chai
     with pytest.raises(UserError, match=message.format(**names)):
         evaluation.main(evaluation.Config(reward="", reference="", n_prompts=2, device="cpu", **args))
     assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_the_default_evaluates_every_language_model_under_out_in_stage_order(tiny_chain, tmp_path, monkeypatch):
+    import shutil
+    out = tmp_path / "out"
+    for src, name in (("sft", "a_sft"), ("base", "z_base"), ("rm", "rm"), ("sft", "sft.old"), ("sft", "sft.tmp123")):
+        shutil.copytree(tiny_chain[src], out / name)
+    (out / "eval").mkdir()  # a report directory, no checkpoint
+    (out / "notes.txt").write_text("not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    assert evaluation.found_checkpoints() == [str(out.relative_to(tmp_path) / n) for n in ("z_base", "a_sft")]
+    evaluation.main(evaluation.Config(reward="", reference="", n_prompts=2, max_new_tokens=4, best_of="", device="cpu"))
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert list(report["stages"]) == ["z_base", "a_sft"] and report["stages"]["a_sft"]["stage"] == "sft"

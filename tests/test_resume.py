@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import common
 import dpo
 import ppo
+import pretrain
 import reward
 import sft
 
@@ -69,6 +70,39 @@ def test_sft_killed_with_sigkill_resumes_to_the_same_weights(tiny_chain, tmp_pat
     assert 5 <= step < 137  # killed mid-run: 137 steps in all
     sft.main(sft.Config(out_dir=str(killed), resume=True, **args))
     assert_same_run(tmp_path / "whole", killed, ("step", "loss", "val_loss", "lr"))
+
+
+def test_pretrain_interrupted_and_resumed_matches_the_whole_run(tmp_path, monkeypatch):
+    """The batch sampler's generator and the optimizer come back, and the hashed token stream matches."""
+    args = dict(max_steps=12, n_docs=300, batch_size=8, warmup_steps=3, log_every=2, eval_every=6, eval_batches=1,
+                device="cpu", save_every=4, n_layer=1, n_head=2, n_embd=32, block_size=32)
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "whole"), **args))
+    real, calls = pretrain.get_batch, [0]
+
+    def dying(*a, **k):  # dies drawing the batch of step 6, after the save of step 4
+        calls[0] += 1
+        if calls[0] > 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(pretrain, "get_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / "killed"), **args))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "killed" / "resume.json").read_text())["step"] == 4
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "killed"), resume=True, **args))
+    assert_same_run(tmp_path / "whole", tmp_path / "killed", ("step", "loss", "lr", "val_loss"))
+    # a --data corpus edited after the interruption, with the same flags: its hash tells
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(400)))
+    data_args = {**args, "data": str(corpus), "tokenizer": "builtin"}
+    calls[0] = 0
+    monkeypatch.setattr(pretrain, "get_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / "file"), **data_args))
+    monkeypatch.undo()
+    corpus.write_text(corpus.read_text().replace("cat number 7 sat", "dog number 7 sat"))
+    with pytest.raises(common.UserError, match="the data file changed since"):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / "file"), resume=True, **data_args))
 
 
 def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
