@@ -47,7 +47,8 @@ from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
 from data.world import default_world
-from model import CheckpointError, complete_ids, left_pad, load_checkpoint, read_checkpoint_config
+from model import (CheckpointError, complete_ids, hf_checkpoint_info, is_hf_gpt2, left_pad, load_checkpoint,
+                   read_checkpoint_config)
 
 STAGES = ("pretrain", "sft", "ppo", "dpo")  # the order of the table
 
@@ -126,13 +127,14 @@ def mean_se(xs):
 
 
 def rate(rows, key):
-    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+    return sum(r[key] for r in rows) / len(rows) if rows else None  # null in the JSON: no NaN, which strict readers refuse
 
 
 def summarize(questions, texts, k=1):
     """The gold judgement of the responses (texts) to questions, k responses per question, a question's
     side by side: a JSON-able dict. A question's gold score is the mean of its k; the standard error
     is over questions. The rates are over every response."""
+    assert len(texts) == k * len(questions), (len(texts), k, len(questions))
     parts = [gold_parts(q.prompt, t) for q, t in zip((q for q in questions for _ in range(k)), texts)]
     scores = [score_parts(p) for p in parts]
     per_question = [sum(scores[i:i + k]) / k for i in range(0, len(scores), k)]
@@ -228,6 +230,9 @@ def markdown(report, rows):
              "| checkpoint | " + " | ".join(COLUMNS) + " |", "| --- |" + " --: |" * len(COLUMNS)]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in table_row(r)) + " |")
+    if "best_of_n" in report:
+        lines += ["", f"best-of-n: the kept one of n samples per prompt at temperature {cfg['best_of_temperature']}, "
+                      "one response per prompt whatever --samples."]
     if "rm" in report:
         rm = report["rm"]
         bayes = f" (the raters' Bayes rate: {rm['bayes_accuracy']:.3f})" if rm.get("bayes_accuracy") is not None else ""
@@ -259,23 +264,31 @@ def found_checkpoints(root="out"):
 def report_names(paths):
     """Each checkpoint's key in report.json's "stages": its directory's name (base, sft, ppo, dpo with
     the defaults), or its path where two directories share a name."""
-    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    paths = [os.path.normpath(p) for p in paths]
+    names = [os.path.basename(p) for p in paths]
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
+
+
+def checkpoint_info(path):
+    """The config dict that load_checkpoint returns, without loading the weights."""
+    info = read_checkpoint_config(path)
+    return hf_checkpoint_info(info, path)[1] if is_hf_gpt2(info) else info
 
 
 def main(cfg):
     device, _ = common.setup_device(cfg.device, "float32", training=False)
     names = [c for c in cfg.checkpoints.split(",") if c] if cfg.checkpoints else found_checkpoints()
-    if not names:
-        raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
-    if len(set(names)) < len(names):
+    if len({os.path.realpath(n) for n in names}) < len(names):
         raise common.UserError(f"--checkpoints names a checkpoint twice: {cfg.checkpoints}")
     if not 1 <= cfg.n_prompts <= 600:
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
     if cfg.samples < 1:
         raise common.UserError(f"--samples must be at least 1, got {cfg.samples}")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):  # before the evaluation, not after
-        raise common.UserError(f"--out_dir {cfg.out_dir} is a file: name a directory for report.json and report.md")
+    try:  # before the evaluation, not after it
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"--out_dir {cfg.out_dir}: cannot make a directory there for report.json and report.md "
+                               f"({e.strerror})") from None
     questions = eval_questions()[:cfg.n_prompts]
     ns = cfg.best_of.split(",") if cfg.best_of else []
     if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
@@ -289,6 +302,18 @@ def main(cfg):
         tokenizer_for(info, path)  # refuses a checkpoint whose tokenizer has changed since
         return model.eval(), info
     rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
+    # every checkpoint's tokenizer against the reward model's and the reference's, before any evaluation
+    toks = {name: tokenizer_for(checkpoint_info(name), name) for name in names}
+    clashes = {name: path for name in names for other, path in ((rm, cfg.reward), (ref, cfg.reference))
+               if other and other[1].get("tokenizer_fingerprint") != toks[name].fingerprint}
+    if cfg.checkpoints and clashes:
+        name, path = next(iter(clashes.items()))
+        raise common.UserError(f"{path} and {name} were trained with different tokenizers")
+    if clashes:  # found under out/: a run with another tokenizer (GPT-2's, beside the built-in chain) is left out
+        print(f"left out, trained with another tokenizer than {', '.join(sorted(set(clashes.values())))}: {', '.join(clashes)}")
+        names = [n for n in names if n not in clashes]
+    if not names:
+        raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
     report = {"config": asdict(cfg), "n_prompts": len(questions), "stages": {}}
     if rm is not None and "val_accuracy" in rm[1].get("metrics", {}):  # as reward.py measured it
         m = rm[1]["metrics"]
@@ -297,11 +322,7 @@ def main(cfg):
     rows = []
     for name, key in zip(names, report_names(names)):
         model, info = load_checkpoint(name, head="lm", device=device)
-        tok = tokenizer_for(info, name)
-        for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
-            if other and other[1].get("tokenizer_fingerprint") != tok.fingerprint:
-                raise common.UserError(f"{path} and {name} were trained with different tokenizers")
-        result = evaluate(model.eval(), tok, questions, cfg, rm, ref and ref[0])
+        result = evaluate(model.eval(), toks[name], questions, cfg, rm, ref and ref[0])
         result = {"checkpoint": name, "stage": info.get("stage"), **result}
         report["stages"][key] = result
         rows.append((name, result))
@@ -317,12 +338,12 @@ def main(cfg):
     paired_difference(rows, cfg.reference)  # the rows share their dicts with the report
     print()
     print_table(rows)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", markdown(report, rows))):
-        path = os.path.join(cfg.out_dir, name)
-        with open(path + ".tmp", "w") as f:  # then renamed: an earlier report is replaced whole or not at all
+    texts = {"report.json": json.dumps(report, indent=2) + "\n", "report.md": markdown(report, rows)}
+    for name, text in texts.items():  # each written beside, then renamed: a report is replaced whole or not at all
+        with open(os.path.join(cfg.out_dir, f"{name}.tmp{os.getpid()}"), "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
+    for name in texts:
+        os.replace(os.path.join(cfg.out_dir, f"{name}.tmp{os.getpid()}"), os.path.join(cfg.out_dir, name))
     print(f"wrote {cfg.out_dir}/report.json and report.md")
 
 

@@ -128,6 +128,7 @@ def test_several_samples_a_prompt_average_into_its_gold_score():
     assert s["eos_rate"] == pytest.approx(4 / 6)
     assert s["samples"] == [{"prompt": q.prompt, "response": texts[2 * i]} for i, q in enumerate(questions)]
     assert s["samples_per_prompt"] == 2
+    assert sum(s["n_by_coverage"].values()) == sum(sum(a["n_by_coverage"].values()) for a in alone[::2])  # questions, not responses
 
 
 def test_sampling_draws_samples_responses_per_prompt_and_greedy_one(monkeypatch):
@@ -146,13 +147,14 @@ def test_sampling_draws_samples_responses_per_prompt_and_greedy_one(monkeypatch)
 
 def test_report_names_are_directory_names_unless_two_share_one():
     assert evaluation.report_names(["out/base", "out/sft", "out/ppo/", "out/dpo"]) == ["base", "sft", "ppo", "dpo"]
-    assert evaluation.report_names(["out/sft", "out/ppo", "runs/a/sft/"]) == ["out/sft", "ppo", "runs/a/sft/"]
+    assert evaluation.report_names(["out/sft", "out/ppo", "runs/a/sft/"]) == ["out/sft", "ppo", "runs/a/sft"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (dict(checkpoints="{sft},{sft}"), "--checkpoints names a checkpoint twice"),
+    (dict(checkpoints="{sft},{sft}/"), "--checkpoints names a checkpoint twice"),
     (dict(samples=0), "--samples must be at least 1, got 0"),
-    (dict(out_dir="{file}"), "--out_dir {file} is a file: name a directory for report.json and report.md"),
+    (dict(out_dir="{file}"), "--out_dir {file}: cannot make a directory there for report.json and report.md"),
+    (dict(out_dir="{file}/eval"), "--out_dir {file}/eval: cannot make a directory there"),
 ])
 def test_bad_eval_arguments_are_refused_before_any_work(args, message, tiny_chain, tmp_path):
     (tmp_path / "taken").write_text("not a directory")
@@ -176,3 +178,52 @@ def test_the_default_evaluates_every_language_model_under_out_in_stage_order(tin
     evaluation.main(evaluation.Config(reward="", reference="", n_prompts=2, max_new_tokens=4, best_of="", device="cpu"))
     report = json.loads((out / "eval" / "report.json").read_text())
     assert list(report["stages"]) == ["z_base", "a_sft"] and report["stages"]["a_sft"]["stage"] == "sft"
+
+
+def test_sampled_evaluation_scores_and_measures_every_sample(tiny_chain, tmp_path, monkeypatch):
+    """main at temperature 1 with 2 samples a prompt: rm and kl are the means over every (prompt, sample),
+    each scored against its own prompt (checked one by one), and the report says how it sampled."""
+    from model import load_checkpoint
+    tok = get_tokenizer("builtin")
+    texts = [" It is blue.", " Seeds.", " I do not know.", " It lives in Pellow.", " 4 plus 1 is 5.", " Why?"]
+    drawn = []
+
+    def complete(model, tok, prompts, n, **kw):  # distinct responses, so a misaligned prompt would show
+        drawn.append(list(prompts))
+        return [tok.encode(texts[i % len(texts)]) + [tok.eot_id] for i in range(len(prompts))]
+    monkeypatch.setattr(evaluation, "complete_ids", complete)
+    out = tmp_path / "eval"
+    evaluation.main(evaluation.Config(checkpoints=tiny_chain["base"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
+                                      n_prompts=3, temperature=1.0, samples=2, best_of="", out_dir=str(out), device="cpu"))
+    r = json.loads((out / "report.json").read_text())["stages"]["base"]
+    prompts = [q.prompt for q in eval_questions()[:3] for _ in range(2)]
+    assert drawn == [prompts] and r["samples_per_prompt"] == 2
+    responses = complete(None, tok, prompts, 0)
+    rm = load_checkpoint(tiny_chain["rm"], head="scalar")
+    rewards = [evaluation.reward_scores(rm[0].eval(), tok, [p], [x], rm[1]["reward_norm"])[0] for p, x in zip(prompts, responses)]
+    base, ref = (load_checkpoint(tiny_chain[n], head="lm")[0].eval() for n in ("base", "sft"))
+    kls = [evaluation.response_kl(base, ref, tok, [p], [x])[0] for p, x in zip(prompts, responses)]
+    assert r["rm"] == pytest.approx(sum(rewards) / 6, abs=1e-5) and r["kl"] == pytest.approx(sum(kls) / 6, rel=1e-5)
+    assert r["length"] == pytest.approx(sum(map(len, responses)) / 6)
+    assert "2 samples per prompt at temperature 1.0" in (out / "report.md").read_text()
+
+
+def test_a_checkpoint_with_another_tokenizer_is_refused_when_named_and_left_out_when_found(tiny_chain, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Named in --checkpoints: a one-line error before any evaluation. Found under out/ (a GPT-2 run beside
+    the built-in chain): left out, and said so."""
+    import shutil
+    import types
+    for src, name in (("sft", "a_sft"), ("base", "z_other")):
+        shutil.copytree(tiny_chain[src], tmp_path / "out" / name)
+    real = evaluation.tokenizer_for
+    monkeypatch.setattr(evaluation, "tokenizer_for", lambda info, path: types.SimpleNamespace(fingerprint="another")
+                        if "z_other" in str(path) else real(info, path))
+    monkeypatch.chdir(tmp_path)
+    args = dict(reward="", reference="out/a_sft", n_prompts=2, max_new_tokens=4, best_of="", device="cpu")
+    with pytest.raises(UserError, match="out/a_sft and out/z_other were trained with different tokenizers"):
+        evaluation.main(evaluation.Config(checkpoints="out/a_sft,out/z_other", **args))
+    assert not (tmp_path / "out" / "eval" / "report.json").exists()
+    evaluation.main(evaluation.Config(**args))
+    assert list(json.loads((tmp_path / "out" / "eval" / "report.json").read_text())["stages"]) == ["a_sft"]
+    assert "left out, trained with another tokenizer than out/a_sft: out/z_other" in capsys.readouterr().out
