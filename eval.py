@@ -231,8 +231,8 @@ def markdown(report, rows):
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in table_row(r)) + " |")
     if "best_of_n" in report:
-        lines += ["", f"best-of-n: the kept one of n samples per prompt at temperature {cfg['best_of_temperature']}, "
-                      "one response per prompt whatever --samples."]
+        lines += ["", f"best-of-n: one response per prompt, the reward model's favourite of n samples at temperature "
+                      f"{cfg['best_of_temperature']} (whatever --samples)."]
     if "rm" in report:
         rm = report["rm"]
         bayes = f" (the raters' Bayes rate: {rm['bayes_accuracy']:.3f})" if rm.get("bayes_accuracy") is not None else ""
@@ -284,11 +284,6 @@ def main(cfg):
         raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
     if cfg.samples < 1:
         raise common.UserError(f"--samples must be at least 1, got {cfg.samples}")
-    try:  # before the evaluation, not after it
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise common.UserError(f"--out_dir {cfg.out_dir}: cannot make a directory there for report.json and report.md "
-                               f"({e.strerror})") from None
     questions = eval_questions()[:cfg.n_prompts]
     ns = cfg.best_of.split(",") if cfg.best_of else []
     if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
@@ -314,6 +309,11 @@ def main(cfg):
         names = [n for n in names if n not in clashes]
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
+    try:  # before the evaluation, not after it
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"--out_dir {cfg.out_dir}: cannot make a directory there for report.json and report.md "
+                               f"({e.strerror})") from None
     report = {"config": asdict(cfg), "n_prompts": len(questions), "stages": {}}
     if rm is not None and "val_accuracy" in rm[1].get("metrics", {}):  # as reward.py measured it
         m = rm[1]["metrics"]
