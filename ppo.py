@@ -12,7 +12,8 @@ Each iteration:
    when the response never emitted an EOS;
 3. per-token reward: -kl_coef * KL estimate (by default log pi - log pi_ref; --kl_estimator) on
    every response token, plus the score on the last one;
-4. advantages: GAE over the response tokens with the value model's estimates, then whitened;
+4. advantages: GAE over the response tokens with the value model's estimates (a separate network,
+   a copy of the reward model at the start, read through the same gain and bias), then whitened;
 5. learn: several epochs of minibatches on the clipped surrogate policy loss and the clipped value loss.
 The algorithm is Schulman et al. 2017 as used for language models by Ziegler et al. 2019, Stiennon
 et al. 2020 and Ouyang et al. 2022; every detail of "The N Implementation Details of RLHF with PPO"
@@ -249,17 +250,24 @@ def response_logprobs(model, seqs, start, P, temperature):
     return kernels.fused_linear_logprobs(h, model.transformer.wte.weight, seqs[:, P:], temperature)
 
 
-def response_values(value_model, seqs, start, P):
-    """The value model's estimate of each state before a response token: (B, R)."""
+IDENTITY = {"gain": 1.0, "bias": 0.0}
+
+
+def response_values(value_model, seqs, start, P, norm=IDENTITY):
+    """The value model's estimate of each state before a response token: (B, R). norm: the gain and
+    bias of the reward model it started from, so that it starts on the scale of the normalised
+    rewards whose returns it learns (Ziegler et al. 2019 start it from the reward model, its
+    normalisation included); without them its first estimates would be off by the raw reward's
+    mean, and GAE would hand that error to the last tokens of every response."""
     values, _ = value_model(seqs, start=start)
-    return values[:, P - 1:-1]
+    return norm["gain"] * values[:, P - 1:-1] + norm["bias"]
 
 
-def score_rollouts(policy, ref, value_model, rm, seqs, start, P, temperature):
+def score_rollouts(policy, ref, value_model, rm, seqs, start, P, temperature, value_norm=IDENTITY):
     """What the rollouts seqs (B, P + R) look like to the four models, without gradients: the
     sampled tokens' log-probs under the policy and the reference (B, R), the full-vocabulary KL
-    and entropy at each position (B, R), the value estimates (B, R), and the reward model's
-    values (B, P + R), None without one (the gold oracle)."""
+    and entropy at each position (B, R), the value estimates (B, R; see response_values), and the
+    reward model's raw values (B, P + R), None without one (the gold oracle)."""
     responses = seqs[:, P:]
     h, h_ref = response_hidden(policy, seqs, start, P), response_hidden(ref, seqs, start, P)
     # the same function as in the learning phase, so that the first ratio is exactly 1
@@ -268,7 +276,7 @@ def score_rollouts(policy, ref, value_model, rm, seqs, start, P, temperature):
     # the full-vocabulary KL and entropy, for the log (the KL estimate sees one token per position)
     logits = h @ policy.transformer.wte.weight.t() / temperature  # (B, R, V)
     ref_logits = h_ref @ ref.transformer.wte.weight.t() / temperature
-    values = response_values(value_model, seqs, start, P).float()
+    values = response_values(value_model, seqs, start, P, value_norm).float()
     rm_values = None if rm is None else rm(seqs, start=start)[0].float()
     return logprobs, ref_logprobs, kernels.kl_div(logits, ref_logits), kernels.entropy(logits), values, rm_values
 
@@ -299,12 +307,16 @@ def main(cfg):
     ref, _ = load_checkpoint(cfg.policy, head="lm", tokenizer=tok.name, device=device)
     rm, rm_info = (None, {}) if oracle else load_checkpoint(cfg.reward, head="scalar", tokenizer=tok.name, device=device)
     # a separate network, started from the RM (or --value)
-    value_model, _ = load_checkpoint(cfg.value or cfg.reward, head="scalar", tokenizer=tok.name, device=device)
+    value_model, value_info = load_checkpoint(cfg.value or cfg.reward, head="scalar", tokenizer=tok.name, device=device)
     for name, m in ((cfg.reward, rm), (cfg.value or cfg.reward, value_model)):  # each reads the policy's whole sequences
         if m is not None and m.config.block_size < policy.config.block_size:
             raise common.UserError(f"{name} has a context of {m.config.block_size} tokens, shorter than the policy "
                                    f"{cfg.policy}'s {policy.config.block_size}: it could not read every prompt + response")
-    norm = rm_info.get("reward_norm", {"gain": 1.0, "bias": 0.0})
+    if not oracle and "reward_norm" not in rm_info:  # raw scores would upset the balance with the KL penalty
+        raise common.UserError(f"{cfg.reward} has no reward normalisation (reward_norm in its config.json): a reward.py "
+                               f"run that did not finish? Resume it with --resume")
+    norm = IDENTITY if oracle else rm_info["reward_norm"]
+    value_norm = value_info.get("reward_norm", IDENTITY)  # the value model's scale, from the reward model it starts as
     frozen = [ref] if oracle else [ref, rm]
     for m in (policy, value_model, *frozen):
         m.eval()  # dropout off everywhere: PPO's ratio must compare the same function
@@ -367,7 +379,7 @@ def main(cfg):
             # a minibatch at a time, as the learning phase takes them: the whole batch at once through
             # four models, with its (B, R, vocab) logits twice over, needs far more memory than a step
             parts = [score_rollouts(policy, ref, value_model, rm, seqs[i:i + minibatch], start[i:i + minibatch], P,
-                                    cfg.temperature) for i in range(0, seqs.size(0), minibatch)]
+                                    cfg.temperature, value_norm) for i in range(0, seqs.size(0), minibatch)]
             old_logprobs, ref_logprobs, token_kl, token_entropy, old_values, rm_values = (
                 None if x[0] is None else torch.cat(x) for x in zip(*parts))
             full_kl = (token_kl * mask).sum(1)
@@ -399,7 +411,7 @@ def main(cfg):
                 with autocast:
                     new_logprobs = response_logprobs(train_policy, seqs[mb], start[mb], P, cfg.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.clip_range)
-                    values = response_values(train_value, seqs[mb], start[mb], P).float()
+                    values = response_values(train_value, seqs[mb], start[mb], P, value_norm).float()
                     vf_loss = value_loss(values, old_values[mb], returns[mb], mb_mask, cfg.vf_clip_range)
                 pg_loss.backward()  # on every process even when skipped below: DDP's all-reduce needs them all
                 vf_loss.backward()

@@ -3,10 +3,12 @@ a hand computation or a plain reference; and the on-policy check that the first 
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import common
 import ppo
 from model import GPT
 
@@ -130,6 +132,9 @@ def test_score_rollouts_at_a_temperature_by_hand():
     torch.testing.assert_close(entropy.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values, want_values)
     torch.testing.assert_close(rm_values, want_rm)
+    with torch.no_grad():  # the value model on the reward's normalised scale
+        scaled = ppo.score_rollouts(policy, ref, value, rm, seqs, start, P, T, {"gain": 2.0, "bias": -0.5})[4]
+    torch.testing.assert_close(scaled, 2.0 * want_values - 0.5)
 
 
 def test_ppo_at_a_temperature_is_on_policy(tiny_chain, tmp_path):
@@ -302,3 +307,33 @@ def test_every_flag_reaches_the_piece_it_configures(tiny_chain, tmp_path, monkey
     assert policy_lr == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warm-up over 2 iterations, then down
     assert all(r["score"] == pytest.approx(3.0) for r in rows)  # gain 0, bias 3: the normalisation applied
     assert all(r["kl_coef"] == 0.3 for r in rows)  # no --adaptive_kl: the coefficient stays
+
+
+def test_the_value_model_starts_on_the_normalised_rewards_scale(tiny_chain, tmp_path, monkeypatch):
+    """The value model starts as a copy of the reward model, so before any update its estimates are the
+    reward model's values through the same gain and bias as the scores: the returns it learns are
+    normalised rewards, and raw values would start it off by the raw reward's mean."""
+    seen, real = [], ppo.score_rollouts
+    monkeypatch.setattr(ppo, "score_rollouts", lambda *a: seen.append((a[6], real(*a))) or seen[-1][1])
+    learned, value_loss = [], ppo.value_loss  # and the learning phase reads them on the same scale
+    monkeypatch.setattr(ppo, "value_loss", lambda v, old, *a: learned.append((v.detach(), old, a[1])) or value_loss(v, old, *a))
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(tmp_path / "ppo"), iterations=1,
+                        rollout_batch=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, warmup_iterations=1, device="cpu"))
+    norm = json.loads((Path(tiny_chain["rm"]) / "config.json").read_text())["reward_norm"]
+    assert abs(norm["bias"]) > 0.1  # a case where raw and normalised values differ
+    P, (_, _, _, _, values, rm_values) = seen[0]
+    torch.testing.assert_close(values, norm["gain"] * rm_values[:, P - 1:-1] + norm["bias"], rtol=1e-5, atol=1e-5)
+    v, old, mask = learned[0]  # the first minibatch, before any update: the very same estimates
+    torch.testing.assert_close(v * mask, old, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reward_model_without_its_normalisation_is_refused(tiny_chain, tmp_path):
+    import shutil
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_chain["rm"], rm)
+    info = json.loads((rm / "config.json").read_text())
+    del info["reward_norm"]
+    (rm / "config.json").write_text(json.dumps(info))
+    with pytest.raises(common.UserError, match=f"{rm} has no reward normalisation"):
+        ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=str(rm), out_dir=str(tmp_path / "ppo"), iterations=1,
+                            rollout_batch=4, minibatch_size=4, max_new_tokens=6, device="cpu"))
