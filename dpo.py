@@ -17,8 +17,10 @@ where a log-prob is summed over the response tokens. Variants, all in `dpo_loss`
   assumes that share of labels flipped; the loss is the expectation over the two labels;
 - IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
   Preferences"): a squared loss that pulls the margin to 1/(2 beta) instead of pushing it without
-  end, on log-probs averaged over the response tokens, as the paper defines them;
-- hinge (SLiC, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"):
+  end. The paper's h uses whole-sequence log-probs; here they are averaged over the response
+  tokens, as TRL does on its authors' advice, so beta is on a per-token scale;
+- hinge (the calibration loss of SLiC, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration
+  with Human Feedback", on the margin against the reference, as RSO, Liu et al. 2023, uses it):
   relu(1 - beta * margin).
 
 Details written out below: chosen and rejected responses of a batch go through the model in one

@@ -17,8 +17,8 @@ the best accuracy any reward model can reach on them is known: the Bayes rate, t
 max(p, 1 - p) over the pairs (`bayes_accuracy`).
 
 The default biases are mild, as most people's are: each decoration is worth less to a rater than it
-costs in genuine quality (padding costs 0.2 of gold, 0.8 of utility at quality 4, and its 5 to 15
-extra words add 0.15 to 0.45), so a plain right answer still wins more often than not. Raters who
+costs in genuine quality (padding costs 0.2 of gold, 0.8 of utility at quality 4, and its 4 to 22
+extra words add 0.12 to 0.66), so a plain right answer still wins more often than not. Raters who
 love decoration (`--length 0.15 --flattery 2`) teach a reward model to pay for it, and a policy
 optimised hard against that model to pad and flatter.
 
