@@ -47,8 +47,7 @@ from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
 from data.world import default_world
-from model import (CheckpointError, complete_ids, hf_checkpoint_info, is_hf_gpt2, left_pad, load_checkpoint,
-                   read_checkpoint_config)
+from model import CheckpointError, checkpoint_config, complete_ids, left_pad, load_checkpoint
 
 STAGES = ("pretrain", "sft", "ppo", "dpo")  # the order of the table
 
@@ -252,10 +251,10 @@ def found_checkpoints(root="out"):
         if name.endswith(".old") or ".tmp" in name:
             continue
         try:
-            info = read_checkpoint_config(path)
+            config, info = checkpoint_config(path)
         except CheckpointError:
             continue
-        if info.get("model", {}).get("head", "lm") == "lm":
+        if config.head == "lm":
             stage = info.get("stage")
             found.append((STAGES.index(stage) if stage in STAGES else len(STAGES), path))
     return [path for _, path in sorted(found)]
@@ -268,11 +267,6 @@ def report_names(paths):
     names = [os.path.basename(p) for p in paths]
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
-
-def checkpoint_info(path):
-    """The config dict that load_checkpoint returns, without loading the weights."""
-    info = read_checkpoint_config(path)
-    return hf_checkpoint_info(info, path)[1] if is_hf_gpt2(info) else info
 
 
 def main(cfg):
@@ -298,7 +292,7 @@ def main(cfg):
         return model.eval(), info
     rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
     # every checkpoint's tokenizer against the reward model's and the reference's, before any evaluation
-    toks = {name: tokenizer_for(checkpoint_info(name), name) for name in names}
+    toks = {name: tokenizer_for(checkpoint_config(name)[1], name) for name in names}
     clashes = {name: path for name in names for other, path in ((rm, cfg.reward), (ref, cfg.reference))
                if other and other[1].get("tokenizer_fingerprint") != toks[name].fingerprint}
     if cfg.checkpoints and clashes:

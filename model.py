@@ -363,26 +363,30 @@ def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
     sides, a head other than `head` or a tokenizer other than `tokenizer` (None: accept any).
     A Hugging Face GPT-2 directory loads too, as an lm checkpoint of tokenizer "gpt2": so every
     stage's --init (or --policy) takes one with no change to the stage."""
-    info = read_checkpoint_config(path)
-    hf = is_hf_gpt2(info)
-    if hf:
-        config, info = hf_checkpoint_info(info, path)
-    else:
-        try:
-            config = GPTConfig(**info["model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}/config.json has no valid model config: {e}") from None
+    config, info = checkpoint_config(path)
     if head is not None and config.head != head:
         raise CheckpointError(f"{path} has a {config.head} head, but a {head} head is needed here")
     if tokenizer is not None and info.get("tokenizer") != tokenizer:
         raise CheckpointError(f"{path} was trained with tokenizer {info.get('tokenizer')!r}, "
                               f"but this run uses {tokenizer!r}")
     model = GPT(config)
-    if hf:
+    if info.get("stage") == "hf":  # hf_checkpoint_info's mark: the weights are in Hugging Face's layout
         load_hf_state(model, path)
     else:
         load_state(model, load_file(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
     return model.to(device), info
+
+
+def checkpoint_config(path):
+    """(GPTConfig, checkpoint config dict) of a checkpoint directory (or a Hugging Face GPT-2 one),
+    without loading its weights: what load_checkpoint builds the model from."""
+    info = read_checkpoint_config(path)
+    if is_hf_gpt2(info):
+        return hf_checkpoint_info(info, path)
+    try:
+        return GPTConfig(**info["model"]), info
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json has no valid model config: {e}") from None
 
 
 def load_state(model, state, source):
