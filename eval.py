@@ -3,6 +3,8 @@ Evaluation: the same held-out prompts through every stage, one table.
 
     python eval.py                                    # every language model under out/: base, sft, ppo, dpo, ...
     python eval.py --checkpoints out/sft,out/ppo_nokl --temperature 1
+    python eval.py --data hh/helpful-base-test.jsonl.gz --checkpoints out/gpt2-sft,out/gpt2-ppo,out/gpt2-dpo \
+        --reward out/gpt2-rm --reference out/gpt2-sft --max_new_tokens 128 --out_dir out/gpt2-eval
 
 Each checkpoint answers the held-out evaluation prompts of the built-in task (data/tasks.py; no
 training stage ever sees them), greedily by default; at a temperature above 0 it samples --samples
@@ -27,6 +29,16 @@ It writes --out_dir/report.md (the table, and a few responses of each checkpoint
                            "rm", "kl", "gold_vs_reference", ..., "accuracy_by_kind", "samples", ...}},
      "rm": {"accuracy", "bayes_accuracy", "accuracy_over_bayes", "pairs"},
      "best_of_n": {"<n>": {"gold", "rm", "kl_bound", ...}}}
+On prompts of your own (--data: any file ppo.py reads, its first --n_prompts distinct prompts) there
+is no gold judge, and the reward model is the judge instead: the table compares its mean score (rm),
+that score minus the reference's prompt by prompt (rm vs ref), and its win rate against the
+reference (win rate: how often it prefers a response to the reference's response to the same prompt,
+a tie counting half; every sample against every sample of the reference at a temperature above 0),
+each with two standard errors over prompts, beside the EOS rate, length and KL. A reward model is a
+proxy, the one PPO optimised: a policy trained against it wins by its errors too (the built-in task's
+gold column shows how much), so read its win rate next to the KL it cost. A stage entry then holds
+"rm", "rm_se", "rm_scores", "rm_vs_reference", "win_rate" (each with "_se"), "eos_rate", "length",
+"kl" and "samples", and no gold fields.
 <name> is the checkpoint directory's name (base, sft, ppo, dpo with the defaults; its path where two
 share a name), and each entry also holds its "stage" and "checkpoint". "rm" is the reward model's
 held-out accuracy against the raters' Bayes rate (from its checkpoint); "length" is the mean
@@ -43,11 +55,12 @@ import torch.nn.functional as F
 
 import common
 import kernels
+from data.formats import prompt_rows
 from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
 from data.world import default_world
-from model import CheckpointError, checkpoint_config, complete_ids, left_pad, load_checkpoint
+from model import CheckpointError, checkpoint_config, complete_ids, fit_prompt, left_pad, load_checkpoint
 
 STAGES = ("pretrain", "sft", "ppo", "dpo")  # the order of the table
 
@@ -60,8 +73,10 @@ class Config:
     """reward model for the rm column (skipped if it does not exist; empty: none)"""
     reference: str = "out/sft"
     """KL is measured against this model (skipped if it does not exist; empty: none)"""
+    data: str = ""
+    """prompts from a file instead of the built-in task's (any file ppo.py reads); judged by the reward model, since no gold judge knows them"""
     n_prompts: int = 600
-    """held-out prompts to evaluate (at most 600)"""
+    """prompts to evaluate: the first n of the built-in held-out set (at most 600), or of --data's distinct prompts"""
     temperature: float = 0.0
     """sampling temperature; 0 is greedy decoding"""
     samples: int = 4
@@ -80,21 +95,24 @@ class Config:
     """auto, cpu, cuda, ..."""
 
 
-def batches(prompts, responses, tok, device, batch_size=64):
-    """Left-padded batches of prompt + response token ids: (idx, start, response ids of each row)."""
+def batches(prompts, responses, tok, device, cut=None, batch_size=64):
+    """Left-padded batches of prompt + response token ids: (idx, start, response ids of each row).
+    cut = (block_size, max_new_tokens): each prompt loses its start as model.fit_prompt cut it for
+    the model that sampled the responses, so that other models read what it read (None: no cut)."""
     for i in range(0, len(prompts), batch_size):
-        seqs = [tok.encode_prompt(p) + r for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [(fit_prompt(tok.encode_prompt(p), *cut) if cut else tok.encode_prompt(p)) + r
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         idx, start = left_pad(seqs, tok.pad_id, device)
         yield idx, start, responses[i:i + batch_size]
 
 
 @torch.no_grad()
-def response_kl(model, ref, tok, prompts, responses):
+def response_kl(model, ref, tok, prompts, responses, cut=None):
     """KL(model || ref) of each (prompt, response ids), summed over the response's positions, with
     the full-vocabulary formula at each. One batch at a time, the lm heads at the response
     positions only: at a vocabulary of 50257 the logits of 600 responses would take gigabytes."""
     kls = []
-    for idx, start, rows in batches(prompts, responses, tok, model.transformer.wte.weight.device):
+    for idx, start, rows in batches(prompts, responses, tok, model.transformer.wte.weight.device, cut):
         T, L = idx.size(1), max(len(r) for r in rows)
         # left padded, so each row ends at T - 1; position t predicts t + 1: the last L predictions
         h, h_ref = (m.hidden_states(idx, start=start)[:, T - 1 - L:T - 1] for m in (model, ref))
@@ -106,11 +124,11 @@ def response_kl(model, ref, tok, prompts, responses):
 
 
 @torch.no_grad()
-def reward_scores(rm, tok, prompts, responses, norm=None):
+def reward_scores(rm, tok, prompts, responses, norm=None, cut=None):
     """The reward model's score of each (prompt, response ids), read at the last token, normalised
     with norm = {"gain", "bias"} (from the reward model's config) if given."""
     scores = []
-    for idx, start, _ in batches(prompts, responses, tok, rm.transformer.wte.weight.device):
+    for idx, start, _ in batches(prompts, responses, tok, rm.transformer.wte.weight.device, cut):
         values, _ = rm(idx, start=start)
         scores += values[:, -1].tolist()  # left padded: every row ends at the last position
     if norm:
@@ -158,75 +176,131 @@ def summarize(questions, texts, k=1):
     }
 
 
-def evaluate(model, tok, questions, cfg, rm=None, ref=None):
-    """Responses of model to questions (cfg.samples each when sampling), judged; with the reward
-    model's score and the KL to ref, each a mean over every response."""
-    k = cfg.samples if cfg.temperature > 0 else 1  # greedy decoding would give the same answer k times
-    prompts = [q.prompt for q in questions for _ in range(k)]
-    gen = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(cfg.seed)
-    responses = complete_ids(model, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
-    result = summarize(questions, [tok.decode(r) for r in responses], k)
+def describe(prompts, responses, tok, k, questions=None):
+    """What the report says of responses (token ids, k per prompt, a prompt's side by side) whatever
+    their score: the gold judge's verdict (summarize) when the prompts are the built-in task's
+    questions, else whether they stop; and their mean length in tokens."""
+    texts = [tok.decode(r) for r in responses]
+    if questions is not None:
+        result = summarize(questions, texts, k)
+    else:
+        result = {"samples_per_prompt": k, "eos_rate": sum(bool(r) and r[-1] == tok.eot_id for r in responses) / len(responses),
+                  "samples": [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[::k])]}
     result["length"] = sum(map(len, responses)) / len(responses)
+    return result
+
+
+def add_rm(result, scores):
+    """The reward model's scores of a result's responses: their mean, its standard error over prompts
+    (a prompt's score being the mean of its samples'), and every score, for paired_difference."""
+    k = result["samples_per_prompt"]
+    result["rm"] = sum(scores) / len(scores)
+    result["rm_se"] = mean_se([sum(scores[i:i + k]) / k for i in range(0, len(scores), k)])[1]
+    result["rm_scores"] = scores
+
+
+def evaluate(model, tok, prompts, cfg, rm=None, ref=None, questions=None):
+    """Responses of model to prompts (cfg.samples each when sampling), described (and judged, when
+    questions holds the built-in task's questions behind the prompts); with the reward model's score
+    and the KL to ref, each a mean over every response. Each prompt loses its start if it leaves less
+    than cfg.max_new_tokens of the context (model.fit_prompt), as in ppo.py, and every model reads it
+    so cut."""
+    k = cfg.samples if cfg.temperature > 0 else 1  # greedy decoding would give the same answer k times
+    flat = [p for p in prompts for _ in range(k)]
+    gen = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(cfg.seed)
+    responses = complete_ids(model, tok, flat, cfg.max_new_tokens, leave_room=True, temperature=cfg.temperature, generator=gen)
+    cut = (model.config.block_size, cfg.max_new_tokens)
+    result = describe(prompts, responses, tok, k, questions)
     if rm is not None:
-        result["rm"] = sum(reward_scores(rm[0], tok, prompts, responses, rm[1].get("reward_norm"))) / len(prompts)
+        add_rm(result, reward_scores(rm[0], tok, flat, responses, rm[1].get("reward_norm"), cut))
     if ref is not None:
-        kls = response_kl(model, ref, tok, prompts, responses)
+        kls = response_kl(model, ref, tok, flat, responses, cut)
         result["kl"] = sum(kls) / len(kls)
     return result
 
 
-def best_of_n(policy, tok, questions, cfg, rm, ns):
+def best_of_n(policy, tok, prompts, cfg, rm, ns, questions=None):
     """Best-of-n: sample max(ns) responses per prompt (at cfg.best_of_temperature), keep the one the
     reward model scores highest among the first n. Its KL to the sampled distribution is at most
     log n - (n - 1) / n."""
-    prompts = [q.prompt for q in questions]
     N = max(ns)
+    flat_prompts = [p for p in prompts for _ in range(N)]
     gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(cfg.seed)
-    flat = complete_ids(policy, tok, [p for p in prompts for _ in range(N)], cfg.max_new_tokens, temperature=cfg.best_of_temperature, generator=gen)
-    scores = reward_scores(rm[0], tok, [p for p in prompts for _ in range(N)], flat, rm[1].get("reward_norm"))
+    flat = complete_ids(policy, tok, flat_prompts, cfg.max_new_tokens, leave_room=True, temperature=cfg.best_of_temperature, generator=gen)
+    scores = reward_scores(rm[0], tok, flat_prompts, flat, rm[1].get("reward_norm"), cut=(policy.config.block_size, cfg.max_new_tokens))
     curve = {}
     for n in ns:
         best = [max(range(i * N, i * N + n), key=lambda j: scores[j]) for i in range(len(prompts))]
-        result = summarize(questions, [tok.decode(flat[j]) for j in best])
-        result.update(n=n, rm=sum(scores[j] for j in best) / len(best), kl_bound=math.log(n) - (n - 1) / n,
-                      length=sum(len(flat[j]) for j in best) / len(best))
+        result = describe(prompts, [flat[j] for j in best], tok, 1, questions)
+        add_rm(result, [scores[j] for j in best])
+        result.update(n=n, kl_bound=math.log(n) - (n - 1) / n)
         curve[str(n)] = result
     return curve
 
 
 def paired_difference(rows, reference):
-    """Each row's gold minus the reference checkpoint's, prompt by prompt, with its standard error:
-    most answers are the same, so this sees a change that the two intervals of the table hide."""
-    ref = next((r["gold_scores"] for name, r in rows if name == reference), None)
+    """Each row against the reference checkpoint's, prompt by prompt, with standard errors over prompts:
+    its gold score minus the reference's (gold_vs_reference), and with a reward model its score minus
+    the reference's (rm_vs_reference) and its win rate (win_rate: the chance that one of the row's
+    responses to a prompt outscores one of the reference's, a tie counting half). Most answers are
+    the same, so these see a change that the two intervals of the table side by side hide."""
+    ref = next((r for name, r in rows if reference and os.path.realpath(name) == os.path.realpath(reference)), None)
+    if ref is None:
+        return
     for _, r in rows:
-        if ref is not None:
-            r["gold_vs_reference"], r["gold_vs_reference_se"] = mean_se([a - b for a, b in zip(r["gold_scores"], ref)])
+        if "gold_scores" in r and "gold_scores" in ref:
+            r["gold_vs_reference"], r["gold_vs_reference_se"] = mean_se([a - b for a, b in zip(r["gold_scores"], ref["gold_scores"])])
+        if "rm_scores" in r and "rm_scores" in ref:
+            pairs = list(zip(per_prompt(r["rm_scores"], r["samples_per_prompt"]), per_prompt(ref["rm_scores"], ref["samples_per_prompt"])))
+            r["rm_vs_reference"], r["rm_vs_reference_se"] = mean_se([sum(a) / len(a) - sum(b) / len(b) for a, b in pairs])
+            r["win_rate"], r["win_rate_se"] = mean_se([sum((x > y) + (x == y) / 2 for x in a for y in b) / (len(a) * len(b))
+                                                       for a, b in pairs])
 
 
-COLUMNS = ["gold", "±2se", "vs ref", "±2se", "accuracy", "answered", "eos", "words", "hedged", "flattery", "padded", "rm", "kl"]
+def per_prompt(scores, k):
+    return [scores[i:i + k] for i in range(0, len(scores), k)]
+
+
+GOLD_COLUMNS = ["gold", "±2se", "vs ref", "±2se", "accuracy", "answered", "eos", "words", "hedged", "flattery", "padded", "rm", "kl"]
+RM_COLUMNS = ["rm", "±2se", "vs ref", "±2se", "win rate", "±2se", "eos", "length", "kl"]  # --data: no gold judge
+
+
+def twice(x):
+    return None if x is None else 2 * x
 
 
 def table_row(r):
-    """The values of COLUMNS for one result (None where it has none)."""
-    diff, diff_se = r.get("gold_vs_reference"), r.get("gold_vs_reference_se")
-    return [r["gold"], 2 * r["gold_se"], diff, diff_se and 2 * diff_se, r["accuracy"], r["answered"], r["eos_rate"],
-            r["words"], r["hedged"], r["flattery"], r["padded"], r.get("rm"), r.get("kl")]
+    """The values of the table's columns for one result (None where it has none): GOLD_COLUMNS on the
+    built-in task's prompts, RM_COLUMNS on --data's."""
+    if "gold" in r:
+        return [r["gold"], twice(r["gold_se"]), r.get("gold_vs_reference"), twice(r.get("gold_vs_reference_se")),
+                r["accuracy"], r["answered"], r["eos_rate"], r["words"], r["hedged"], r["flattery"], r["padded"],
+                r.get("rm"), r.get("kl")]
+    return [r.get("rm"), twice(r.get("rm_se")), r.get("rm_vs_reference"), twice(r.get("rm_vs_reference_se")),
+            r.get("win_rate"), twice(r.get("win_rate_se")), r["eos_rate"], r["length"], r.get("kl")]
 
 
-def print_table(rows):
-    print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in COLUMNS))
+def print_table(rows, columns):
+    print(f"{'checkpoint':24s}" + "".join(f"{c:>9s}" for c in columns))
     for name, r in rows:
         print(f"{name:24s}" + "".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in table_row(r)))
 
 
-def markdown(report, rows):
+def markdown(report, rows, columns):
     """report.md: what the run compared, the table, the reward model's accuracy, a few responses."""
     cfg = report["config"]
     decoding = "greedy" if cfg["temperature"] == 0 else f"{cfg['samples']} samples per prompt at temperature {cfg['temperature']}"
-    lines = [f"# eval.py: {report['n_prompts']} held-out prompts, {decoding}", "",
-             "vs ref: gold minus the reference's (" + (cfg["reference"] or "none") + "), prompt by prompt. "
-             "kl: KL(policy || reference) summed over a response (for best-of-n, its bound).", "",
-             "| checkpoint | " + " | ".join(COLUMNS) + " |", "| --- |" + " --: |" * len(COLUMNS)]
+    reference = cfg["reference"] or "none"
+    if cfg["data"]:
+        lines = [f"# eval.py: {report['n_prompts']} prompts of {cfg['data']}, {decoding}", "",
+                 f"Judged by the reward model ({cfg['reward'] or 'none'}): no gold judge knows these prompts. rm: its mean "
+                 f"score; vs ref: that minus the reference's ({reference}), prompt by prompt; win rate: how often it "
+                 "prefers a response to the reference's, a tie counting half."]
+    else:
+        lines = [f"# eval.py: {report['n_prompts']} held-out prompts, {decoding}", "",
+                 f"vs ref: gold minus the reference's ({reference}), prompt by prompt."]
+    lines[-1] += " kl: KL(policy || reference) summed over a response (for best-of-n, its bound)."
+    lines += ["", "| checkpoint | " + " | ".join(columns) + " |", "| --- |" + " --: |" * len(columns)]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in table_row(r)) + " |")
     if "best_of_n" in report:
@@ -274,15 +348,25 @@ def main(cfg):
     names = [c for c in cfg.checkpoints.split(",") if c] if cfg.checkpoints else found_checkpoints()
     if len({os.path.realpath(n) for n in names}) < len(names):
         raise common.UserError(f"--checkpoints names a checkpoint twice: {cfg.checkpoints}")
-    if not 1 <= cfg.n_prompts <= 600:
-        raise common.UserError(f"--n_prompts must be between 1 and 600, got {cfg.n_prompts}")
+    if cfg.n_prompts < 1:
+        raise common.UserError(f"--n_prompts must be at least 1, got {cfg.n_prompts}")
+    if cfg.n_prompts > 600 and not cfg.data:
+        raise common.UserError(f"--n_prompts: the built-in task has 600 held-out prompts, got {cfg.n_prompts}")
     if cfg.samples < 1:
         raise common.UserError(f"--samples must be at least 1, got {cfg.samples}")
-    questions = eval_questions()[:cfg.n_prompts]
+    if cfg.max_new_tokens < 1:
+        raise common.UserError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     ns = cfg.best_of.split(",") if cfg.best_of else []
     if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
         raise common.UserError(f"--best_of must be positive integers separated by commas, not {cfg.best_of!r}")
     ns = [int(n) for n in ns]
+    if cfg.data:  # distinct prompts in the file's order: a prompt rated in several pairs counts once
+        questions, prompts = None, list(dict.fromkeys(prompt_rows(cfg.data)))[:cfg.n_prompts]
+        if len(prompts) < cfg.n_prompts:
+            print(f"{cfg.data} has {len(prompts)} distinct prompts: evaluating them all")
+    else:
+        questions = eval_questions()[:cfg.n_prompts]
+        prompts = [q.prompt for q in questions]
 
     def optional(path, head):  # (model, config dict), or None
         if not (path and os.path.isdir(path)):
@@ -303,12 +387,17 @@ def main(cfg):
         names = [n for n in names if n not in clashes]
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
+    for name in names:  # the reward model and the reference read each response whole, with its prompt as the policy read it
+        n_ctx = checkpoint_config(name)[0].block_size
+        for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
+            if other and other[0].config.block_size < n_ctx:
+                raise common.UserError(f"{path} has a context of {other[0].config.block_size} tokens, shorter than {name}'s {n_ctx}")
     try:  # before the evaluation, not after it
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         raise common.UserError(f"--out_dir {cfg.out_dir}: cannot make a directory there for report.json and report.md "
                                f"({e.strerror})") from None
-    report = {"config": asdict(cfg), "n_prompts": len(questions), "stages": {}}
+    report = {"config": asdict(cfg), "n_prompts": len(prompts), "stages": {}}
     if rm is not None and "val_accuracy" in rm[1].get("metrics", {}):  # as reward.py measured it
         m = rm[1]["metrics"]
         report["rm"] = {"accuracy": m["val_accuracy"], "bayes_accuracy": m.get("bayes_accuracy"),
@@ -316,23 +405,27 @@ def main(cfg):
     rows = []
     for name, key in zip(names, report_names(names)):
         model, info = load_checkpoint(name, head="lm", device=device)
-        result = evaluate(model.eval(), toks[name], questions, cfg, rm, ref and ref[0])
+        result = evaluate(model.eval(), toks[name], prompts, cfg, rm, ref and ref[0], questions)
         result = {"checkpoint": name, "stage": info.get("stage"), **result}
         report["stages"][key] = result
         rows.append((name, result))
-        print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, accuracy {result['accuracy']:.1%}, "
-              f"by kind {({k: round(v, 2) for k, v in result['accuracy_by_kind'].items()})}, "
-              f"covered/uncovered entities {result['accuracy_by_coverage']}")
+        if questions is not None:
+            print(f"{name}: gold {result['gold']:.3f} ± {2 * result['gold_se']:.3f}, accuracy {result['accuracy']:.1%}, "
+                  f"by kind {({k: round(v, 2) for k, v in result['accuracy_by_kind'].items()})}, "
+                  f"covered/uncovered entities {result['accuracy_by_coverage']}")
+        else:
+            print(f"{name}: " + ", ".join(f"{k} {result[k]:.3f}" for k in ("rm", "kl", "eos_rate", "length") if k in result))
     if ns and rm is not None and ref is not None:
         tok = tokenizer_for(ref[1], cfg.reference)
-        report["best_of_n"] = best_of_n(ref[0], tok, questions, cfg, rm, ns)
+        report["best_of_n"] = best_of_n(ref[0], tok, prompts, cfg, rm, ns, questions)
         for r in report["best_of_n"].values():
             r["kl"] = r["kl_bound"]
             rows.append((f"{cfg.reference} best-of-{r['n']}", r))
     paired_difference(rows, cfg.reference)  # the rows share their dicts with the report
     print()
-    print_table(rows)
-    texts = {"report.json": json.dumps(report, indent=2) + "\n", "report.md": markdown(report, rows)}
+    columns = RM_COLUMNS if cfg.data else GOLD_COLUMNS
+    print_table(rows, columns)
+    texts = {"report.json": json.dumps(report, indent=2) + "\n", "report.md": markdown(report, rows, columns)}
     for name, text in texts.items():  # each written beside, then renamed: a report is replaced whole or not at all
         with open(os.path.join(cfg.out_dir, f"{name}.tmp{os.getpid()}"), "w") as f:
             f.write(text)

@@ -8,8 +8,8 @@ Samples from any checkpoint, side by side: what a stage learned, on your prompts
 
 --chat puts one user message into the chat template that every stage trains on ("Human: {chat}\\n\\nAssistant:",
 data/formats.py); --prompt is continued as it is; --data takes the prompts of any file ppo.py reads.
-eval.py scores the built-in task with its gold judge; on real data, samples (and the reward model's
-opinion of them) are what there is to look at. Each checkpoint samples with the same seed. A prompt
+eval.py puts numbers on them: the built-in task's gold judge, or on real data (eval.py --data) the
+reward model's score and win rate against the reference. Each checkpoint samples with the same seed. A prompt
 that leaves less than --max_new_tokens of a model's context loses its start (model.fit_prompt, as
 in ppo.py), and the reward model reads the prompt as the policy did.
 """

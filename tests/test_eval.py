@@ -40,14 +40,14 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n(monkeypatch)
     words = ["zero", "one", "two", "three"]  # sample j of each prompt answers " <words[j]>"
     monkeypatch.setattr(evaluation, "complete_ids", lambda policy, tok, prompts, *a, **k:
                         [tok.encode(" " + words[j % 4]) for j in range(len(prompts))])
-    monkeypatch.setattr(evaluation, "reward_scores", lambda rm, tok, prompts, responses, norm:
+    monkeypatch.setattr(evaluation, "reward_scores", lambda rm, tok, prompts, responses, norm, cut:
                         [r for row in rewards for r in row])
     kept = []
     real = evaluation.summarize
-    monkeypatch.setattr(evaluation, "summarize", lambda qs, texts: kept.append(texts) or real(qs, texts))
+    monkeypatch.setattr(evaluation, "summarize", lambda qs, texts, k: kept.append(texts) or real(qs, texts, k))
     cfg = evaluation.Config(best_of_temperature=1.0, max_new_tokens=4)
-    curve = evaluation.best_of_n(GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8)), tok, questions,
-                                 cfg, (None, {}), [1, 2, 4])
+    curve = evaluation.best_of_n(GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8)), tok,
+                                 [q.prompt for q in questions], cfg, (None, {}), [1, 2, 4], questions)
     assert kept == [[" zero", " zero", " zero"], [" one", " zero", " zero"], [" three", " three", " two"]]
     assert list(curve) == ["1", "2", "4"]
     assert [curve[n]["rm"] for n in curve] == pytest.approx([(0.1 + 3.0 - 1.0) / 3, (0.5 + 3.0 - 1.0) / 3, (2.0 + 4.0 + 1.0) / 3])
@@ -138,10 +138,11 @@ def test_sampling_draws_samples_responses_per_prompt_and_greedy_one(monkeypatch)
                         seen.append((list(prompts), kw["temperature"])) or [tok.encode(" Blue.") + [tok.eot_id]] * len(prompts))
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8))
     questions = eval_questions()[:3]
-    r = evaluation.evaluate(model, tok, questions, evaluation.Config(temperature=0.7, samples=3))
+    prompts = [q.prompt for q in questions]
+    r = evaluation.evaluate(model, tok, prompts, evaluation.Config(temperature=0.7, samples=3), questions=questions)
     assert seen[0] == ([q.prompt for q in questions for _ in range(3)], 0.7)
     assert r["samples_per_prompt"] == 3 and len(r["gold_scores"]) == 3 and r["length"] == len(tok.encode(" Blue.")) + 1
-    evaluation.evaluate(model, tok, questions, evaluation.Config(temperature=0.0, samples=3))
+    evaluation.evaluate(model, tok, prompts, evaluation.Config(temperature=0.0, samples=3), questions=questions)
     assert seen[1] == ([q.prompt for q in questions], 0.0)  # greedy: one answer per prompt
 
 
@@ -194,7 +195,8 @@ def test_sampled_evaluation_scores_and_measures_every_sample(tiny_chain, tmp_pat
     monkeypatch.setattr(evaluation, "complete_ids", complete)
     out = tmp_path / "eval"
     evaluation.main(evaluation.Config(checkpoints=tiny_chain["base"], reward=tiny_chain["rm"], reference=tiny_chain["sft"],
-                                      n_prompts=3, temperature=1.0, samples=2, best_of="", out_dir=str(out), device="cpu"))
+                                      n_prompts=3, temperature=1.0, samples=2, max_new_tokens=8, best_of="", out_dir=str(out),
+                                      device="cpu"))  # prompts of up to 29 tokens + 8 fit the context of 64 whole
     r = json.loads((out / "report.json").read_text())["stages"]["base"]
     prompts = [q.prompt for q in eval_questions()[:3] for _ in range(2)]
     assert drawn == [prompts] and r["samples_per_prompt"] == 2
@@ -227,3 +229,87 @@ def test_a_checkpoint_with_another_tokenizer_is_refused_when_named_and_left_out_
     evaluation.main(evaluation.Config(**args))
     assert list(json.loads((tmp_path / "out" / "eval" / "report.json").read_text())["stages"]) == ["a_sft"]
     assert "left out, trained with another tokenizer than out/a_sft: out/z_other" in capsys.readouterr().out
+
+
+def test_paired_reward_difference_and_win_rate_by_hand():
+    """A row of two samples a prompt against a greedy reference (one a prompt): a prompt's win rate is
+    the share of (sample, reference sample) pairs the row's sample wins, a tie counting half."""
+    rows = [("a", {"rm_scores": [1.0, 0.0, 2.0, 2.0, 3.0, 1.0], "samples_per_prompt": 2}),
+            ("out/ref/", {"rm_scores": [0.5, 1.0, 1.0], "samples_per_prompt": 1}),
+            ("b", {"rm_scores": [1.0, 2.0, 0.0, 0.0, 5.0, -5.0], "samples_per_prompt": 2})]
+    evaluation.paired_difference(rows, "out/ref")  # the same directory, spelt without the slash
+    a, ref, b = (r for _, r in rows)
+    # prompt by prompt: wins 1 of 2, 2 of 2, 1.5 of 2 (3 > 1, 1 = 1); score differences 0.5 - 0.5, 2 - 1, 2 - 1
+    assert a["win_rate"] == pytest.approx(0.75) and a["win_rate_se"] == pytest.approx(math.sqrt(0.0625 / 3))
+    assert a["rm_vs_reference"] == pytest.approx(2 / 3) and a["rm_vs_reference_se"] == pytest.approx(1 / 3)
+    assert ref["win_rate"] == 0.5 and ref["win_rate_se"] == 0 and ref["rm_vs_reference"] == 0
+    # b: wins 2 of 2, 0 of 2, 1 of 2 (5 > 1 > -5); differences 1.5 - 0.5, 0 - 1, 0 - 1: it wins half, by less on average
+    assert b["win_rate"] == pytest.approx((1 + 0 + 0.5) / 3) and b["rm_vs_reference"] == pytest.approx((1 - 1 - 1) / 3)
+    assert "gold_vs_reference" not in a  # no gold scores, no gold difference
+    rows = [("ref", {"rm_scores": [1.0, 2.0, 7.0, 7.0], "samples_per_prompt": 2})]
+    evaluation.paired_difference(rows, "ref")  # sampled, against itself: every pair and its mirror, so one half
+    assert rows[0][1]["win_rate"] == 0.5 and rows[0][1]["rm_vs_reference"] == 0
+
+
+def test_prompts_of_a_file_are_judged_by_the_reward_model(tiny_chain, tmp_path, monkeypatch):
+    """--data: the file's distinct prompts, a long one cut from the left as the policy read it; each
+    response scored by the reward model on exactly what the policy read (checked one sequence at a time,
+    unpadded); the reference wins half against itself; no gold anywhere; best-of-n scored the same way."""
+    from model import load_checkpoint
+    from reward import rewards
+    tok = get_tokenizer("builtin")
+    long = "Human: " + " ".join(["Where does the suho live and what does it eat?"] * 12) + "\n\nAssistant:"
+    assert len(tok.encode_prompt(long)) > 64  # longer than the whole context
+    prompts = ["Human: What color is the gomi?\n\nAssistant:", long, "Human: Hi!\n\nAssistant:"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [prompts[0], prompts[1], prompts[0], prompts[2]]))
+    calls = []
+    real = evaluation.complete_ids
+    monkeypatch.setattr(evaluation, "complete_ids", lambda model, tok, ps, n, **kw: calls.append((ps, n, kw)) or
+                        calls[-1][2].setdefault("out", real(model, tok, ps, n, **kw)))
+    out = tmp_path / "eval"
+    evaluation.main(evaluation.Config(data=str(data), checkpoints=f"{tiny_chain['base']},{tiny_chain['sft']}", reward=tiny_chain["rm"],
+                                      reference=tiny_chain["sft"], n_prompts=700, max_new_tokens=8, best_of="1,2",
+                                      out_dir=str(out), device="cpu"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_prompts"] == 3 and calls[0][0] == prompts and all(kw["leave_room"] for _, _, kw in calls)
+    base, sft = report["stages"]["base"], report["stages"]["sft"]
+    assert not any(k.startswith("gold") for k in base) and sft["win_rate"] == 0.5 and sft["rm_vs_reference"] == 0
+    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
+    norm = info["reward_norm"]
+    for stage, (_, _, kw) in zip((base, sft), calls):
+        responses = kw["out"]
+        want = [norm["gain"] * rewards(rm.eval(), [tok.encode_prompt(p)[-(64 - 8):] + r], tok.pad_id, "cpu").item() + norm["bias"]
+                for p, r in zip(prompts, responses)]
+        assert stage["rm_scores"] == pytest.approx(want, abs=1e-5) and stage["rm"] == pytest.approx(sum(want) / 3, abs=1e-5)
+        assert stage["eos_rate"] == sum(bool(r) and r[-1] == tok.eot_id for r in responses) / 3
+        assert stage["length"] == sum(map(len, responses)) / 3 and stage["samples"][1]["prompt"] == long
+    wins = [(a > b) + (a == b) / 2 for a, b in zip(base["rm_scores"], sft["rm_scores"])]
+    assert base["win_rate"] == pytest.approx(sum(wins) / 3) and base["kl"] > 0
+    best = report["best_of_n"]
+    assert list(best) == ["1", "2"] and best["2"]["rm"] >= best["1"]["rm"] and "gold" not in best["2"]
+    assert 0 <= best["2"]["win_rate"] <= 1
+    md = (out / "report.md").read_text()
+    assert f"3 prompts of {data}" in md and "| win rate |" in md and "Judged by the reward model" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(n_prompts=0), "--n_prompts must be at least 1, got 0"),
+    (dict(n_prompts=601), "--n_prompts: the built-in task has 600 held-out prompts, got 601"),
+    (dict(max_new_tokens=0), "--max_new_tokens must be at least 1, got 0"),
+    (dict(data="{missing}"), "{missing}"),
+    (dict(reward="{short}", data="{prompts}"), "{short} has a context of 32 tokens, shorter than {sft}'s 64"),
+])
+def test_bad_eval_inputs_are_refused_in_one_line(args, message, tiny_chain, tmp_path):
+    from dataclasses import asdict
+    from model import load_checkpoint, save_checkpoint
+    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
+    save_checkpoint(tmp_path / "short", GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32})),
+                    {k: v for k, v in info.items() if k != "model"})
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:"}) + "\n")
+    names = dict(sft=tiny_chain["sft"], short=str(tmp_path / "short"), missing=str(tmp_path / "none.jsonl"),
+                 prompts=str(tmp_path / "p.jsonl"))
+    args = {"reward": "", "reference": "", **{k: v.format(**names) if isinstance(v, str) else v for k, v in args.items()}}
+    with pytest.raises(UserError, match=message.format(**names)):
+        evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], out_dir=str(tmp_path / "e"), best_of="", device="cpu", **args))
+    assert not (tmp_path / "e").exists()
