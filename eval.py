@@ -37,8 +37,11 @@ a tie counting half; every sample against every sample of the reference at a tem
 each with two standard errors over prompts, beside the EOS rate, length and KL. A reward model is a
 proxy, the one PPO optimised: a policy trained against it wins by its errors too (the built-in task's
 gold column shows how much), so read its win rate next to the KL it cost. A stage entry then holds
-"rm", "rm_se", "rm_scores", "rm_vs_reference", "win_rate" (each with "_se"), "eos_rate", "length",
-"kl" and "samples", and no gold fields.
+"samples_per_prompt", "eos_rate", "length", "samples", "rm", "rm_se" and "rm_scores", "kl" (with a
+reference), "rm_vs_reference" and "win_rate" (each with "_se"; when the reference is among the
+checkpoints), and no gold fields. On the built-in task they are in the JSON too, beside the gold.
+A prompt that leaves less than --max_new_tokens of a model's context loses its start
+(model.fit_prompt, as in ppo.py), and the reward model and the reference read it so cut.
 <name> is the checkpoint directory's name (base, sft, ppo, dpo with the defaults; its path where two
 share a name), and each entry also holds its "stage" and "checkpoint". "rm" is the reward model's
 held-out accuracy against the raters' Bayes rate (from its checkpoint); "length" is the mean
@@ -184,18 +187,23 @@ def describe(prompts, responses, tok, k, questions=None):
     if questions is not None:
         result = summarize(questions, texts, k)
     else:
-        result = {"samples_per_prompt": k, "eos_rate": sum(bool(r) and r[-1] == tok.eot_id for r in responses) / len(responses),
+        stopped = [bool(r) and r[-1] == tok.eot_id for r in responses]
+        result = {"samples_per_prompt": k, "eos_rate": sum(stopped) / len(stopped),
                   "samples": [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[::k])]}
     result["length"] = sum(map(len, responses)) / len(responses)
     return result
 
 
+def per_prompt(scores, k):
+    """Scores of k samples a prompt, a prompt's side by side -> one list of k per prompt."""
+    return [scores[i:i + k] for i in range(0, len(scores), k)]
+
+
 def add_rm(result, scores):
     """The reward model's scores of a result's responses: their mean, its standard error over prompts
     (a prompt's score being the mean of its samples'), and every score, for paired_difference."""
-    k = result["samples_per_prompt"]
     result["rm"] = sum(scores) / len(scores)
-    result["rm_se"] = mean_se([sum(scores[i:i + k]) / k for i in range(0, len(scores), k)])[1]
+    result["rm_se"] = mean_se([sum(s) / len(s) for s in per_prompt(scores, result["samples_per_prompt"])])[1]
     result["rm_scores"] = scores
 
 
@@ -206,15 +214,16 @@ def evaluate(model, tok, prompts, cfg, rm=None, ref=None, questions=None):
     than cfg.max_new_tokens of the context (model.fit_prompt), as in ppo.py, and every model reads it
     so cut."""
     k = cfg.samples if cfg.temperature > 0 else 1  # greedy decoding would give the same answer k times
-    flat = [p for p in prompts for _ in range(k)]
+    repeated = [p for p in prompts for _ in range(k)]
     gen = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(cfg.seed)
-    responses = complete_ids(model, tok, flat, cfg.max_new_tokens, leave_room=True, temperature=cfg.temperature, generator=gen)
+    responses = complete_ids(model, tok, repeated, cfg.max_new_tokens, leave_room=True, temperature=cfg.temperature,
+                             generator=gen)
     cut = (model.config.block_size, cfg.max_new_tokens)
     result = describe(prompts, responses, tok, k, questions)
     if rm is not None:
-        add_rm(result, reward_scores(rm[0], tok, flat, responses, rm[1].get("reward_norm"), cut))
+        add_rm(result, reward_scores(rm[0], tok, repeated, responses, rm[1].get("reward_norm"), cut))
     if ref is not None:
-        kls = response_kl(model, ref, tok, flat, responses, cut)
+        kls = response_kl(model, ref, tok, repeated, responses, cut)
         result["kl"] = sum(kls) / len(kls)
     return result
 
@@ -224,26 +233,35 @@ def best_of_n(policy, tok, prompts, cfg, rm, ns, questions=None):
     reward model scores highest among the first n. Its KL to the sampled distribution is at most
     log n - (n - 1) / n."""
     N = max(ns)
-    flat_prompts = [p for p in prompts for _ in range(N)]
+    repeated = [p for p in prompts for _ in range(N)]
     gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(cfg.seed)
-    flat = complete_ids(policy, tok, flat_prompts, cfg.max_new_tokens, leave_room=True, temperature=cfg.best_of_temperature, generator=gen)
-    scores = reward_scores(rm[0], tok, flat_prompts, flat, rm[1].get("reward_norm"), cut=(policy.config.block_size, cfg.max_new_tokens))
+    samples = complete_ids(policy, tok, repeated, cfg.max_new_tokens, leave_room=True, temperature=cfg.best_of_temperature,
+                           generator=gen)
+    scores = reward_scores(rm[0], tok, repeated, samples, rm[1].get("reward_norm"), (policy.config.block_size, cfg.max_new_tokens))
     curve = {}
     for n in ns:
         best = [max(range(i * N, i * N + n), key=lambda j: scores[j]) for i in range(len(prompts))]
-        result = describe(prompts, [flat[j] for j in best], tok, 1, questions)
+        result = describe(prompts, [samples[j] for j in best], tok, 1, questions)
         add_rm(result, [scores[j] for j in best])
         result.update(n=n, kl_bound=math.log(n) - (n - 1) / n)
         curve[str(n)] = result
     return curve
 
 
+TIE = 1e-4  # reward scores closer than this are a tie: one response scores ~1e-7 apart in differently padded batches
+
+
+def win_rate(mine, theirs):
+    """The chance that one of my responses to a prompt outscores one of theirs (every pair of samples),
+    a tie counting half. mine, theirs: the reward model's scores of each side's samples of one prompt."""
+    return sum(1.0 if x > y + TIE else 0.0 if y > x + TIE else 0.5 for x in mine for y in theirs) / (len(mine) * len(theirs))
+
+
 def paired_difference(rows, reference):
     """Each row against the reference checkpoint's, prompt by prompt, with standard errors over prompts:
     its gold score minus the reference's (gold_vs_reference), and with a reward model its score minus
-    the reference's (rm_vs_reference) and its win rate (win_rate: the chance that one of the row's
-    responses to a prompt outscores one of the reference's, a tie counting half). Most answers are
-    the same, so these see a change that the two intervals of the table side by side hide."""
+    the reference's (rm_vs_reference) and its win_rate. Most answers are the same, so these see a
+    change that the two intervals of the table side by side hide."""
     ref = next((r for name, r in rows if reference and os.path.realpath(name) == os.path.realpath(reference)), None)
     if ref is None:
         return
@@ -251,14 +269,10 @@ def paired_difference(rows, reference):
         if "gold_scores" in r and "gold_scores" in ref:
             r["gold_vs_reference"], r["gold_vs_reference_se"] = mean_se([a - b for a, b in zip(r["gold_scores"], ref["gold_scores"])])
         if "rm_scores" in r and "rm_scores" in ref:
-            pairs = list(zip(per_prompt(r["rm_scores"], r["samples_per_prompt"]), per_prompt(ref["rm_scores"], ref["samples_per_prompt"])))
+            pairs = list(zip(per_prompt(r["rm_scores"], r["samples_per_prompt"]),
+                             per_prompt(ref["rm_scores"], ref["samples_per_prompt"])))
             r["rm_vs_reference"], r["rm_vs_reference_se"] = mean_se([sum(a) / len(a) - sum(b) / len(b) for a, b in pairs])
-            r["win_rate"], r["win_rate_se"] = mean_se([sum((x > y) + (x == y) / 2 for x in a for y in b) / (len(a) * len(b))
-                                                       for a, b in pairs])
-
-
-def per_prompt(scores, k):
-    return [scores[i:i + k] for i in range(0, len(scores), k)]
+            r["win_rate"], r["win_rate_se"] = mean_se([win_rate(a, b) for a, b in pairs])
 
 
 GOLD_COLUMNS = ["gold", "±2se", "vs ref", "±2se", "accuracy", "answered", "eos", "words", "hedged", "flattery", "padded", "rm", "kl"]
@@ -368,15 +382,22 @@ def main(cfg):
         questions = eval_questions()[:cfg.n_prompts]
         prompts = [q.prompt for q in questions]
 
-    def optional(path, head):  # (model, config dict), or None
+    def optional(path, head, flag, without):  # (model, config dict), or None
         if not (path and os.path.isdir(path)):
+            if path:
+                print(f"no checkpoint at --{flag} {path}: {without}")
             return None
         model, info = load_checkpoint(path, head=head, device=device)
         tokenizer_for(info, path)  # refuses a checkpoint whose tokenizer has changed since
         return model.eval(), info
-    rm, ref = optional(cfg.reward, "scalar"), optional(cfg.reference, "lm")
+    if cfg.data and not (cfg.reward and os.path.isdir(cfg.reward)):
+        raise common.UserError(f"--data needs a reward model to judge its prompts, which no gold judge knows: "
+                               f"--reward {cfg.reward or '(empty)'} is not a checkpoint directory")
+    rm = optional(cfg.reward, "scalar", "reward", "no rm column, no best-of-n")
+    ref = optional(cfg.reference, "lm", "reference", "no kl and vs ref columns, no best-of-n")
     # every checkpoint's tokenizer against the reward model's and the reference's, before any evaluation
-    toks = {name: tokenizer_for(checkpoint_config(name)[1], name) for name in names}
+    configs = {name: checkpoint_config(name) for name in names}
+    toks = {name: tokenizer_for(configs[name][1], name) for name in names}
     clashes = {name: path for name in names for other, path in ((rm, cfg.reward), (ref, cfg.reference))
                if other and other[1].get("tokenizer_fingerprint") != toks[name].fingerprint}
     if cfg.checkpoints and clashes:
@@ -388,10 +409,12 @@ def main(cfg):
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
     for name in names:  # the reward model and the reference read each response whole, with its prompt as the policy read it
-        n_ctx = checkpoint_config(name)[0].block_size
+        n_ctx = configs[name][0].block_size
         for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
             if other and other[0].config.block_size < n_ctx:
                 raise common.UserError(f"{path} has a context of {other[0].config.block_size} tokens, shorter than {name}'s {n_ctx}")
+    if ref and not any(os.path.realpath(n) == os.path.realpath(cfg.reference) for n in names):
+        print(f"the reference {cfg.reference} is not among the checkpoints evaluated: no vs ref column (nor win rate)")
     try:  # before the evaluation, not after it
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:

@@ -241,8 +241,8 @@ class GPT(nn.Module):
 
 def fit_prompt(ids, block_size, max_new_tokens):
     """A prompt's token ids, cut from the left if need be to leave max_new_tokens of the context (its
-    last token is always kept): ppo.py and sample.py cut every prompt so, complete_ids one that
-    fills the context."""
+    last token is always kept): ppo.py, sample.py and eval.py cut every prompt so, complete_ids one
+    that fills the context."""
     return ids[-max(1, block_size - max_new_tokens):]
 
 

@@ -234,12 +234,13 @@ def test_a_checkpoint_with_another_tokenizer_is_refused_when_named_and_left_out_
 def test_paired_reward_difference_and_win_rate_by_hand():
     """A row of two samples a prompt against a greedy reference (one a prompt): a prompt's win rate is
     the share of (sample, reference sample) pairs the row's sample wins, a tie counting half."""
-    rows = [("a", {"rm_scores": [1.0, 0.0, 2.0, 2.0, 3.0, 1.0], "samples_per_prompt": 2}),
+    rows = [("a", {"rm_scores": [1.0, 0.0, 2.0, 2.0, 3.0, 1.0 + 3e-7], "samples_per_prompt": 2}),  # 1 + 3e-7: the
+            # reference's response scored again in another batch, whose padding moves it by float noise
             ("out/ref/", {"rm_scores": [0.5, 1.0, 1.0], "samples_per_prompt": 1}),
             ("b", {"rm_scores": [1.0, 2.0, 0.0, 0.0, 5.0, -5.0], "samples_per_prompt": 2})]
     evaluation.paired_difference(rows, "out/ref")  # the same directory, spelt without the slash
     a, ref, b = (r for _, r in rows)
-    # prompt by prompt: wins 1 of 2, 2 of 2, 1.5 of 2 (3 > 1, 1 = 1); score differences 0.5 - 0.5, 2 - 1, 2 - 1
+    # prompt by prompt: wins 1 of 2, 2 of 2, 1.5 of 2 (3 > 1, a tie); score differences 0.5 - 0.5, 2 - 1, 2 - 1
     assert a["win_rate"] == pytest.approx(0.75) and a["win_rate_se"] == pytest.approx(math.sqrt(0.0625 / 3))
     assert a["rm_vs_reference"] == pytest.approx(2 / 3) and a["rm_vs_reference_se"] == pytest.approx(1 / 3)
     assert ref["win_rate"] == 0.5 and ref["win_rate_se"] == 0 and ref["rm_vs_reference"] == 0
@@ -251,13 +252,26 @@ def test_paired_reward_difference_and_win_rate_by_hand():
     assert rows[0][1]["win_rate"] == 0.5 and rows[0][1]["rm_vs_reference"] == 0
 
 
+def test_the_reward_models_standard_error_is_over_prompts():
+    result = {"samples_per_prompt": 2}
+    evaluation.add_rm(result, [1.0, 3.0, 0.0, 0.0, 5.0, 7.0])  # prompts' means 2, 0, 6: sample variance 28 / 3
+    assert result["rm"] == pytest.approx(16 / 6) and result["rm_se"] == pytest.approx(math.sqrt(28 / 3 / 3))
+
+
 def test_prompts_of_a_file_are_judged_by_the_reward_model(tiny_chain, tmp_path, monkeypatch):
     """--data: the file's distinct prompts, a long one cut from the left as the policy read it; each
     response scored by the reward model on exactly what the policy read (checked one sequence at a time,
-    unpadded); the reference wins half against itself; no gold anywhere; best-of-n scored the same way."""
-    from model import load_checkpoint
+    unpadded), though the reward model's context is longer; the reference wins half against itself; no
+    gold anywhere; best-of-n scored the same way."""
+    from dataclasses import asdict
+    from model import load_checkpoint, save_checkpoint
     from reward import rewards
     tok = get_tokenizer("builtin")
+    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")  # the same reward model with a context of 96, not 64
+    rm96 = GPT(GPTConfig(**{**asdict(rm.config), "block_size": 96})).eval()
+    state = rm.state_dict()
+    rm96.load_state_dict({**state, "transformer.wpe.weight": torch.cat([state["transformer.wpe.weight"], torch.zeros(32, 32)])})
+    save_checkpoint(tmp_path / "rm96", rm96, {k: v for k, v in info.items() if k != "model"})
     long = "Human: " + " ".join(["Where does the suho live and what does it eat?"] * 12) + "\n\nAssistant:"
     assert len(tok.encode_prompt(long)) > 64  # longer than the whole context
     prompts = ["Human: What color is the gomi?\n\nAssistant:", long, "Human: Hi!\n\nAssistant:"]
@@ -268,25 +282,29 @@ def test_prompts_of_a_file_are_judged_by_the_reward_model(tiny_chain, tmp_path, 
     monkeypatch.setattr(evaluation, "complete_ids", lambda model, tok, ps, n, **kw: calls.append((ps, n, kw)) or
                         calls[-1][2].setdefault("out", real(model, tok, ps, n, **kw)))
     out = tmp_path / "eval"
-    evaluation.main(evaluation.Config(data=str(data), checkpoints=f"{tiny_chain['base']},{tiny_chain['sft']}", reward=tiny_chain["rm"],
+    evaluation.main(evaluation.Config(data=str(data), checkpoints=f"{tiny_chain['base']},{tiny_chain['sft']}", reward=str(tmp_path / "rm96"),
                                       reference=tiny_chain["sft"], n_prompts=700, max_new_tokens=8, best_of="1,2",
                                       out_dir=str(out), device="cpu"))
     report = json.loads((out / "report.json").read_text())
     assert report["n_prompts"] == 3 and calls[0][0] == prompts and all(kw["leave_room"] for _, _, kw in calls)
     base, sft = report["stages"]["base"], report["stages"]["sft"]
     assert not any(k.startswith("gold") for k in base) and sft["win_rate"] == 0.5 and sft["rm_vs_reference"] == 0
-    rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
     norm = info["reward_norm"]
+
+    def score(p, r):  # alone, unpadded, on the prompt cut to leave the policy's 8 new tokens of its 64
+        return norm["gain"] * rewards(rm96, [tok.encode_prompt(p)[-(64 - 8):] + r], tok.pad_id, "cpu").item() + norm["bias"]
     for stage, (_, _, kw) in zip((base, sft), calls):
         responses = kw["out"]
-        want = [norm["gain"] * rewards(rm.eval(), [tok.encode_prompt(p)[-(64 - 8):] + r], tok.pad_id, "cpu").item() + norm["bias"]
-                for p, r in zip(prompts, responses)]
+        want = [score(p, r) for p, r in zip(prompts, responses)]
         assert stage["rm_scores"] == pytest.approx(want, abs=1e-5) and stage["rm"] == pytest.approx(sum(want) / 3, abs=1e-5)
         assert stage["eos_rate"] == sum(bool(r) and r[-1] == tok.eot_id for r in responses) / 3
         assert stage["length"] == sum(map(len, responses)) / 3 and stage["samples"][1]["prompt"] == long
-    wins = [(a > b) + (a == b) / 2 for a, b in zip(base["rm_scores"], sft["rm_scores"])]
+    wins = [0.5 if x == y else float(a > b)  # the same response is a tie, whatever its batch
+            for a, b, x, y in zip(base["rm_scores"], sft["rm_scores"], calls[0][2]["out"], calls[1][2]["out"])]
     assert base["win_rate"] == pytest.approx(sum(wins) / 3) and base["kl"] > 0
-    best = report["best_of_n"]
+    best, samples = report["best_of_n"], calls[2][2]["out"]  # 2 samples a prompt; best-of-1 keeps the first
+    assert calls[2][0] == [p for p in prompts for _ in range(2)]
+    assert best["1"]["rm_scores"] == pytest.approx([score(p, samples[2 * i]) for i, p in enumerate(prompts)], abs=1e-5)
     assert list(best) == ["1", "2"] and best["2"]["rm"] >= best["1"]["rm"] and "gold" not in best["2"]
     assert 0 <= best["2"]["win_rate"] <= 1
     md = (out / "report.md").read_text()
@@ -299,6 +317,9 @@ def test_prompts_of_a_file_are_judged_by_the_reward_model(tiny_chain, tmp_path, 
     (dict(max_new_tokens=0), "--max_new_tokens must be at least 1, got 0"),
     (dict(data="{missing}"), "{missing}"),
     (dict(reward="{short}", data="{prompts}"), "{short} has a context of 32 tokens, shorter than {sft}'s 64"),
+    (dict(reference="{short_lm}"), "{short_lm} has a context of 32 tokens, shorter than {sft}'s 64"),
+    (dict(data="{prompts}"), r"--data needs a reward model to judge its prompts, which no gold judge knows: --reward \(empty\)"),
+    (dict(data="{prompts}", reward="{missing}"), "--data needs a reward model .* --reward {missing} is not a checkpoint directory"),
 ])
 def test_bad_eval_inputs_are_refused_in_one_line(args, message, tiny_chain, tmp_path):
     from dataclasses import asdict
@@ -306,10 +327,24 @@ def test_bad_eval_inputs_are_refused_in_one_line(args, message, tiny_chain, tmp_
     rm, info = load_checkpoint(tiny_chain["rm"], head="scalar")
     save_checkpoint(tmp_path / "short", GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32})),
                     {k: v for k, v in info.items() if k != "model"})
+    save_checkpoint(tmp_path / "short_lm", GPT(GPTConfig(**{**asdict(rm.config), "block_size": 32, "head": "lm"})),
+                    {k: v for k, v in info.items() if k != "model"})
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:"}) + "\n")
-    names = dict(sft=tiny_chain["sft"], short=str(tmp_path / "short"), missing=str(tmp_path / "none.jsonl"),
+    names = dict(sft=tiny_chain["sft"], short=str(tmp_path / "short"), short_lm=str(tmp_path / "short_lm"), missing=str(tmp_path / "none.jsonl"),
                  prompts=str(tmp_path / "p.jsonl"))
     args = {"reward": "", "reference": "", **{k: v.format(**names) if isinstance(v, str) else v for k, v in args.items()}}
     with pytest.raises(UserError, match=message.format(**names)):
         evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], out_dir=str(tmp_path / "e"), best_of="", device="cpu", **args))
     assert not (tmp_path / "e").exists()
+
+
+def test_what_is_left_out_of_the_table_is_said(tiny_chain, tmp_path, capsys):
+    """A reference that is not evaluated leaves the vs ref column empty, and a reward model that is not
+    there the rm column: each said in a line, not left for the reader to puzzle over."""
+    evaluation.main(evaluation.Config(checkpoints=tiny_chain["base"], reward=str(tmp_path / "no_rm"), reference=tiny_chain["sft"],
+                                      n_prompts=2, max_new_tokens=4, best_of="1", out_dir=str(tmp_path / "e"), device="cpu"))
+    out = capsys.readouterr().out
+    assert f"no checkpoint at --reward {tmp_path / 'no_rm'}: no rm column, no best-of-n" in out
+    assert f"the reference {tiny_chain['sft']} is not among the checkpoints evaluated: no vs ref column" in out
+    r = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert "rm" not in r["stages"]["base"] and "gold_vs_reference" not in r["stages"]["base"] and r["stages"]["base"]["kl"] > 0
