@@ -107,7 +107,8 @@ def load_tokens(cfg, tok):
 
 
 def get_batch(tokens, cfg, generator, device):
-    ix = torch.randint(len(tokens) - cfg.block_size - 1, (cfg.batch_size,), generator=generator)
+    """batch_size windows of block_size + 1 tokens at random starts: inputs and their next tokens."""
+    ix = torch.randint(len(tokens) - cfg.block_size, (cfg.batch_size,), generator=generator)  # the last start is len - block_size - 1
     x = torch.stack([tokens[i:i + cfg.block_size] for i in ix])
     y = torch.stack([tokens[i + 1:i + 1 + cfg.block_size] for i in ix])
     return x.to(device), y.to(device)

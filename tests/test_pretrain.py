@@ -109,6 +109,16 @@ def test_a_batch_is_windows_of_the_stream_and_their_next_tokens():
     assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
 
 
+def test_every_window_is_drawn_down_to_a_stream_of_one():
+    """A stream of block_size + 1 tokens holds one window (the smallest split load_tokens allows); a
+    longer one holds len - block_size, and each is drawn, the last one (its last token a target) too."""
+    cfg = pretrain.Config(block_size=8, batch_size=64)
+    x, y = pretrain.get_batch(torch.arange(9), cfg, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x, torch.arange(8).expand(64, 8)) and torch.equal(y, x + 1)
+    x, _ = pretrain.get_batch(torch.arange(12), cfg, torch.Generator().manual_seed(0), "cpu")
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3}
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     cfg = pretrain.Config(lr=1.0, min_lr=0.1, warmup_steps=5, max_steps=105)
     assert [pretrain.lr_at(s, cfg) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
