@@ -145,15 +145,13 @@ def main(cfg):
         if not val:
             return float("nan")
         model.eval()
-        micro, losses = cfg.micro_batch_size or cfg.batch_size, []
-        for i in range(0, len(val), cfg.batch_size):  # each batch's mean over its tokens, in micro-batches
-            batch, nll = val[i:i + cfg.batch_size], 0.0
-            for part in (batch[j:j + micro] for j in range(0, len(batch), micro)):
-                with autocast:
-                    nll += sft_loss(model, *collate(part, tok.pad_id, device)).item() * n_targets_of(part)
-            losses.append(nll / n_targets_of(batch))
+        micro, nll = cfg.micro_batch_size or cfg.batch_size, 0.0
+        for i in range(0, len(val), micro):  # the mean over every response token of the split
+            part = val[i:i + micro]
+            with autocast:
+                nll += sft_loss(model, *collate(part, tok.pad_id, device)).item() * n_targets_of(part)
         model.train()
-        return sum(losses) / len(losses)
+        return nll / n_targets_of(val)
 
     sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else val_prompts[:cfg.n_samples]
     model.eval()

@@ -166,19 +166,25 @@ def test_length_groups_epochs_and_the_learning_rate_schedule_reach_the_training(
 
 
 def test_the_validation_loss_is_the_mean_over_response_tokens(tiny_chain, tmp_path, monkeypatch):
-    """With the validation set in one batch, each logged val_loss must be sft_loss over that batch:
-    the negative log-likelihood summed over its response tokens, divided by their number."""
+    """Each logged val_loss is the negative log-likelihood summed over every response token of the
+    validation split, divided by their number: here 9 demonstrations in passes of 8 and 1, so a mean of
+    the two passes' means (which weighs the one demonstration's tokens 8 times as much) would differ."""
     passes, real = [], sft.sft_loss
 
-    def spy(*args):
-        loss = real(*args)
+    def spy(model, x, y):
+        loss = real(model, x, y)
         if not torch.is_grad_enabled():  # a validation pass
-            passes.append(loss.item())
+            passes.append((loss.item(), (y != -100).sum().item()))
         return loss
     monkeypatch.setattr(sft, "sft_loss", spy)
     out = tmp_path / "sft"
-    sft.main(sft.Config(init=tiny_chain["sft"], n_demos=60, val_fraction=0.1, batch_size=8, epochs=1, log_every=2,
+    sft.main(sft.Config(init=tiny_chain["sft"], n_demos=90, val_fraction=0.1, batch_size=8, epochs=1, log_every=2,
                         n_samples=1, out_dir=str(out), device="cpu"))
     logged = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((out / "config.json").read_text())["metrics"]["val_loss"]
-    assert len(logged) >= 3 and logged + [final] == pytest.approx(passes, abs=1e-6)  # and once more for the metrics
+    rounds = [passes[i:i + 2] for i in range(0, len(passes), 2)]  # one evaluation: a pass of 8, then of 1
+    assert len(logged) >= 3 and len(rounds) == len(logged) + 1 and all(len(r) == 2 for r in rounds)
+    want = [sum(loss * n for loss, n in r) / sum(n for _, n in r) for r in rounds]
+    assert logged + [final] == pytest.approx(want, abs=1e-6)  # and once more for the metrics
+    (a, na), (b, nb) = rounds[-1]
+    assert abs((a + b) / 2 - want[-1]) > 1e-3  # the case tells the two means apart
