@@ -44,6 +44,7 @@ the prompt less than a quarter of the context (or less than the whole prompt, if
 is dropped. Stages print both counts.
 """
 
+import functools
 import gzip
 import json
 import os
@@ -52,6 +53,7 @@ import re
 from collections import Counter
 
 from common import UserError
+from data.tokenizer import EOT
 
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 MARK = "\n\nAssistant:"
@@ -252,11 +254,39 @@ def parse_preference(row, where):
 
 
 def parse_openai(row, where):
+    return pair(openai_prompt(row, where), response_field(row, "preferred_output", where),
+                response_field(row, "non_preferred_output", where))
+
+
+def openai_prompt(row, where):
     inp = row.get("input")
     if not isinstance(inp, dict) or "messages" not in inp:
         raise UserError(f"{where}: field 'input' must be an object with 'messages'")
-    prompt = chat_prompt(messages(inp["messages"], where, "input.messages"))
-    return pair(prompt, response_field(row, "preferred_output", where), response_field(row, "non_preferred_output", where))
+    return chat_prompt(messages(inp["messages"], where, "input.messages"))
+
+
+def parse_chosen(fmt, row, where):
+    """SFT on a preference file: the chosen response as a demonstration, split from its own
+    conversation. Not from the pair's split: where chosen and rejected part before the last turn
+    (HH-RLHF has such rows), that split's response holds the later Human turns too, which SFT would
+    teach the model to write. And the row counts whatever its rejected response is (empty, or the
+    same as the chosen one)."""
+    if fmt == "openai_preference":
+        return dict(prompt=openai_prompt(row, where), completion=response_field(row, "preferred_output", where))
+    chosen = row.get("chosen")
+    if isinstance(chosen, list) and (fmt == "implicit_prompt" or len(chosen) > 1):  # a whole conversation
+        prompt, completion = split_conversation(messages(chosen, where, "chosen"), where)
+    elif fmt == "implicit_prompt":  # a transcript: the prompt ends at its last "\n\nAssistant:"
+        chosen = string(row, "chosen", where)
+        end = chosen.rfind(MARK) + len(MARK)
+        if end < len(MARK):
+            raise Skip("the chosen transcript has no '\\n\\nAssistant:'")
+        prompt, completion = chosen[:end].lstrip("\n"), chosen[end:]
+    else:
+        prompt, completion = prompt_field(row, "prompt", where), response_field(row, "chosen", where)
+    if not completion.strip():
+        raise Skip("an empty chosen response")
+    return dict(prompt=prompt, completion=completion)
 
 
 def parse_chat(row, where):
@@ -321,11 +351,15 @@ class Dataset:
         self.path, self.task = str(path), task
         if task == "lm" and not self.path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
             self.format, self.skipped = "text", []
-            self.rows = [dict(text=read_text(self.path), where=f"{self.path}:1")]
+            self.rows = text_file_documents(self.path)
             return
         records = read_records(self.path)
         self.format = detect(*records[0], task)
-        parse = parse_chat_prompt if (task, self.format) == ("prompt", "chat") else FORMATS[self.format][1]
+        parse = FORMATS[self.format][1]
+        if (task, self.format) == ("prompt", "chat"):
+            parse = parse_chat_prompt
+        elif task == "sft" and FORMATS[self.format][2] == "preference":
+            parse = functools.partial(parse_chosen, self.format)
         self.rows, self.skipped = [], []
         fields = FORMATS[self.format][0]
         for where, row in records:
@@ -339,8 +373,6 @@ class Dataset:
                 continue
             if task == "prompt":
                 out = dict(prompt=out["prompt"])
-            elif task == "sft" and "chosen" in out:  # SFT on a preference file: the chosen responses
-                out = dict(prompt=out["prompt"], completion=out["chosen"])
             self.rows.append({**out, "where": where})
         if not self.rows:
             raise UserError(f"{self.path}: no usable rows: all {len(self.skipped)} were skipped "
@@ -362,6 +394,20 @@ def write_rows(path, rows):
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
+
+
+def text_file_documents(path):
+    """The documents of a .txt corpus: the whole file, or the parts between the literal <|endoftext|>
+    that separates GPT-2's training documents (the stages join them with the real token, which no
+    text encodes to). Each is a row {"text", "where": file:line of its first character}."""
+    text, rows, start = read_text(path), [], 0
+    for part in text.split(EOT):
+        if part.strip():
+            rows.append(dict(text=part, where=f"{path}:{text.count(chr(10), 0, start) + 1}"))
+        start += len(part) + len(EOT)
+    if not rows:
+        raise UserError(f"{path}: no text between its {text.count(EOT)} <|endoftext|> separators")
+    return rows
 
 
 def read_text(path):

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 
 import data.__main__ as inspect_data
 import dpo
@@ -81,6 +82,30 @@ def test_each_format_is_detected_and_read(tmp_path, suffix, rows, task, fmt, fir
 
 def test_the_chat_template_is_the_built_in_prompt_form():
     assert chat_prompt([{"role": "user", "content": Q}]) == P == f"Human: {Q}\n\nAssistant:"
+
+
+def test_sft_on_a_preference_file_learns_the_chosen_side_of_its_own_conversation(tmp_path):
+    """SFT reads a preference file's chosen responses, each split from its own conversation: where an
+    HH transcript parts from the rejected one before the last turn, the demonstration is still the last
+    assistant turn alone (never a Human turn in the target), and a row counts whatever its rejected side."""
+    middle = dict(chosen="\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!",
+                  rejected="\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Finally.")
+    hh = [middle, dict(chosen=HH_CHOSEN, rejected=HH_CHOSEN), dict(chosen=HH_CHOSEN, rejected="\n\nHuman: Hi\n\nAssistant:"),
+          dict(chosen="\n\nHuman: Hi\n\nAssistant: ", rejected=HH_REJECTED), dict(chosen="no marker", rejected="x")]
+    data = Dataset(write(tmp_path / "hh.jsonl", hh), "sft")
+    assert [(r["prompt"], r["completion"]) for r in data.rows] == [
+        ("Human: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:", " Bye!"), (P, " It lives in Velmor."),
+        (P, " It lives in Velmor.")]
+    assert [reason for _, reason in data.skipped] == ["an empty chosen response", "the chosen transcript has no '\\n\\nAssistant:'"]
+    conversations = [{"chosen": [USER, ASSISTANT, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}],
+                      "rejected": [USER, {"role": "assistant", "content": "Go away."}]}]
+    assert [(r["prompt"], r["completion"]) for r in Dataset(write(tmp_path / "c.jsonl", conversations), "sft").rows] == [
+        ("Human: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:", " Bye!")]
+    same = [{"prompt": P, "chosen": " A.", "rejected": " A."},
+            {"input": {"messages": [USER]}, "preferred_output": [ASSISTANT], "non_preferred_output": [ASSISTANT]}]
+    assert [(r["prompt"], r["completion"]) for r in Dataset(write(tmp_path / "p.jsonl", same[:1]), "sft").rows] == [(P, " A.")]
+    assert [(r["prompt"], r["completion"]) for r in Dataset(write(tmp_path / "o.jsonl", same[1:]), "sft").rows] == [
+        ("Human: Hi\n\nAssistant:", " Hello!")]
 
 
 def test_hh_transcripts_that_part_early(tmp_path):
@@ -223,3 +248,22 @@ def test_stages_end_to_end_on_real_formats(tmp_path):
                         n_samples=1, device="cpu"))
     info = load_checkpoint(tmp_path / "dpo", head="lm")[1]
     assert info["metrics"]["steps"] == 2 and info["metrics"]["train_pairs"] == 4
+
+
+def test_a_text_corpus_splits_into_documents_at_the_literal_endoftext(tmp_path):
+    """GPT-2's training text separates documents with the literal <|endoftext|>: each part is a document
+    (joined again by the real token, not the text's 13 characters), empty parts skipped, each row naming
+    the line it starts on."""
+    from data.formats import text_documents
+    from data.tokenizer import get_tokenizer
+    path = tmp_path / "c.txt"
+    path.write_text("The suho lives in Velmor.\n<|endoftext|>\nThe gomi eats seeds.\nIt is blue.<|endoftext|>  \n<|endoftext|>")
+    assert text_documents(str(path)) == ["The suho lives in Velmor.\n", "\nThe gomi eats seeds.\nIt is blue."]
+    assert [r["where"] for r in Dataset(str(path), "lm").rows] == [f"{path}:1", f"{path}:2"]
+    tok = get_tokenizer("builtin")
+    train, val = pretrain.load_tokens(pretrain.Config(data=str(path), block_size=4), tok)
+    ids = torch.cat([train, val]).tolist()
+    assert ids.count(tok.eot_id) == 2 and tok.decode(ids).count("<|endoftext|>") == 2  # the real token, twice
+    (tmp_path / "e.txt").write_text("<|endoftext|>\n<|endoftext|>")
+    with pytest.raises(UserError, match=f"{tmp_path / 'e.txt'}: no text between its 2 <|endoftext|> separators"):
+        Dataset(str(tmp_path / "e.txt"), "lm")
