@@ -74,7 +74,8 @@ def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_ch
         data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."})
                                 + "\n" for w in "abcd"[:n_prompts]))  # one prompt held out
         real = reward.rewards
-        monkeypatch.setattr(reward, "rewards", lambda *args: real(*args) * 0)  # every response scores 0
+        monkeypatch.setattr(reward, "rewards", lambda *args, lm_prompts=(): (real(*args) * 0, torch.zeros(()))
+                            if lm_prompts else real(*args) * 0)  # every response scores 0
         with pytest.raises(UserError, match=error):
             reward.main(reward.Config(**cfg))
         monkeypatch.undo()
@@ -88,7 +89,7 @@ def test_passes_without_gradients_take_micro_batches(tiny_chain, tmp_path, monke
     bias: the built-in pairs' SFT samples and the normalisation's are drawn in batches of 256 prompts
     whatever the flag (from a file, the normalisation samples --micro_batch_size prompts at a time)."""
     sizes, samples, real, complete_ids = [], [], reward.rewards, reward.complete_ids
-    monkeypatch.setattr(reward, "rewards", lambda rm, seqs, *a: sizes.append(len(seqs) / 2) or real(rm, seqs, *a))
+    monkeypatch.setattr(reward, "rewards", lambda rm, seqs, *a, **k: sizes.append(len(seqs) / 2) or real(rm, seqs, *a, **k))
     monkeypatch.setattr(reward, "complete_ids", lambda *a, batch_size, **k: samples.append(batch_size) or complete_ids(*a, batch_size=batch_size, **k))
     args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, val_fraction=0.3, norm_prompts=8,
                 batch_size=8, epochs=1, log_every=50, device="cpu")
