@@ -408,8 +408,10 @@ def main(cfg):
         names = [n for n in names if n not in clashes]
     if not names:
         raise common.UserError("no checkpoint to evaluate: run pretrain.py and sft.py first, or pass --checkpoints")
-    for name in names:  # the reward model and the reference read each response whole, with its prompt as the policy read it
-        n_ctx = configs[name][0].block_size
+    samplers = {name: configs[name][0].block_size for name in names}
+    if ns and rm and ref:  # best-of-n samples the reference
+        samplers[cfg.reference] = ref[0].config.block_size
+    for name, n_ctx in samplers.items():  # the reward model and the reference read each response whole, as the policy read it
         for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
             if other and other[0].config.block_size < n_ctx:
                 raise common.UserError(f"{path} has a context of {other[0].config.block_size} tokens, shorter than {name}'s {n_ctx}")

@@ -67,7 +67,7 @@ class Config(Raters, common.Batched):  # the raters' biases (quality, length, fl
     epochs: float = 2.0
     """passes over the training pairs"""
     batch_size: int = 16
-    """pairs per step (16: twice the updates of 32; held-out accuracy +0.03 / +0.05 on one SFT model, -0.02 on another: RESULTS.md)"""
+    """pairs per step (16: twice the updates of 32; held-out accuracy +0.03 / +0.05 on one SFT model, -0.02 on another, with --lm_coef 0: RESULTS.md)"""
     lr: float = 3e-4
     """learning rate (after a linear warm-up, constant)"""
     warmup_steps: int = 10

@@ -33,7 +33,7 @@ Message lists split the same way, message by message, and so do the chosen and r
 `preference` row when they are whole conversations (UltraFeedback's form).
 
 Rows that are well formed but unusable are skipped, and counted with the reason and the line:
-chosen equal to rejected, an empty response, transcripts that share no prompt, a conversation that
+chosen equal to rejected (for reward and DPO; SFT reads the chosen side alone), an empty response, transcripts that share no prompt, a conversation that
 does not end with the assistant's message. Anything malformed (bad JSON, a missing field, a wrong
 type, an unknown role) stops the run with one line naming file and line.
 
@@ -282,6 +282,8 @@ def parse_chosen(fmt, row, where):
         if end < len(MARK):
             raise Skip("the chosen transcript has no '\\n\\nAssistant:'")
         prompt, completion = chosen[:end].lstrip("\n"), chosen[end:]
+        if "\n\nHuman:" in completion:
+            raise Skip("the chosen transcript does not end with the assistant's turn")
     else:
         prompt, completion = prompt_field(row, "prompt", where), response_field(row, "chosen", where)
     if not completion.strip():
@@ -399,11 +401,16 @@ def write_rows(path, rows):
 def text_file_documents(path):
     """The documents of a .txt corpus: the whole file, or the parts between the literal <|endoftext|>
     that separates GPT-2's training documents (the stages join them with the real token, which no
-    text encodes to). Each is a row {"text", "where": file:line of its first character}."""
-    text, rows, start = read_text(path), [], 0
+    text encodes to). Each is a row {"text", "where": file:line of its first character that is not blank}."""
+    text, rows, start, line = read_text(path), [], 0, 1
     for part in text.split(EOT):
         if part.strip():
-            rows.append(dict(text=part, where=f"{path}:{text.count(chr(10), 0, start) + 1}"))
+            first = start + len(part) - len(part.lstrip())  # the document's first character that is not blank
+            line += text.count("\n", start, first)
+            rows.append(dict(text=part, where=f"{path}:{line}"))
+            line += text.count("\n", first, start + len(part))
+        else:
+            line += part.count("\n")
         start += len(part) + len(EOT)
     if not rows:
         raise UserError(f"{path}: no text between its {text.count(EOT)} <|endoftext|> separators")
@@ -432,7 +439,7 @@ def load(path, task):
 
 
 def text_documents(path):
-    """Pre-training documents: the whole of a .txt file, or the "text" of each row."""
+    """Pre-training documents: a .txt file's (text_file_documents), or the "text" of each row."""
     return [r["text"] for r in load(path, "lm").rows]
 
 

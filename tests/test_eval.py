@@ -318,6 +318,8 @@ def test_prompts_of_a_file_are_judged_by_the_reward_model(tiny_chain, tmp_path, 
     (dict(data="{missing}"), "{missing}"),
     (dict(reward="{short}", data="{prompts}"), "{short} has a context of 32 tokens, shorter than {sft}'s 64"),
     (dict(reference="{short_lm}"), "{short_lm} has a context of 32 tokens, shorter than {sft}'s 64"),
+    (dict(checkpoints="{short_lm}", reference="{sft}", reward="{short}", best_of="2", data="{prompts}"),
+     "{short} has a context of 32 tokens, shorter than {sft}'s 64"),  # best-of-n samples the reference
     (dict(data="{prompts}"), r"--data needs a reward model to judge its prompts, which no gold judge knows: --reward \(empty\)"),
     (dict(data="{prompts}", reward="{missing}"), "--data needs a reward model .* --reward {missing} is not a checkpoint directory"),
 ])
@@ -334,7 +336,8 @@ def test_bad_eval_inputs_are_refused_in_one_line(args, message, tiny_chain, tmp_
                  prompts=str(tmp_path / "p.jsonl"))
     args = {"reward": "", "reference": "", **{k: v.format(**names) if isinstance(v, str) else v for k, v in args.items()}}
     with pytest.raises(UserError, match=message.format(**names)):
-        evaluation.main(evaluation.Config(checkpoints=tiny_chain["sft"], out_dir=str(tmp_path / "e"), best_of="", device="cpu", **args))
+        evaluation.main(evaluation.Config(**{"checkpoints": tiny_chain["sft"], "out_dir": str(tmp_path / "e"), "best_of": "",
+                                             "device": "cpu", **args}))
     assert not (tmp_path / "e").exists()
 
 

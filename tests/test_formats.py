@@ -91,12 +91,14 @@ def test_sft_on_a_preference_file_learns_the_chosen_side_of_its_own_conversation
     middle = dict(chosen="\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!",
                   rejected="\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Finally.")
     hh = [middle, dict(chosen=HH_CHOSEN, rejected=HH_CHOSEN), dict(chosen=HH_CHOSEN, rejected="\n\nHuman: Hi\n\nAssistant:"),
-          dict(chosen="\n\nHuman: Hi\n\nAssistant: ", rejected=HH_REJECTED), dict(chosen="no marker", rejected="x")]
+          dict(chosen="\n\nHuman: Hi\n\nAssistant: ", rejected=HH_REJECTED), dict(chosen="no marker", rejected="x"),
+          dict(chosen="\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye", rejected="\n\nHuman: Hi\n\nAssistant: Go.")]
     data = Dataset(write(tmp_path / "hh.jsonl", hh), "sft")
     assert [(r["prompt"], r["completion"]) for r in data.rows] == [
         ("Human: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:", " Bye!"), (P, " It lives in Velmor."),
         (P, " It lives in Velmor.")]
-    assert [reason for _, reason in data.skipped] == ["an empty chosen response", "the chosen transcript has no '\\n\\nAssistant:'"]
+    assert [reason for _, reason in data.skipped] == ["an empty chosen response", "the chosen transcript has no '\\n\\nAssistant:'",
+                                                      "the chosen transcript does not end with the assistant's turn"]
     conversations = [{"chosen": [USER, ASSISTANT, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}],
                       "rejected": [USER, {"role": "assistant", "content": "Go away."}]}]
     assert [(r["prompt"], r["completion"]) for r in Dataset(write(tmp_path / "c.jsonl", conversations), "sft").rows] == [
@@ -259,7 +261,7 @@ def test_a_text_corpus_splits_into_documents_at_the_literal_endoftext(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("The suho lives in Velmor.\n<|endoftext|>\nThe gomi eats seeds.\nIt is blue.<|endoftext|>  \n<|endoftext|>")
     assert text_documents(str(path)) == ["The suho lives in Velmor.\n", "\nThe gomi eats seeds.\nIt is blue."]
-    assert [r["where"] for r in Dataset(str(path), "lm").rows] == [f"{path}:1", f"{path}:2"]
+    assert [r["where"] for r in Dataset(str(path), "lm").rows] == [f"{path}:1", f"{path}:3"]  # the line of its first text
     tok = get_tokenizer("builtin")
     train, val = pretrain.load_tokens(pretrain.Config(data=str(path), block_size=4), tok)
     ids = torch.cat([train, val]).tolist()
