@@ -150,6 +150,11 @@ def rate(rows, key):
     return sum(r[key] for r in rows) / len(rows) if rows else None  # null in the JSON: no NaN, which strict readers refuse
 
 
+def per_prompt(scores, k):
+    """Scores of k samples a prompt, a prompt's side by side -> one list of k per prompt."""
+    return [scores[i:i + k] for i in range(0, len(scores), k)]
+
+
 def summarize(questions, texts, k=1):
     """The gold judgement of the responses (texts) to questions, k responses per question, a question's
     side by side: a JSON-able dict. A question's gold score is the mean of its k; the standard error
@@ -157,7 +162,7 @@ def summarize(questions, texts, k=1):
     assert len(texts) == k * len(questions), (len(texts), k, len(questions))
     parts = [gold_parts(q.prompt, t) for q, t in zip((q for q in questions for _ in range(k)), texts)]
     scores = [score_parts(p) for p in parts]
-    per_question = [sum(scores[i:i + k]) / k for i in range(0, len(scores), k)]
+    per_question = [sum(s) / k for s in per_prompt(scores, k)]
     gold, se = mean_se(per_question)
     covered = {e.name for e in covered_entities(default_world())}
     split = {"covered": [], "uncovered": []}
@@ -192,11 +197,6 @@ def describe(prompts, responses, tok, k, questions=None):
                   "samples": [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[::k])]}
     result["length"] = sum(map(len, responses)) / len(responses)
     return result
-
-
-def per_prompt(scores, k):
-    """Scores of k samples a prompt, a prompt's side by side -> one list of k per prompt."""
-    return [scores[i:i + k] for i in range(0, len(scores), k)]
 
 
 def add_rm(result, scores):
@@ -248,6 +248,10 @@ def best_of_n(policy, tok, prompts, cfg, rm, ns, questions=None):
     return curve
 
 
+def same_checkpoint(a, b):
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
 TIE = 1e-4  # reward scores closer than this are a tie: one response scores ~1e-7 apart in differently padded batches
 
 
@@ -262,7 +266,7 @@ def paired_difference(rows, reference):
     its gold score minus the reference's (gold_vs_reference), and with a reward model its score minus
     the reference's (rm_vs_reference) and its win_rate. Most answers are the same, so these see a
     change that the two intervals of the table side by side hide."""
-    ref = next((r for name, r in rows if reference and os.path.realpath(name) == os.path.realpath(reference)), None)
+    ref = next((r for name, r in rows if same_checkpoint(name, reference)), None)
     if ref is None:
         return
     for _, r in rows:
@@ -415,7 +419,7 @@ def main(cfg):
         for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
             if other and other[0].config.block_size < n_ctx:
                 raise common.UserError(f"{path} has a context of {other[0].config.block_size} tokens, shorter than {name}'s {n_ctx}")
-    if ref and not any(os.path.realpath(n) == os.path.realpath(cfg.reference) for n in names):
+    if ref and not any(same_checkpoint(n, cfg.reference) for n in names):
         print(f"the reference {cfg.reference} is not among the checkpoints evaluated: no vs ref column (nor win rate)")
     try:  # before the evaluation, not after it
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -402,15 +402,12 @@ def text_file_documents(path):
     """The documents of a .txt corpus: the whole file, or the parts between the literal <|endoftext|>
     that separates GPT-2's training documents (the stages join them with the real token, which no
     text encodes to). Each is a row {"text", "where": file:line of its first character that is not blank}."""
-    text, rows, start, line = read_text(path), [], 0, 1
+    text, rows, start, line, counted = read_text(path), [], 0, 1, 0  # line: the line of character `counted`
     for part in text.split(EOT):
         if part.strip():
             first = start + len(part) - len(part.lstrip())  # the document's first character that is not blank
-            line += text.count("\n", start, first)
+            line, counted = line + text.count("\n", counted, first), first
             rows.append(dict(text=part, where=f"{path}:{line}"))
-            line += text.count("\n", first, start + len(part))
-        else:
-            line += part.count("\n")
         start += len(part) + len(EOT)
     if not rows:
         raise UserError(f"{path}: no text between its {text.count(EOT)} <|endoftext|> separators")
