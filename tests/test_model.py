@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,10 +247,31 @@ def test_sample_never_draws_a_filtered_token_at_the_top_of_the_cdf(monkeypatch):
     (and u * total rounding up to total), it must still land on the last token that has mass, not on
     the filtered tokens after it."""
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).expand(3, 5)
-    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1 - 2**-24, dtype=kw.get("dtype")))
+    def largest_below_one(shape, dtype, **kw):
+        return torch.ones(shape, dtype=dtype).nextafter(torch.zeros(shape, dtype=dtype))
+    monkeypatch.setattr(torch, "rand", largest_below_one)
     assert sample(logits, top_k=3).tolist() == [2, 2, 2]
     assert sample(logits, top_p=0.5).tolist() == [0, 0, 0]
     assert sample(logits).tolist() == [4, 4, 4]
+
+
+def test_sample_draws_the_inverse_cdf_of_the_softmax_in_float64(monkeypatch):
+    """One token of probability 1 - 3e-5, then 1000 of 3e-8 each: near 1 the steps of float32 are
+    6e-8, so in a float32 CDF half of those tokens had no interval at all (never drawn) and the
+    other half twice theirs, and a float32 u takes only 500 values there. With u in the middle of
+    each small token's interval, each must be drawn."""
+    n, p = 1000, 3e-8
+    logits = torch.full((n, 1 + n), math.log(p)).index_fill_(1, torch.tensor([0]), math.log(1 - n * p))
+    u = 1 - n * p + (np.arange(n) + 0.5) * p
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.tensor(u, dtype=kw.get("dtype")).view(shape))
+    assert sample(logits).tolist() == list(range(1, 1 + n))
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_at_exact_boundaries():
+    for V, top_p, kept in ((3, 2 / 3, 2), (10, 6 / 10, 6), (10, 0.3, 3), (4, 1 / 4, 1)):
+        logits = torch.zeros(2000, V)  # V equally likely tokens: the first `kept` reach top_p exactly
+        drawn = set(sample(logits, top_p=top_p, generator=torch.Generator().manual_seed(0)).tolist())
+        assert len(drawn) == kept, (V, top_p, sorted(drawn))
 
 
 def test_generate_under_autocast_caches_the_dtype_attention_sees():
