@@ -271,7 +271,7 @@ def check_batch(batch_size, micro_batch_size, what="--batch_size"):
         raise UserError(f"{what} must be at least 1, got {batch_size}")
     micro = micro_batch_size or batch_size // max(1, n)
     if micro < 1 or batch_size % (n * micro):
-        if micro_batch_size is None:
+        if not micro_batch_size:  # each process takes its share in one pass (or as length groups)
             raise UserError(f"{what} {batch_size} is not a multiple of the {n} processes")
         raise UserError(f"{what} {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} "
                         f"x {n} processes")
@@ -394,7 +394,8 @@ class Logger:
     def log(self, echo=True, **metrics):
         """Keep the row (written into the checkpoint's metrics.jsonl) and, if echo, print it as
         `key value | key value ...` (rank 0's stdout only, under torchrun)."""
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        # 6 significant digits, not decimals: a learning rate of 1e-7 (or a KL of 4e-7) is not 0
+        row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
         row["elapsed"] = round(time.time() - self.t0, 2)
         self.rows.append(row)
         if echo:
@@ -447,13 +448,28 @@ def atomic_directory(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the new files on disk before the old ones go: else a power cut after the renames could leave
+    # the names pointing at empty files, and nothing of either version
+    for name in os.listdir(tmp):
+        fsync(os.path.join(tmp, name))
+    fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         for name in set(os.listdir(path)) - CHECKPOINT_FILES - set(os.listdir(tmp)):
             os.rename(os.path.join(path, name), os.path.join(tmp, name))
         os.rename(path, old)
     os.rename(tmp, path)
+    fsync(os.path.dirname(path))  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync(path):
+    """Flush a file's (or a directory's entries') writes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
@@ -603,7 +619,10 @@ class TrainState:
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "
                             f"{info['data']}: the data file changed since")
-        weights = load_file(os.path.join(out_dir, "model.safetensors"))
+        try:
+            weights = load_file(os.path.join(out_dir, "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"--resume: {out_dir}/model.safetensors cannot be read: {e}") from None
         model.load_state_dict(weights)
         for name, m in self.models.items():
             prefix = f"model.{name}."

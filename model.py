@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import kernels
@@ -44,6 +45,12 @@ class GPTConfig:
     def __post_init__(self):
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head must be 'lm' or 'scalar', not {self.head!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
 
@@ -355,7 +362,7 @@ def read_checkpoint_config(path):
     try:
         with open(os.path.join(path, "config.json")) as f:
             info = json.load(f)
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
         raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}/config.json is not a JSON object")
@@ -379,8 +386,17 @@ def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
     if info.get("stage") == "hf":  # hf_checkpoint_info's mark: the weights are in Hugging Face's layout
         load_hf_state(model, path)
     else:
-        load_state(model, load_file(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
+        load_state(model, read_safetensors(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
     return model.to(device), info
+
+
+def read_safetensors(file):
+    """The tensors of a .safetensors file, or a CheckpointError that names it (truncated, not
+    safetensors at all, missing)."""
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} cannot be read: {e}") from None
 
 
 def checkpoint_config(path):
@@ -467,8 +483,11 @@ def read_hf_tensors(path):
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        try:
+            with open(index) as f:
+                files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e!r}") from None
     elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
         raise CheckpointError(f"{path} has pytorch_model.bin only, a pickle, which is never loaded here: "
                               f"use the model.safetensors that the model's page also offers")
@@ -476,7 +495,7 @@ def read_hf_tensors(path):
         raise CheckpointError(f"{path} is not a checkpoint: it has no model.safetensors")
     tensors, where = {}, {}
     for file in files:
-        for name, tensor in load_file(file).items():
+        for name, tensor in read_safetensors(file).items():
             tensors[name], where[name] = tensor, file
     return tensors, where
 
@@ -530,6 +549,7 @@ def export_hf(model, out_dir, tokenizer=None):
     if not tokenizer and c.vocab_size != 50257:  # read back, a directory that records no tokenizer means GPT-2's
         raise CheckpointError(f"a vocabulary of {c.vocab_size} is not GPT-2's: pass the checkpoint's tokenizer "
                               f"(its config dict from load_checkpoint) so that the export records it")
+    eot = c.vocab_size - 2 if tokenizer and tokenizer["tokenizer"] == "builtin" else 50256
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -538,7 +558,10 @@ def export_hf(model, out_dir, tokenizer=None):
               "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
               "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
               "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0, "initializer_range": 0.02,
-              "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32"}
+              "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
+              # <|endoftext|>, where HF's generate stops: GPT-2's 50256, the builtin vocabulary's second-to-last
+              # id (its last is the pad token). Without it, generate never stopped on a builtin model.
+              "bos_token_id": eot, "eos_token_id": eot}
     if tokenizer:
         config["rlhf_tokenizer"] = tokenizer["tokenizer"]
         if "tokenizer_fingerprint" in tokenizer:

@@ -56,6 +56,23 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert_same_weights(old, load_checkpoint(path)[0])
 
 
+def test_the_new_files_reach_the_disk_before_the_old_checkpoint_goes(tmp_path, monkeypatch):
+    """Renames alone are atomic against a crash of the process, not of the machine: every new file
+    (and the directory's entries) is flushed first, and the parent directory after the renames."""
+    import common
+    events, real_fsync, real_rename = [], common.fsync, os.rename
+    monkeypatch.setattr(common, "fsync", lambda p: (events.append(("fsync", os.path.basename(p))), real_fsync(p)))
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", os.path.basename(a))), real_rename(a, b)))
+    save_checkpoint(tmp_path / "ck", tiny(seed=0), META)
+    save_checkpoint(tmp_path / "ck", tiny(seed=1), META, [{"step": 0}])
+    second = events[events.index(("fsync", tmp_path.name)) + 1:]  # after the first save's last flush
+    first_rename = next(i for i, (what, _) in enumerate(second) if what == "rename")
+    flushed = {name for what, name in second[:first_rename] if what == "fsync"}
+    assert {"model.safetensors", "config.json", "metrics.jsonl"} <= flushed and any(".tmp" in n for n in flushed)
+    assert second[-1] == ("fsync", tmp_path.name)
+    assert_same_weights(tiny(seed=1), load_checkpoint(tmp_path / "ck")[0])
+
+
 def test_overwrite_replaces_every_file(tmp_path):
     save_checkpoint(tmp_path / "ck", tiny(seed=0), META, [{"step": 0}])
     new = tiny(seed=1)
@@ -118,6 +135,28 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="empty/config.json is not a JSON object"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_a_damaged_checkpoint_is_refused_by_file_name(tmp_path):
+    """A truncated weights file, a config.json that is not text, sizes that are not positive
+    integers: a CheckpointError naming the file, not a traceback from safetensors or json."""
+    save_checkpoint(tmp_path / "ck", tiny(), META)
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/ck/model.safetensors cannot be read: "):
+        load_checkpoint(tmp_path / "ck")
+    save_checkpoint(tmp_path / "ck", tiny(), META)
+    config = tmp_path / "ck" / "config.json"
+    good = config.read_text()
+    config.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/ck/config.json is not valid JSON"):
+        load_checkpoint(tmp_path / "ck")
+    for field, value in (("n_layer", None), ("n_embd", 0), ("vocab_size", 50.5), ("dropout", 1.0)):
+        info = json.loads(good)
+        info["model"][field] = value
+        config.write_text(json.dumps(info))
+        with pytest.raises(CheckpointError, match=rf"ck/config.json has no valid model config: {field} must be"):
+            load_checkpoint(tmp_path / "ck")
 
 
 def test_a_changed_tokenizer_is_refused(tmp_path):

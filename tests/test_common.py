@@ -131,6 +131,9 @@ def test_shard_shares_and_micro_batches(monkeypatch):
     with pytest.raises(UserError, match="--batch_size 6 is not a multiple of --micro_batch_size 2 x 2 processes"):
         common.check_batch(6, 2)
     common.check_batch(8, 2)
+    monkeypatch.setattr(common, "world_size", lambda: 3)  # no --micro_batch_size: the flag is not the cause
+    with pytest.raises(UserError, match=r"^--batch_size 32 is not a multiple of the 3 processes$"):
+        common.check_batch(32, 0)
 
 
 def test_batch_indices_sort_each_window_of_batches_by_length():
@@ -225,8 +228,9 @@ def test_out_dir_above_the_working_directory_is_refused(tmp_path, monkeypatch):
 
 
 def test_logger_keeps_every_row_and_prints_the_echoed_ones(capsys):
-    """Rows go to metrics.jsonl whether echoed or not, floats rounded to 6 decimals; the printed line
-    gives 4 significant digits, and whole numbers from 1e4 on (negative ones too)."""
+    """Rows go to metrics.jsonl whether echoed or not, floats to 6 significant digits (a learning
+    rate of 1e-7 was logged as 0 when they kept 6 decimals); the printed line gives 4 significant
+    digits, and whole numbers from 1e4 on (negative ones too)."""
     logger = common.Logger()
     logger.log(echo=False, step=1, loss=0.1234567891)
     assert capsys.readouterr().out == ""
@@ -235,3 +239,5 @@ def test_logger_keeps_every_row_and_prints_the_echoed_ones(capsys):
         {"step": 1, "loss": 0.123457}, {"step": 2, "loss": 0.123457, "reward": -12345.6, "note": "x"}]
     assert all(isinstance(r["elapsed"], float) for r in logger.rows)
     assert capsys.readouterr().out.startswith("step 2 | loss 0.1235 | reward -12346 | note x | elapsed ")
+    logger.log(lr=1.2345678e-7)
+    assert logger.rows[-1]["lr"] == 1.23457e-7 and capsys.readouterr().out.startswith("lr 1.235e-07 | ")

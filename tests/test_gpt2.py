@@ -118,6 +118,16 @@ def test_sharded_weights_under_an_older_config_load(tmp_path):
     with torch.no_grad():
         logits, _ = model.double()(IDS)
     torch.testing.assert_close(logits, gpt2_forward(tensors, HF, IDS), rtol=1e-10, atol=1e-10)
+    # a shard the index names is missing, the index is not JSON, a field is null: refused by file
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors cannot be read: "):
+        load_checkpoint(d)
+    (d / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"gpt2/model.safetensors.index.json is not a safetensors index"):
+        load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({**config, "n_layer": None}))
+    with pytest.raises(CheckpointError, match=r"gpt2/config.json is not a usable GPT-2 config: n_layer must be"):
+        load_checkpoint(d)
 
 
 def test_every_stage_loader_takes_a_hf_directory(tmp_path):
@@ -179,6 +189,7 @@ def test_export_writes_back_the_same_tensors_and_hf_config(tmp_path):
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"] is True
     assert config["layer_norm_epsilon"] == 1e-5 and config["rlhf_tokenizer"] == "gpt2"
+    assert config["eos_token_id"] == config["bos_token_id"] == 50256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "out"]  # no temporary directory left
 
 
@@ -210,3 +221,24 @@ def test_logits_match_transformers_gpt2(tmp_path):
         hf = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(IDS)[0], hf(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_an_exported_builtin_model_stops_at_its_eos_in_transformers(tmp_path):
+    """export_hf records the tokenizer's <|endoftext|> as eos_token_id: without it transformers took
+    GPT-2's 50256, outside the builtin vocabulary, and its generate never stopped."""
+    from data.tokenizer import get_tokenizer
+    tok = get_tokenizer("builtin")
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # every position's logits peak at <|endoftext|>
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[tok.eot_id] = 1.0
+    export_hf(model, tmp_path / "hf", tok.identity)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([tok.encode("Human: Hi")])
+    out = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_id)
+    assert out[0, prompt.size(1):].tolist() == [tok.eot_id]
