@@ -301,7 +301,8 @@ def main(cfg):
     metrics["reward_norm"] = normalisation(scores)
     metrics["wall_s"] = round(time.time() - logger.t0, 1)
     print(f"held-out accuracy {metrics['val_accuracy']:.3f}" + (
-        f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")
+        f" (Bayes rate {metrics['bayes_accuracy']:.3f}, ratio {metrics['accuracy_over_bayes']:.3f}; expected over the raters' "
+        f"draws {metrics['expected_accuracy']:.3f}, ratio {metrics['expected_over_bayes']:.3f})" if "bayes_accuracy" in metrics else "")
         + f"; SFT responses score {scores.mean():.3f} ± {scores.std():.3f} before normalisation")
     save_checkpoint(cfg.out_dir, rm, {**tok.identity, "stage": "reward", "parent": cfg.init, "args": asdict(cfg),
                                       "metrics": metrics, "reward_norm": metrics["reward_norm"]}, logger.rows)

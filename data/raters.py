@@ -71,13 +71,18 @@ def accuracy_report(rows, margins):
     """A reward's held-out accuracy against the raters' labels, beside the Bayes rate, overall and
     by kind of pair. rows: rated pairs (with "kind" and "p_chosen", as label_pairs writes them);
     margins: the reward of each pair's chosen response minus its rejected one's (an explicit reward
-    model's, or DPO's implicit one). Returns the metrics and the table as printable lines."""
+    model's, or DPO's implicit one). Returns the metrics and the table as printable lines.
+    Beside the accuracy on the labels drawn, the accuracy expected over the raters' draws: for each
+    pair the probability that a rater picks the side the reward prefers (half for a tie). It has no
+    luck of the draw in it, and its ratio to the Bayes rate compares like with like."""
     by_kind = defaultdict(list)
     for r, m in zip(rows, margins, strict=True):
         by_kind[" vs ".join(sorted(r["kind"].split(">")))].append((m > 0, max(r["p_chosen"], 1 - r["p_chosen"])))
     accuracy = sum(m > 0 for m in margins) / len(margins)
     bayes = bayes_accuracy([r["p_chosen"] for r in rows])
+    expected = sum(r["p_chosen"] if m > 0 else 1 - r["p_chosen"] if m < 0 else 0.5 for r, m in zip(rows, margins)) / len(rows)
     metrics = {"bayes_accuracy": bayes, "accuracy_over_bayes": accuracy / bayes,
+               "expected_accuracy": expected, "expected_over_bayes": expected / bayes,
                "by_kind": {k: {"n": len(v), "accuracy": sum(a for a, _ in v) / len(v), "bayes": sum(b for _, b in v) / len(v)}
                            for k, v in sorted(by_kind.items())}}
     w = max(len("pair kind"), *(len(k) for k in by_kind))

@@ -41,6 +41,9 @@ def test_accuracy_report_by_hand():
                                   "evasive vs sft": {"n": 1, "accuracy": 1.0, "bayes": pytest.approx(0.6)}}
     assert metrics["bayes_accuracy"] == pytest.approx((0.9 + 0.7 + 0.6) / 3)
     assert metrics["accuracy_over_bayes"] == pytest.approx((2 / 3) / metrics["bayes_accuracy"])
+    # expected over the raters' draws: the chosen side's probability where the margin prefers it
+    assert metrics["expected_accuracy"] == pytest.approx((0.9 + (1 - 0.3) + 0.6) / 3)
+    assert accuracy_report(rows, [1.5, 0.0, -0.4])[0]["expected_accuracy"] == pytest.approx((0.9 + 0.5 + 0.4) / 3)
     assert len(lines) == 3 and lines[1].split() == ["evasive", "vs", "sft", "1", "1.000", "0.600"]
     with pytest.raises(ValueError):  # a margin for every row, no fewer
         accuracy_report(rows, [1.0, 2.0])
