@@ -359,14 +359,22 @@ def accumulate(model, micro_batches, loss_fn):
     return all_reduce(total), {k: all_reduce(v) for k, v in sums.items()}
 
 
-def check_finite(loss, step, out_dir):
-    """Stop the stage, naming the step, if the loss is NaN or infinite. Raised before the optimizer
-    step, so the weights never take the bad update, and nothing more is written: out_dir keeps its
-    last good checkpoint."""
+def check_finite(loss, step, out_dir, what="the loss"):
+    """Stop the stage, naming the step, if the loss (or `what`) is NaN or infinite. Raised before the
+    optimizer step, so the weights never take the bad update, and nothing more is written: out_dir
+    keeps its last good checkpoint."""
     value = float(loss)
     if not math.isfinite(value):
-        raise NumericalError(f"step {step}: the loss is {value}; stopped before the update. {out_dir} keeps its "
+        raise NumericalError(f"step {step}: {what} is {value}; stopped before the update. {out_dir} keeps its "
                              f"last good checkpoint (see its config.json), if this run wrote one (--save_every)")
+
+
+def clip_gradients(model, max_norm, step, out_dir):
+    """Clip the gradient norm of model's parameters to max_norm (0: no clipping), then check_finite
+    that norm: a finite loss can still have an overflowing gradient, which one optimizer step would
+    write into every weight, and the next save onto the disk."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    check_finite(norm, step, out_dir, "the gradient norm")
 
 
 def batch_indices(lengths, batch_size, rng, group=16):

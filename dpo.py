@@ -296,8 +296,7 @@ def main(cfg):
         loss, sums = common.accumulate(train_model, common.shard(idx, cfg.micro_batch_size, lambda i: pair_length(train[i]), cfg.length_groups), loss_part)
         stats = {k: v / len(idx) for k, v in sums.items()}
         common.check_finite(loss, step, cfg.out_dir)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        common.clip_gradients(model, cfg.grad_clip, step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(len(c[0]) + len(r[0]) for c, r in (train[i] for i in idx))

@@ -108,7 +108,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     warmup_iterations: int = 5
     """iterations of linear warm-up (0: none), then linear decay to zero"""
     grad_clip: float = 1.0
-    """clip each model's gradient norm to this"""
+    """clip each model's gradient norm to this (0: off)"""
     seed: int = 0
     """seed of prompts, sampling and minibatches"""
     device: str = "auto"
@@ -426,8 +426,8 @@ def main(cfg):
                 else:
                     common.check_finite(common.all_reduce(pg_loss.detach() + vf_loss.detach()), it, cfg.out_dir)
                 for model, opt in ((policy, optimizer), (value_model, value_optimizer)):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     if not skip:
+                        common.clip_gradients(model, cfg.grad_clip, it, cfg.out_dir)
                         opt.step()
                     opt.zero_grad(set_to_none=True)
                 with torch.no_grad():

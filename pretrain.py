@@ -204,8 +204,7 @@ def main(cfg):
         x, y = get_batch(train_tokens, cfg, gen, device)  # the global batch: every process draws the same
         loss = common.accumulate(train_model, common.shard(list(range(cfg.batch_size)), cfg.micro_batch_size), loss_part)
         common.check_finite(loss, step, cfg.out_dir)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        common.clip_gradients(model, cfg.grad_clip, step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

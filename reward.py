@@ -256,8 +256,7 @@ def main(cfg):
             group["lr"] = lr_at(step)
         loss, sums = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size), loss_part)
         common.check_finite(loss, step, cfg.out_dir)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        common.clip_gradients(rm, cfg.grad_clip, step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not rm:

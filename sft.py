@@ -183,8 +183,7 @@ def main(cfg):
         n_targets = n_targets_of(batch)
         loss = common.accumulate(train_model, common.shard(batch, cfg.micro_batch_size, lambda e: len(e[0]), cfg.length_groups), loss_part)
         common.check_finite(loss, step, cfg.out_dir)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        common.clip_gradients(model, cfg.grad_clip, step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(len(x) for x, _ in batch)

@@ -272,6 +272,26 @@ def test_a_nan_loss_stops_sft_at_its_step_and_keeps_the_last_good_checkpoint(tin
     assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 1  # the step-0 log line
 
 
+def test_a_nan_gradient_under_a_finite_loss_stops_sft_before_the_update(tiny_chain, out_dir, monkeypatch):
+    """From step 3 the loss gains sqrt(|w - w|^2): 0 in value, NaN in gradient (an overflowing backward,
+    as bf16 may give). The stage stops at that step with the weights unchanged on disk."""
+    cfg = sft.Config(init=tiny_chain["sft"], out_dir=str(out_dir), n_demos=200, epochs=1, batch_size=16,
+                     length_groups=1, log_every=100, n_samples=1, device="cpu")
+    before, real, calls = snapshot(out_dir), sft.sft_loss, [0]
+
+    def poisoned(model, x, y):
+        loss = real(model, x, y)
+        calls[0] += torch.is_grad_enabled()
+        if calls[0] <= 3 or not torch.is_grad_enabled():
+            return loss
+        w = next(model.parameters())
+        return loss + torch.sqrt((w - w.detach()).pow(2).sum())
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    with pytest.raises(common.NumericalError, match=r"^step 3: the gradient norm is nan; stopped before the update"):
+        sft.main(cfg)
+    assert snapshot(out_dir) == before
+
+
 def test_a_nan_loss_stops_dpo(tiny_chain, out_dir, monkeypatch):
     before = snapshot(out_dir)
     nan_from_step(monkeypatch, dpo, "dpo_loss", 2)

@@ -147,6 +147,17 @@ def test_ppo_at_a_temperature_is_on_policy(tiny_chain, tmp_path):
     assert row["first_ratio"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_grad_clip_zero_turns_clipping_off(tiny_chain, tmp_path):
+    """--grad_clip 0 means off, as in every stage: clipping the norm to 0 zeroed every gradient, and
+    the policy never moved."""
+    from model import load_checkpoint
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(out), iterations=1, rollout_batch=4,
+                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, warmup_iterations=1, grad_clip=0, device="cpu"))
+    before, after = load_checkpoint(tiny_chain["sft"])[0].state_dict(), load_checkpoint(out)[0].state_dict()
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+
+
 def test_clipped_value_loss_by_hand():
     old = torch.tensor([[0.0, 0.0, 1.0]])
     new = torch.tensor([[0.5, 0.1, 1.0]])
