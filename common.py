@@ -8,6 +8,7 @@ algorithm is in its own file.
 import ast
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -453,14 +454,14 @@ def atomic_directory(path):
     os.makedirs(tmp)
     try:
         yield tmp
+        # the new files on disk before the old ones go: else a power cut after the renames could
+        # leave the names pointing at empty files, and nothing of either version
+        for name in os.listdir(tmp):
+            fsync(os.path.join(tmp, name))
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # the new files on disk before the old ones go: else a power cut after the renames could leave
-    # the names pointing at empty files, and nothing of either version
-    for name in os.listdir(tmp):
-        fsync(os.path.join(tmp, name))
-    fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         for name in set(os.listdir(path)) - CHECKPOINT_FILES - set(os.listdir(tmp)):
@@ -472,10 +473,19 @@ def atomic_directory(path):
 
 
 def fsync(path):
-    """Flush a file's (or a directory's entries') writes to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's (or a directory's entries') writes to the disk. A directory is flushed where
+    the system can: some network and FUSE mounts refuse (EINVAL), Windows cannot open one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

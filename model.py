@@ -362,8 +362,10 @@ def read_checkpoint_config(path):
     try:
         with open(os.path.join(path, "config.json")) as f:
             info = json.load(f)
-    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+    except ValueError as e:  # not JSON, not UTF-8
         raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}/config.json cannot be read: {e}") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}/config.json is not a JSON object")
     if not is_hf_gpt2(info) and not os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -549,7 +551,10 @@ def export_hf(model, out_dir, tokenizer=None):
     if not tokenizer and c.vocab_size != 50257:  # read back, a directory that records no tokenizer means GPT-2's
         raise CheckpointError(f"a vocabulary of {c.vocab_size} is not GPT-2's: pass the checkpoint's tokenizer "
                               f"(its config dict from load_checkpoint) so that the export records it")
-    eot = c.vocab_size - 2 if tokenizer and tokenizer["tokenizer"] == "builtin" else 50256
+    eot = 50256  # GPT-2's <|endoftext|>, whatever its vocabulary; the builtin tokenizer's own id otherwise
+    if tokenizer and tokenizer["tokenizer"] == "builtin":
+        from data.tokenizer import get_tokenizer  # here only: the model needs no tokenizer to run
+        eot = get_tokenizer("builtin").eot_id
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -559,8 +564,7 @@ def export_hf(model, out_dir, tokenizer=None):
               "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
               "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0, "initializer_range": 0.02,
               "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
-              # <|endoftext|>, where HF's generate stops: GPT-2's 50256, the builtin vocabulary's second-to-last
-              # id (its last is the pad token). Without it, generate never stopped on a builtin model.
+              # <|endoftext|>, where HF's generate stops: without it, it never stopped on a builtin model
               "bos_token_id": eot, "eos_token_id": eot}
     if tokenizer:
         config["rlhf_tokenizer"] = tokenizer["tokenizer"]

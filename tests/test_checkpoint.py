@@ -73,6 +73,27 @@ def test_the_new_files_reach_the_disk_before_the_old_checkpoint_goes(tmp_path, m
     assert_same_weights(tiny(seed=1), load_checkpoint(tmp_path / "ck")[0])
 
 
+def test_a_mount_that_cannot_flush_directories_still_saves(tmp_path, monkeypatch):
+    """Some network and FUSE mounts refuse fsync on a directory (EINVAL): the save goes on without it.
+    A file that cannot be flushed fails the save, which leaves the old checkpoint and no temporary."""
+    import errno
+    import stat
+    real = os.fsync
+
+    def refuse_directories(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", refuse_directories)
+    save_checkpoint(tmp_path / "ck", tiny(seed=0), META)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        save_checkpoint(tmp_path / "ck", tiny(seed=1), META)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    assert_same_weights(tiny(seed=0), load_checkpoint(tmp_path / "ck")[0])
+
+
 def test_overwrite_replaces_every_file(tmp_path):
     save_checkpoint(tmp_path / "ck", tiny(seed=0), META, [{"step": 0}])
     new = tiny(seed=1)

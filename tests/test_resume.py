@@ -157,6 +157,10 @@ def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
         dpo.main(dpo.Config(**args))
     with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5"):
         dpo.main(dpo.Config(**{**args, "beta": 0.3, "resume": True}))
+    weights = tmp_path / "run" / "model.safetensors"  # damaged since: named, not a safetensors traceback
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(dpo.common.UserError, match=r"^--resume: .*run/model.safetensors cannot be read: "):
+        dpo.main(dpo.Config(**{**args, "resume": True}))
 
 
 def test_reward_resume_state_without_its_average_is_refused_clearly(tiny_chain, tmp_path, monkeypatch):
