@@ -506,6 +506,15 @@ def save_state(directory, tensors, info, name="resume"):
     write_json(os.path.join(directory, f"{name}.json"), info)
 
 
+def read_safetensors(file, error=UserError, what=""):
+    """The tensors of a .safetensors file, or `error` naming it (truncated, not safetensors at all,
+    missing), after the prefix `what`."""
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise error(f"{what}{file} cannot be read: {e}") from None
+
+
 def load_state(directory, name="resume"):
     """(tensors, info) written by save_state, or a UserError naming the file that is missing or broken."""
     paths = [os.path.join(directory, f"{name}.{ext}") for ext in ("safetensors", "json")]
@@ -637,11 +646,7 @@ class TrainState:
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "
                             f"{info['data']}: the data file changed since")
-        try:
-            weights = load_file(os.path.join(out_dir, "model.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"--resume: {out_dir}/model.safetensors cannot be read: {e}") from None
-        model.load_state_dict(weights)
+        model.load_state_dict(read_safetensors(os.path.join(out_dir, "model.safetensors"), what="--resume: "))
         for name, m in self.models.items():
             prefix = f"model.{name}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

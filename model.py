@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import kernels
-from common import UserError, atomic_directory, check_out_dir, is_main, save_state, write_json
+from common import UserError, atomic_directory, check_out_dir, is_main, read_safetensors, save_state, write_json
 
 
 @dataclass
@@ -388,17 +387,9 @@ def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
     if info.get("stage") == "hf":  # hf_checkpoint_info's mark: the weights are in Hugging Face's layout
         load_hf_state(model, path)
     else:
-        load_state(model, read_safetensors(os.path.join(path, "model.safetensors")), f"{path}/model.safetensors")
+        weights = os.path.join(path, "model.safetensors")
+        load_state(model, read_safetensors(weights, CheckpointError), weights)
     return model.to(device), info
-
-
-def read_safetensors(file):
-    """The tensors of a .safetensors file, or a CheckpointError that names it (truncated, not
-    safetensors at all, missing)."""
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} cannot be read: {e}") from None
 
 
 def checkpoint_config(path):
@@ -497,7 +488,7 @@ def read_hf_tensors(path):
         raise CheckpointError(f"{path} is not a checkpoint: it has no model.safetensors")
     tensors, where = {}, {}
     for file in files:
-        for name, tensor in read_safetensors(file).items():
+        for name, tensor in read_safetensors(file, CheckpointError).items():
             tensors[name], where[name] = tensor, file
     return tensors, where
 

@@ -33,8 +33,8 @@ Message lists split the same way, message by message, and so do the chosen and r
 `preference` row when they are whole conversations (UltraFeedback's form).
 
 Rows that are well formed but unusable are skipped, and counted with the reason and the line:
-chosen equal to rejected (for reward and DPO; SFT reads the chosen side alone), an empty response, transcripts that share no prompt, a conversation that
-does not end with the assistant's message. Anything malformed (bad JSON, a missing field, a wrong
+chosen equal to rejected (for reward and DPO; SFT reads the chosen side alone), an empty response,
+transcripts that share no prompt, a conversation that does not end with the assistant's message. Anything malformed (bad JSON, a missing field, a wrong
 type, an unknown role) stops the run with one line naming file and line.
 
 Long examples (`fit`): a response is never cut, so the model never learns a response that stops
