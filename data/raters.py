@@ -59,7 +59,12 @@ class Raters:
 
     def p_prefers(self, prompt, a, b):
         """Probability that a rater prefers response a to response b."""
-        return 1 / (1 + math.exp(-(self.utility(prompt, a) - self.utility(prompt, b))))
+        return bradley_terry(self.utility(prompt, a), self.utility(prompt, b))
+
+
+def bradley_terry(u_a, u_b):
+    """P(a > b) = sigmoid(u(a) - u(b))."""
+    return 1 / (1 + math.exp(-(u_a - u_b)))
 
 
 def bayes_accuracy(ps):
@@ -109,12 +114,15 @@ def candidates(q, world, rng, sampled=()):
 def label_pairs(prompt, cands, raters, rng, n_pairs):
     """n_pairs rated pairs among cands: dicts in the {"prompt", "chosen", "rejected"} form, whose
     responses, as in every preference dataset, leave the EOS to the trainer."""
-    rows = []
+    utility, rows = {}, []  # each candidate is judged once, however many pairs it is in
     for _ in range(n_pairs):
         (sa, a), (sb, b) = rng.sample(cands, 2)
         if a == b:
             continue
-        p = raters.p_prefers(prompt, a, b)
+        for r in (a, b):
+            if r not in utility:
+                utility[r] = raters.utility(prompt, r)
+        p = bradley_terry(utility[a], utility[b])
         if rng.random() >= p:
             (sa, a), (sb, b), p = (sb, b), (sa, a), 1 - p
         rows.append(dict(prompt=prompt, chosen=a.removesuffix(EOT), rejected=b.removesuffix(EOT), p_chosen=p,
