@@ -378,6 +378,19 @@ def clip_gradients(model, max_norm, step, out_dir):
     check_finite(norm, step, out_dir, "the gradient norm")
 
 
+def distinct(items, hashable=tuple, key=None):
+    """The distinct items, in order of first appearance (or sorted by key), and a LongTensor `where`
+    with items[i] == distinct[where[i]]; hashable(item) tells two apart. The responses of preference
+    pairs repeat (the built-in pairs of a prompt share its 6 or so candidates), and a pass without
+    gradients need score each once."""
+    index = {}
+    for item in items:
+        index.setdefault(hashable(item), item)
+    unique = sorted(index.values(), key=key) if key else list(index.values())
+    position = {hashable(u): i for i, u in enumerate(unique)}
+    return unique, torch.tensor([position[hashable(item)] for item in items], dtype=torch.long)
+
+
 def batch_indices(lengths, batch_size, rng, group=16):
     """Endless batches of indices into a dataset whose examples have these lengths. Each epoch is a
     fresh shuffle, cut into windows of `group` batches that are sorted by length, so that a batch

@@ -176,8 +176,8 @@ def main(cfg):
     print(f"training pairs: {report}")
     val, val_rows, report = encode_pairs(tok, val_rows, sft.config.block_size)
     print(f"held-out pairs: {report}")
-    # evaluated in batches of similar length, each pair sorted together with its row
-    val, val_rows = map(list, zip(*sorted(zip(val, val_rows), key=lambda pair_row: max(len(pair_row[0][0]), len(pair_row[0][1])))))
+    # each distinct held-out response scored once (a prompt's candidates meet in several pairs), in batches of similar length
+    val_seqs, val_where = common.distinct([s for c, r, _ in val for s in (c, r)], key=len)
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
     room = min(48, sft.config.block_size // 2)
     if cfg.data:  # the first that do (tokenizing every prompt once more took seconds per 100k rows)
@@ -212,14 +212,15 @@ def main(cfg):
         every N-th batch, and the shares are added up (each entry is one process's, the rest 0)."""
         training = ema.training
         ema.eval()
-        margins = torch.zeros(len(val), dtype=torch.float64, device=device)  # float32 values exactly, a float64 model's too
-        for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
-            batch = val[i:i + eval_batch]
+        scores = torch.zeros(len(val_seqs), dtype=torch.float64, device=device)  # float32 values exactly, a float64 model's too
+        n = 2 * eval_batch  # sequences per pass: as many as a micro-batch of pairs
+        for i in range(common.rank() * n, len(val_seqs), common.world_size() * n):
             with autocast:
-                r = rewards(ema, [c for c, _, _ in batch] + [r for _, r, _ in batch], tok.pad_id, device).float()
-            margins[i:i + len(batch)] = r[:len(batch)] - r[len(batch):]
+                scores[i:i + n] = rewards(ema, val_seqs[i:i + n], tok.pad_id, device).float()
         ema.train(training)
-        return common.all_reduce(margins).tolist()
+        scores = common.all_reduce(scores)
+        where = val_where.to(device)
+        return (scores[where[0::2]] - scores[where[1::2]]).tolist()
 
     def response_tokens(items):  # the chosen responses' tokens (with their EOS): the lm loss's targets
         return sum(len(c) - n for c, _, n in items)

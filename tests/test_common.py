@@ -151,6 +151,17 @@ def test_batch_indices_sort_each_window_of_batches_by_length():
         assert b == w[w.index(b[0]):w.index(b[0]) + 4]
 
 
+def test_distinct_finds_each_item_once_and_where_it_is():
+    items = [[3, 1], [2], [3, 1], [5, 6, 7], [2]]
+    unique, where = common.distinct(items)
+    assert unique == [[3, 1], [2], [5, 6, 7]] and where.tolist() == [0, 1, 0, 2, 1]
+    unique, where = common.distinct(items, key=len)  # shortest first
+    assert unique == [[2], [3, 1], [5, 6, 7]] and [unique[i] for i in where] == items
+    examples = [([1], [0]), ([1], [9]), ([1], [0])]  # the same inputs, other targets: not the same
+    unique, where = common.distinct(examples, hashable=lambda e: (tuple(e[0]), tuple(e[1])))
+    assert unique == [([1], [0]), ([1], [9])] and where.tolist() == [0, 1, 0]
+
+
 def test_data_summary_counts_nested_token_lists():
     nested = common.data_summary([(([1, 2], [3]), ([4], [5, 6, 7]))])
     assert {k: nested[k] for k in ("examples", "tokens")} == {"examples": 1, "tokens": 7}

@@ -50,14 +50,16 @@ def test_accuracy_report_by_hand():
 
 
 def test_the_accuracy_table_pairs_each_held_out_margin_with_its_own_row(tiny_chain, tmp_path, monkeypatch):
-    """The held-out pairs are evaluated in length order: each margin handed to the table must be
-    the saved reward model's r(chosen) - r(rejected) for that very row."""
+    """The held-out responses are scored in length order, each distinct one once (a prompt's pairs
+    share candidates): each margin handed to the table must be the saved reward model's
+    r(chosen) - r(rejected) for that very row."""
     reported = []
     monkeypatch.setattr(reward, "accuracy_report", lambda rows, margins: reported.append((rows, margins)) or ({}, []))
     out = tmp_path / "rm"
-    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(out), n_prompts=40, pairs_per_prompt=2, sft_samples=1,
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(out), n_prompts=40, pairs_per_prompt=4, sft_samples=1,
                               val_fraction=0.3, norm_prompts=8, batch_size=8, epochs=1, log_every=50, device="cpu"))
     (rows, margins), = reported
+    assert len({(r["prompt"], x) for r in rows for x in (r["chosen"], r["rejected"])}) < 2 * len(rows)  # shared responses
     rm, _ = load_checkpoint(out, head="scalar")
     pairs = reward.encode_pairs(TOK, rows, rm.config.block_size)[0]
     assert len(rows) == len(margins) >= 16
