@@ -165,15 +165,18 @@ def sequence_logps(model, x, y):
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), mask.sum(-1)
 
 
+def example_logps(model, examples, pad_id, device, loss_type):
+    """The log-prob of each (x, y) example's response, in one forward pass, right-padded: summed over
+    the response tokens, or averaged over them for IPO."""
+    logps, n_tokens = sequence_logps(model, *collate(examples, pad_id, device))
+    return (logps / n_tokens if loss_type == "ipo" else logps).float()
+
+
 def batch_logps(model, pairs, pad_id, device, loss_type):
     """(chosen [B], rejected [B]) log-probs of a batch of encoded pairs, in one forward pass: the
-    chosen rows and then the rejected rows, right-padded together into one (2B, T) batch. Summed
-    over the response tokens, or averaged over them for IPO."""
-    x, y = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
-    logps, n_tokens = sequence_logps(model, x, y)
-    if loss_type == "ipo":
-        logps = logps / n_tokens
-    return logps[:len(pairs)].float(), logps[len(pairs):].float()
+    chosen rows and then the rejected rows, right-padded together into one (2B, T) batch."""
+    logps = example_logps(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, loss_type)
+    return logps[:len(pairs)], logps[len(pairs):]
 
 
 def pair_length(pair):
@@ -182,19 +185,21 @@ def pair_length(pair):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=64):
-    """batch_logps of every pair under the reference model: (chosen [N], rejected [N]), computed once.
-    Call it before the first update, with dropout off. The pairs go through in order of length, so
-    that each batch pads little; the results come back in the pairs' own order. Under torchrun each
-    process computes every N-th pair of that order, and the processes add up their shares (each
+def pair_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=128):
+    """(chosen [N], rejected [N]) log-probs of every pair, without gradients: the reference's, once
+    before training, and the held-out pairs' at each evaluation. Each distinct response goes through
+    the model once (a prompt's pairs share their candidates: half the passes on the built-in pairs),
+    batch_size sequences at a time in order of length, so that each batch pads little. Under
+    torchrun each process computes every N-th batch, and the processes add up their shares (each
     entry is one process's, the rest 0), so that N processes take 1/N of the time, not all of it."""
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))[common.rank()::common.world_size()]
-    chosen, rejected = torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device)
-    for i in range(0, len(order), batch_size):
-        part = order[i:i + batch_size]
+    examples, where = common.distinct([e for pair in pairs for e in pair], hashable=lambda e: (tuple(e[0]), tuple(e[1])),
+                                      key=lambda e: len(e[0]))
+    logps = torch.zeros(len(examples), device=device)
+    for i in range(common.rank() * batch_size, len(examples), common.world_size() * batch_size):
         with autocast:
-            chosen[part], rejected[part] = batch_logps(model, [pairs[j] for j in part], pad_id, device, loss_type)
-    return common.all_reduce(chosen), common.all_reduce(rejected)
+            logps[i:i + batch_size] = example_logps(model, examples[i:i + batch_size], pad_id, device, loss_type)
+    logps = common.all_reduce(logps)[where.to(device)]
+    return logps[0::2], logps[1::2]
 
 
 def main(cfg):
@@ -227,17 +232,15 @@ def main(cfg):
     print(f"training pairs: {report}")
     val, val_rows, report = encode_pairs(tok, val_rows, model.config.block_size)
     print(f"held-out pairs: {report}")
-    # evaluated in batches of similar length, each pair sorted together with its row
-    val, val_rows = map(list, zip(*sorted(zip(val, val_rows), key=lambda pair_row: pair_length(pair_row[0]))))
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
 
     # the reference: the init model before its first update. Its log-probs never change, so they
     # are computed here, once, and the training below changes the same weights in place.
     t0 = time.time()
-    eval_batch = cfg.micro_batch_size or 64  # pairs per pass without gradients (reference, held-out)
-    ref_train = reference_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
-    ref_val = reference_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+    eval_batch = 2 * (cfg.micro_batch_size or 64)  # sequences per pass without gradients (reference, held-out)
+    ref_train = pair_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+    ref_val = pair_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
     print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -245,27 +248,12 @@ def main(cfg):
     def lr_at(step):
         return cfg.lr * min((step + 1) / max(1, cfg.warmup_steps), (steps - step) / max(1, steps - cfg.warmup_steps))
 
-    def pair_losses(batch, ref_chosen, ref_rejected, model=model):
-        """Each pair's loss and implicit reward margin, and the batch's means that the log shows."""
-        with autocast:
-            chosen, rejected = batch_logps(model, batch, tok.pad_id, device, cfg.loss_type)
-        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
-                                                cfg.loss_type, cfg.label_smoothing)
-        margins = r_chosen - r_rejected
-        stats = dict(accuracy=(margins > 0).float().mean().item(), margin=margins.mean().item(),
-                     chosen_reward=r_chosen.mean().item(), rejected_reward=r_rejected.mean().item(),
-                     logp_chosen=chosen.mean().item(), logp_rejected=rejected.mean().item())
-        return losses, margins, stats
-
     @torch.no_grad()
     def evaluate():
-        """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin. Under
-        torchrun each process takes every N-th batch, and the shares are added up (as reference_logps)."""
-        losses, margins = (torch.zeros(len(val), dtype=torch.float64, device=device) for _ in range(2))  # any model's precision
-        for i in range(common.rank() * eval_batch, len(val), common.world_size() * eval_batch):
-            part = slice(i, i + eval_batch)
-            losses[part], margins[part], _ = pair_losses(val[part], ref_val[0][part], ref_val[1][part])
-        losses, margins = common.all_reduce(losses).tolist(), common.all_reduce(margins).tolist()
+        """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin."""
+        chosen, rejected = pair_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, *ref_val, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        losses, margins = losses.tolist(), (r_chosen - r_rejected).tolist()
         return {"val_loss": sum(losses) / len(val), "val_accuracy": sum(m > 0 for m in margins) / len(val),
                 "val_margin": sum(margins) / len(val)}, margins
 
@@ -276,8 +264,14 @@ def main(cfg):
         return {**tok.identity, "stage": "dpo", "parent": cfg.init, "args": asdict(cfg), "metrics": metrics}
 
     def loss_part(items):  # a micro-batch's share of the batch's mean loss, and its diagnostics summed
-        losses, _, stats = pair_losses([train[i] for i in items], ref_train[0][items], ref_train[1][items], train_model)
-        return losses.mean() * len(items) / len(idx), {k: v * len(items) for k, v in stats.items()}
+        with autocast:
+            chosen, rejected = batch_logps(train_model, [train[i] for i in items], tok.pad_id, device, cfg.loss_type)
+        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_train[0][items], ref_train[1][items], cfg.beta,
+                                                cfg.loss_type, cfg.label_smoothing)
+        margins = r_chosen - r_rejected
+        stats = dict(accuracy=(margins > 0).sum(), margin=margins.sum(), chosen_reward=r_chosen.sum(),
+                     rejected_reward=r_rejected.sum(), logp_chosen=chosen.detach().sum(), logp_rejected=rejected.detach().sum())
+        return losses.mean() * len(items) / len(idx), stats
 
     logger = common.Logger()
     rng = random.Random(cfg.seed)

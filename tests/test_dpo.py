@@ -172,13 +172,21 @@ def test_ipo_gets_log_probs_averaged_over_the_response():
     assert losses.tolist() == pytest.approx([(0 - 1) ** 2] * 3)
 
 
-def test_precomputed_reference_equals_a_fresh_forward(tmp_path):
+def test_precomputed_reference_equals_a_fresh_forward(tmp_path, monkeypatch):
+    """pair_logps, as the reference log-probs are computed once before training: each pair's equal
+    a fresh model's, and each distinct response goes through the model once (a prompt's pairs share
+    their candidates; here the first pair's rejected response is chosen again, and every pair is there
+    three times)."""
     model = tiny_model(seed=1)
     save_checkpoint(tmp_path / "ref", model, {"tokenizer": "builtin", "stage": "sft"})
-    many = pairs() * 3  # 9 pairs in batches of 4: several batches, each padded differently
-    ref_chosen, ref_rejected = dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    rows = (ROWS + [dict(prompt=ROWS[0]["prompt"], chosen=ROWS[0]["rejected"], rejected=" 7.")]) * 3
+    many = dpo.encode_pairs(TOK, rows, 64)[0]  # 12 pairs, 7 distinct responses, in batches of 4: each padded differently
+    sizes, logps = [], dpo.example_logps
+    monkeypatch.setattr(dpo, "example_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
+    ref_chosen, ref_rejected = dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    assert sizes == [4, 3]
     fresh, _ = load_checkpoint(tmp_path / "ref")
-    for i, r in enumerate(ROWS * 3):
+    for i, r in enumerate(rows):
         assert ref_chosen[i].item() == pytest.approx(by_hand(fresh, r["prompt"], r["chosen"])[0], abs=1e-4)
         assert ref_rejected[i].item() == pytest.approx(by_hand(fresh, r["prompt"], r["rejected"])[0], abs=1e-4)
     assert not ref_chosen.requires_grad
@@ -186,18 +194,19 @@ def test_precomputed_reference_equals_a_fresh_forward(tmp_path):
 
 def test_each_process_computes_its_share_of_the_reference(monkeypatch):
     """Under torchrun every process computed the reference log-probs of every pair (on HH-RLHF's
-    160k, the whole pass on each GPU); now each takes every N-th pair, and their sum is the whole."""
+    160k, the whole pass on each GPU); now each takes every N-th batch, and their sum is the whole."""
     import common
-    model, many = tiny_model(seed=1).eval(), pairs() * 3
-    whole = dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
-    sizes, logps = [], dpo.batch_logps
-    monkeypatch.setattr(dpo, "batch_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
+    model = tiny_model(seed=1).eval()
+    many = dpo.encode_pairs(TOK, [dict(r, chosen=r["chosen"] + f" {i}", rejected=r["rejected"] + f" {i}") for i in range(3) for r in ROWS], 64)[0]  # 18 distinct
+    whole = dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    sizes, logps = [], dpo.example_logps
+    monkeypatch.setattr(dpo, "example_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
     monkeypatch.setattr(common, "world_size", lambda: 2)
     shares = []
     for r in (0, 1):
         monkeypatch.setattr(common, "rank", lambda: r)
-        shares.append(dpo.reference_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4))
-    assert sum(sizes) == len(many)  # alone (all_reduce is a no-op): each process its share, no more
+        shares.append(dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4))
+    assert sizes == [4, 4, 2, 4, 4]  # alone (all_reduce is a no-op): each process its share (batches 0, 2, 4 and 1, 3), no more
     for i in range(2):
         torch.testing.assert_close(shares[0][i] + shares[1][i], whole[i], rtol=1e-5, atol=1e-5)
 
@@ -317,9 +326,9 @@ def test_with_data_the_before_after_samples_are_held_out_prompts(init, tmp_path,
 def test_passes_without_gradients_take_micro_batches(init, tmp_path, monkeypatch):
     """--micro_batch_size bounds the forward passes without gradients: the reference log-probs and
     the held-out evaluation took 64 pairs at once however small the micro-batches that fit in
-    memory. The results are the same."""
-    sizes, logps = [], dpo.batch_logps
-    monkeypatch.setattr(dpo, "batch_logps", lambda model, pairs, *a: sizes.append(len(pairs)) or logps(model, pairs, *a))
+    memory. Now they take as many sequences as a micro-batch of pairs, and the results are the same."""
+    sizes, logps = [], dpo.example_logps
+    monkeypatch.setattr(dpo, "example_logps", lambda model, seqs, *a: sizes.append(len(seqs)) or logps(model, seqs, *a))
     args = dict(init=str(init), n_prompts=8, pairs_per_prompt=4, sft_samples=1, val_fraction=0.5, batch_size=4,
                 epochs=1, log_every=1, n_samples=1, device="cpu")
     logged = {}
@@ -327,7 +336,7 @@ def test_passes_without_gradients_take_micro_batches(init, tmp_path, monkeypatch
         dpo.main(dpo.Config(out_dir=str(tmp_path / f"micro{micro}"), micro_batch_size=micro, **args))
         logged[micro] = [json.loads(line) for line in (tmp_path / f"micro{micro}" / "metrics.jsonl").read_text().splitlines()]
         if micro:
-            assert max(sizes) == 2
+            assert max(sizes) == 4  # 2 pairs' chosen and rejected
     for a, b in zip(logged[0], logged[2], strict=True):
         assert "val_loss" not in a or b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5) and b["val_margin"] == pytest.approx(a["val_margin"], abs=1e-5)
 
