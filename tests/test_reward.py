@@ -186,6 +186,18 @@ def test_built_in_pairs_are_deterministic_and_in_the_common_form():
         assert not r["chosen"].endswith(EOT) and 0 < r["p_chosen"] < 1
 
 
+def test_processes_compare_their_built_in_pairs_by_content(monkeypatch):
+    """Under torchrun each process makes the pairs itself, and they are compared across processes.
+    Two sets of pairs with the same count and lengths (raters a hair apart: the same labels, other
+    probabilities) must not compare equal."""
+    import data.raters
+    seen = []
+    monkeypatch.setattr(data.raters, "check_same_everywhere", lambda values, what: seen.append(values))
+    a, b = (preference_pairs(20, 3, Raters(quality=q), seed=0) for q in (4.0, 4.0 + 1e-9))
+    assert [(r["chosen"], r["rejected"]) for r in a] == [(r["chosen"], r["rejected"]) for r in b]
+    assert seen[0][0] == seen[1][0] and seen[0] != seen[1]
+
+
 def test_candidates_always_hold_a_right_and_a_wrong_ideal_answer():
     from data.judge import gold_parts
     w, rng = make_world(), random.Random(0)
