@@ -25,7 +25,8 @@ where a log-prob is summed over the response tokens. Variants, all in `dpo_loss`
 
 Details written out below: chosen and rejected responses of a batch go through the model in one
 forward pass; the reference is the init model before its first update, so its log-probs are
-computed once, over every pair, before training, and no second model is ever held; dropout is off.
+computed once, before training, for each distinct response (a prompt's pairs share theirs), and no
+second model is ever held; dropout is off.
 By default the pairs are exactly reward.py's (same raters, prompts, SFT samples, seeds and held-out
 split), so DPO's held-out reward accuracy compares with the reward model's, and eval.py compares
 DPO with PPO on the same labels.
@@ -37,7 +38,7 @@ of the pairs: its answers grew padding until they no longer stopped, and the gol
 half. A larger beta and label smoothing both bound how far one pair pushes (the cDPO loss of a pair
 is smallest at beta * m = log((1 - eps) / eps), not at infinity). On the default pairs (14k, the
 reward model's) it reaches held-out reward accuracy 0.76, 0.925 of the Bayes rate (the reward
-model: 0.74, 0.89 of it), and gold 0.645 against SFT's 0.608 (KL 0.31; README). About 3 minutes
+model: 0.74, 0.89 of it), and gold 0.645 against SFT's 0.608 (KL 0.31; README). About 2.5 minutes
 on a 2-core CPU: sampling the SFT model for the pairs (as reward.py does), the reference
 log-probs, then 871 steps, each batch in length-sorted micro-batches (--length_groups).
 Left out on purpose: an SFT loss term on the chosen responses (RPO), sampling fresh pairs from the

@@ -1,7 +1,7 @@
 """
 Reward model: the GPT with a scalar head, trained on pairwise preferences (Bradley-Terry).
 
-    python reward.py                         # out/sft + built-in rated pairs -> out/rm (about 2.5 minutes on 2 CPU cores)
+    python reward.py                         # out/sft + built-in rated pairs -> out/rm (about 2 minutes on 2 CPU cores)
     python reward.py --data prefs.jsonl      # your preference pairs instead (formats: data/formats.py)
     python reward.py --flattery 3            # raters who love flattery (see data/raters.py)
 
