@@ -382,13 +382,16 @@ def distinct(items, hashable=tuple, key=None):
     """The distinct items, in order of first appearance (or sorted by key), and a LongTensor `where`
     with items[i] == distinct[where[i]]; hashable(item) tells two apart. The responses of preference
     pairs repeat (the built-in pairs of a prompt share its 6 or so candidates), and a pass without
-    gradients need score each once."""
-    index = {}
-    for item in items:
-        index.setdefault(hashable(item), item)
-    unique = sorted(index.values(), key=key) if key else list(index.values())
-    position = {hashable(u): i for i, u in enumerate(unique)}
-    return unique, torch.tensor([position[hashable(item)] for item in items], dtype=torch.long)
+    gradients need only score each once."""
+    first = {}  # hashable(item) -> the index of its first appearance among the distinct ones
+    ids = [first.setdefault(hashable(item), len(first)) for item in items]
+    unique = [None] * len(first)
+    for item, i in zip(items, ids):
+        unique[i] = item
+    order = sorted(range(len(unique)), key=lambda i: key(unique[i])) if key else range(len(unique))
+    rank = torch.empty(len(unique), dtype=torch.long)
+    rank[list(order)] = torch.arange(len(unique))  # where each first-appearance index went in the order
+    return [unique[i] for i in order], rank[ids]
 
 
 def batch_indices(lengths, batch_size, rng, group=16):

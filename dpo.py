@@ -185,22 +185,25 @@ def pair_length(pair):
     return max(len(pair[0][0]), len(pair[1][0]))
 
 
+def distinct_responses(pairs):
+    """Every pair's chosen and rejected example, each distinct one once (a prompt's pairs share their
+    candidates: half the sequences of the built-in pairs), shortest first; and where: pair i's chosen
+    is responses[where[2 i]], its rejected responses[where[2 i + 1]]."""
+    return common.distinct([e for pair in pairs for e in pair], hashable=lambda e: tuple(map(tuple, e)),
+                           key=lambda e: len(e[0]))
+
+
 @torch.no_grad()
-def pair_logps(model, pairs, pad_id, device, loss_type, autocast, batch_size=128):
-    """(chosen [N], rejected [N]) log-probs of every pair, without gradients: the reference's, once
-    before training, and the held-out pairs' at each evaluation. Each distinct response goes through
-    the model once (a prompt's pairs share their candidates: half the passes on the built-in pairs),
-    batch_size sequences at a time in order of length, so that each batch pads little. Under
-    torchrun each process computes every N-th batch, and the processes add up their shares (each
-    entry is one process's, the rest 0), so that N processes take 1/N of the time, not all of it."""
-    examples, where = common.distinct([e for pair in pairs for e in pair], hashable=lambda e: (tuple(e[0]), tuple(e[1])),
-                                      key=lambda e: len(e[0]))
-    logps = torch.zeros(len(examples), device=device)
-    for i in range(common.rank() * batch_size, len(examples), common.world_size() * batch_size):
+def response_logps(model, responses, pad_id, device, loss_type, autocast, batch_size=128):
+    """example_logps of every (x, y) example, without gradients, batch_size at a time (responses in
+    order of length pad little): the reference's, once before training, and the held-out pairs' at
+    each evaluation. Under torchrun each process computes every N-th batch, and the processes add up
+    their shares (each entry is one process's, the rest 0), so that N processes take 1/N of the time."""
+    logps = torch.zeros(len(responses), device=device)
+    for i in range(common.rank() * batch_size, len(responses), common.world_size() * batch_size):
         with autocast:
-            logps[i:i + batch_size] = example_logps(model, examples[i:i + batch_size], pad_id, device, loss_type)
-    logps = common.all_reduce(logps)[where.to(device)]
-    return logps[0::2], logps[1::2]
+            logps[i:i + batch_size] = example_logps(model, responses[i:i + batch_size], pad_id, device, loss_type)
+    return common.all_reduce(logps)
 
 
 def main(cfg):
@@ -239,9 +242,14 @@ def main(cfg):
     # the reference: the init model before its first update. Its log-probs never change, so they
     # are computed here, once, and the training below changes the same weights in place.
     t0 = time.time()
-    eval_batch = 2 * (cfg.micro_batch_size or 64)  # sequences per pass without gradients (reference, held-out)
-    ref_train = pair_logps(model, train, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
-    ref_val = pair_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+    seqs_per_pass = 2 * (cfg.micro_batch_size or 64)  # without gradients: a micro-batch's chosen and rejected
+
+    def pair_logps(responses, where):  # (chosen [N], rejected [N]) log-probs of every pair, without gradients
+        logps = response_logps(model, responses, tok.pad_id, device, cfg.loss_type, autocast, seqs_per_pass)
+        return logps[where.to(device)].view(-1, 2).T
+
+    val_responses = distinct_responses(val)  # scored again at each evaluation
+    ref_train, ref_val = pair_logps(*distinct_responses(train)), pair_logps(*val_responses)
     print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -252,7 +260,7 @@ def main(cfg):
     @torch.no_grad()
     def evaluate():
         """Loss, reward accuracy and margin on the held-out pairs, and each pair's margin."""
-        chosen, rejected = pair_logps(model, val, tok.pad_id, device, cfg.loss_type, autocast, eval_batch)
+        chosen, rejected = pair_logps(*val_responses)
         losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, *ref_val, cfg.beta, cfg.loss_type, cfg.label_smoothing)
         losses, margins = losses.tolist(), (r_chosen - r_rejected).tolist()
         return {"val_loss": sum(losses) / len(val), "val_accuracy": sum(m > 0 for m in margins) / len(val),

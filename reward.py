@@ -158,7 +158,8 @@ def main(cfg):
     raters = Raters(cfg.quality, cfg.length, cfg.flattery, cfg.confidence)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    # the passes without gradients (evaluation, normalisation) too take at most --micro_batch_size examples
+    # the passes without gradients are no larger than a training micro-batch: the evaluation scores
+    # --micro_batch_size pairs' worth of sequences at a time, the normalisation that many responses
     eval_batch = cfg.micro_batch_size or 64
 
     t0 = time.time()
@@ -178,6 +179,7 @@ def main(cfg):
     print(f"held-out pairs: {report}")
     # each distinct held-out response scored once (a prompt's candidates meet in several pairs), in batches of similar length
     val_seqs, val_where = common.distinct([s for c, r, _ in val for s in (c, r)], key=len)
+    val_where = val_where.to(device)
     # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
     room = min(48, sft.config.block_size // 2)
     if cfg.data:  # the first that do (tokenizing every prompt once more took seconds per 100k rows)
@@ -213,14 +215,13 @@ def main(cfg):
         training = ema.training
         ema.eval()
         scores = torch.zeros(len(val_seqs), dtype=torch.float64, device=device)  # float32 values exactly, a float64 model's too
-        n = 2 * eval_batch  # sequences per pass: as many as a micro-batch of pairs
-        for i in range(common.rank() * n, len(val_seqs), common.world_size() * n):
+        seqs_per_pass = 2 * eval_batch  # a micro-batch's chosen and rejected
+        for i in range(common.rank() * seqs_per_pass, len(val_seqs), common.world_size() * seqs_per_pass):
             with autocast:
-                scores[i:i + n] = rewards(ema, val_seqs[i:i + n], tok.pad_id, device).float()
+                scores[i:i + seqs_per_pass] = rewards(ema, val_seqs[i:i + seqs_per_pass], tok.pad_id, device)
         ema.train(training)
         scores = common.all_reduce(scores)
-        where = val_where.to(device)
-        return (scores[where[0::2]] - scores[where[1::2]]).tolist()
+        return (scores[val_where[0::2]] - scores[val_where[1::2]]).tolist()
 
     def response_tokens(items):  # the chosen responses' tokens (with their EOS): the lm loss's targets
         return sum(len(c) - n for c, _, n in items)

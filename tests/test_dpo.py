@@ -173,9 +173,9 @@ def test_ipo_gets_log_probs_averaged_over_the_response():
 
 
 def test_precomputed_reference_equals_a_fresh_forward(tmp_path, monkeypatch):
-    """pair_logps, as the reference log-probs are computed once before training: each pair's equal
-    a fresh model's, and each distinct response goes through the model once (a prompt's pairs share
-    their candidates; here the first pair's rejected response is chosen again, and every pair is there
+    """The reference log-probs, computed once before training: each pair's equal a fresh model's,
+    and each distinct response goes through the model once (a prompt's pairs share their
+    candidates; here the first pair's rejected response is chosen again, and every pair is there
     three times)."""
     model = tiny_model(seed=1)
     save_checkpoint(tmp_path / "ref", model, {"tokenizer": "builtin", "stage": "sft"})
@@ -183,8 +183,10 @@ def test_precomputed_reference_equals_a_fresh_forward(tmp_path, monkeypatch):
     many = dpo.encode_pairs(TOK, rows, 64)[0]  # 12 pairs, 7 distinct responses, in batches of 4: each padded differently
     sizes, logps = [], dpo.example_logps
     monkeypatch.setattr(dpo, "example_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
-    ref_chosen, ref_rejected = dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
-    assert sizes == [4, 3]
+    responses, where = dpo.distinct_responses(many)
+    ref = dpo.response_logps(model, responses, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    assert sizes == [4, 3] and [len(x) for x, _ in responses] == sorted(len(x) for x, _ in responses)
+    ref_chosen, ref_rejected = ref[where[0::2]], ref[where[1::2]]
     fresh, _ = load_checkpoint(tmp_path / "ref")
     for i, r in enumerate(rows):
         assert ref_chosen[i].item() == pytest.approx(by_hand(fresh, r["prompt"], r["chosen"])[0], abs=1e-4)
@@ -197,18 +199,18 @@ def test_each_process_computes_its_share_of_the_reference(monkeypatch):
     160k, the whole pass on each GPU); now each takes every N-th batch, and their sum is the whole."""
     import common
     model = tiny_model(seed=1).eval()
-    many = dpo.encode_pairs(TOK, [dict(r, chosen=r["chosen"] + f" {i}", rejected=r["rejected"] + f" {i}") for i in range(3) for r in ROWS], 64)[0]  # 18 distinct
-    whole = dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
+    rows = [dict(r, chosen=r["chosen"] + f" {i}", rejected=r["rejected"] + f" {i}") for i in range(3) for r in ROWS]
+    responses, _ = dpo.distinct_responses(dpo.encode_pairs(TOK, rows, 64)[0])  # 18, all distinct
+    whole = dpo.response_logps(model, responses, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4)
     sizes, logps = [], dpo.example_logps
     monkeypatch.setattr(dpo, "example_logps", lambda model, part, *a: sizes.append(len(part)) or logps(model, part, *a))
     monkeypatch.setattr(common, "world_size", lambda: 2)
     shares = []
     for r in (0, 1):
         monkeypatch.setattr(common, "rank", lambda: r)
-        shares.append(dpo.pair_logps(model, many, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4))
+        shares.append(dpo.response_logps(model, responses, TOK.pad_id, "cpu", "sigmoid", torch.no_grad(), batch_size=4))
     assert sizes == [4, 4, 2, 4, 4]  # alone (all_reduce is a no-op): each process its share (batches 0, 2, 4 and 1, 3), no more
-    for i in range(2):
-        torch.testing.assert_close(shares[0][i] + shares[1][i], whole[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shares[0] + shares[1], whole, rtol=1e-5, atol=1e-5)
 
 
 def test_only_response_tokens_are_targets():
@@ -263,7 +265,7 @@ def test_dpo_on_built_in_pairs_end_to_end(init, tmp_path, monkeypatch):
     assert info["stage"] == "dpo" and info["parent"] == str(init) and info["args"]["beta"] == 0.5
     m = info["metrics"]
     assert 8 <= m["val_pairs"] <= 16 and m["train_pairs"] + m["val_pairs"] >= 30 and m["steps"] == round(2 * m["train_pairs"] / 8)
-    # the held-out pairs were evaluated in length order: each reported margin is its own row's
+    # the held-out responses were scored once each, in length order: each reported margin is its own row's
     # implicit reward margin, beta * ((policy - reference) chosen - (policy - reference) rejected)
     (rows, margins), = reported
     assert len(rows) == m["val_pairs"] and sum(r > 0 for r in margins) / len(margins) == pytest.approx(m["val_accuracy"])
