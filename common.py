@@ -439,11 +439,17 @@ def fmt(v):
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "metrics.jsonl", "resume.json", "resume.safetensors"}
 
 
-def check_out_dir(path, flag="--out_dir"):
+def check_out_dir(path, flag="--out_dir", reads=None):
     """Refuse, before any work, a path that is no place for a checkpoint: a file, the working
-    directory or one above it, or a directory holding more than a checkpoint's files (`--out_dir out`
-    would mix the new checkpoint with out/base, out/sft, ...). A symbolic link counts as its target."""
+    directory or one above it, a directory holding more than a checkpoint's files (`--out_dir out`
+    would mix the new checkpoint with out/base, out/sft, ...), or a checkpoint the run reads (reads:
+    {flag: path}; `ppo.py --policy out/x --out_dir out/x` would replace its own frozen reference).
+    A symbolic link counts as its target."""
     path = os.path.realpath(path)
+    for other, source in (reads or {}).items():
+        if source and os.path.realpath(source) == path:
+            raise UserError(f"{flag} {path} is also {other}: the run would overwrite a checkpoint it reads; "
+                            f"name another directory")
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):

@@ -214,7 +214,8 @@ def main(cfg):
     if not 0 <= cfg.label_smoothing < 0.5:
         raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     t_start = time.time()
-    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
+    # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
+    common.check_out_dir(cfg.out_dir, reads={"--init": cfg.init})
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)

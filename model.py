@@ -573,6 +573,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "export":
         sys.exit("usage: python -m model export CKPT_DIR OUT_DIR")
     try:
+        check_out_dir(sys.argv[3], "OUT_DIR", reads={"CKPT_DIR": sys.argv[2]})
         exported, meta = load_checkpoint(sys.argv[2], head="lm")
         export_hf(exported, sys.argv[3], {k: meta[k] for k in ("tokenizer", "tokenizer_fingerprint") if k in meta})
     except UserError as e:  # a bad checkpoint, or an OUT_DIR that is not a new directory

@@ -293,7 +293,8 @@ def main(cfg):
         raise common.UserError("--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)")
     if not cfg.temperature > 0:  # PPO samples its policy and divides the logits by it: no greedy decoding here
         raise common.UserError(f"--temperature must be positive, got {cfg.temperature}")
-    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
+    # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
+    common.check_out_dir(cfg.out_dir, reads={"--policy": cfg.policy, "--reward": cfg.reward, "--value": cfg.value})
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, None, "--rollout_batch")

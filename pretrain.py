@@ -141,7 +141,8 @@ def probe_world(model, tok):
 
 
 def main(cfg):
-    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
+    # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
+    common.check_out_dir(cfg.out_dir, reads={"--init": cfg.init})
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)

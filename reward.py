@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import common
 import kernels
-from data.formats import encode_rows, preference_rows, split_by_prompt, write_rows
+from data.formats import check_out_file, encode_rows, preference_rows, split_by_prompt, write_rows
 from data.raters import Raters, accuracy_report, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
@@ -146,9 +146,12 @@ def main(cfg):
         raise common.UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.norm_prompts < 2:  # the normalisation divides by the spread of their responses' scores
         raise common.UserError(f"--norm_prompts must be at least 2, got {cfg.norm_prompts}")
-    if cfg.pairs_out and os.path.isdir(cfg.pairs_out):
-        raise common.UserError(f"--pairs_out {cfg.pairs_out} is a directory: name the .jsonl file to write")
-    common.check_out_dir(cfg.out_dir)  # before any work: a directory that is not a checkpoint would be lost
+    if cfg.pairs_out:
+        check_out_file(cfg.pairs_out, "--pairs_out")
+    if cfg.pairs_out and cfg.data and os.path.realpath(cfg.pairs_out) == os.path.realpath(cfg.data):
+        raise common.UserError(f"--pairs_out {cfg.pairs_out} is also --data: it would overwrite the pairs it reads")
+    # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
+    common.check_out_dir(cfg.out_dir, reads={"--init": cfg.init})
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.batch_size, cfg.micro_batch_size)

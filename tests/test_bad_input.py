@@ -201,6 +201,38 @@ def test_an_out_dir_that_is_not_a_checkpoint_is_refused_before_training(layout, 
         assert tree(target) == before
 
 
+@pytest.mark.parametrize("stage, flag", [(sft, "--init"), (reward, "--init"), (dpo, "--init"), (ppo, "--policy"),
+                                         (ppo, "--reward"), (ppo, "--value")])
+def test_an_out_dir_that_the_run_reads_is_refused_before_any_work(stage, flag, tiny_chain, tmp_path, capsys, monkeypatch):
+    """`ppo.py --reward out/x --out_dir out/x` replaced the reward model with the policy and exited 0;
+    `dpo.py --init out/x --out_dir out/x` lost its init and, resumed, took its own last save as the
+    frozen reference. A run must not write over a checkpoint it reads (a symbolic link is its target)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_chain["rm" if flag in ("--reward", "--value") else "sft"], ckpt)
+    link = tmp_path / "link"
+    link.symlink_to(ckpt)
+    before = tree(ckpt)
+    flags = {"--" + name for name in stage.Config.__dataclass_fields__}
+    args = {"--init": tiny_chain["sft"], "--policy": tiny_chain["sft"], "--reward": tiny_chain["rm"], "--value": tiny_chain["rm"]}
+    args = {k: v for k, v in args.items() if k in flags}
+    argv = [x for k, v in {**args, flag: str(ckpt)}.items() for x in (k, v)] + ["--device", "cpu", "--out_dir", str(link)]
+    status, err = run_stage(stage, argv, capsys, monkeypatch)
+    assert status == 1 and err == f"error: --out_dir {ckpt} is also {flag}: the run would overwrite a checkpoint it reads; " \
+                                  f"name another directory\n", err
+    assert tree(ckpt) == before
+
+
+def test_an_export_over_its_own_checkpoint_is_refused(tiny_chain, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_chain["sft"], ckpt)
+    before = tree(ckpt)
+    monkeypatch.setattr(sys, "argv", ["model.py", "export", str(ckpt), str(ckpt)])
+    import runpy
+    with pytest.raises(SystemExit, match=r"^error: OUT_DIR \S+ckpt is also CKPT_DIR"):
+        runpy.run_module("model", run_name="__main__")
+    assert tree(ckpt) == before
+
+
 def test_device_and_dtype_are_checked():
     with pytest.raises(common.UserError, match="--device 'gpu0' is not a device"):
         common.setup_device("gpu0")
