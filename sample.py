@@ -14,14 +14,12 @@ that leaves less than --max_new_tokens of a model's context loses its start (mod
 in ppo.py), and the reward model reads the prompt as the policy did.
 """
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 
 import common
-from data.formats import chat_prompt, prompt_rows
+from data.formats import chat_prompt, check_out_file, prompt_rows, write_rows
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete_ids, fit_prompt, load_checkpoint
@@ -79,6 +77,8 @@ def main(cfg):
     paths = [c for c in cfg.checkpoints.split(",") if c]
     if not paths:
         raise common.UserError(f"--checkpoints names no checkpoint: {cfg.checkpoints!r}")
+    if cfg.out:  # before the sampling, not after it
+        check_out_file(cfg.out, "--out")
     device, autocast = common.setup_device(cfg.device, cfg.dtype, training=False)
 
     if cfg.chat:
@@ -128,10 +128,7 @@ def main(cfg):
             score = "" if s["reward"] is None else f"  (reward {s['reward']:+.3f})"
             print(f"  {s['checkpoint']:{width}s} -> {s['response']!r}{'' if s['stopped'] else ' [no EOS]'}{score}")
     if cfg.out:
-        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        with open(cfg.out + ".tmp", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for block in blocks for s in block)
-        os.replace(cfg.out + ".tmp", cfg.out)
+        write_rows(cfg.out, [s for block in blocks for s in block])
         print(f"wrote {len(flat) * len(blocks)} samples to {cfg.out}")
 
 

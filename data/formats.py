@@ -50,6 +50,7 @@ import json
 import os
 import random
 import re
+import zlib
 from collections import Counter
 
 from common import UserError
@@ -67,14 +68,14 @@ MIN_PROMPT_SHARE = 4  # a dropped row leaves the prompt less than 1/MIN_PROMPT_S
 def read_records(path):
     """[(where, row dict)] of a .jsonl, .jsonl.gz or .json file; where is "file:line"."""
     path = str(path)
-    name = path[:-3] if path.endswith(".gz") else path
+    gz = path.lower().endswith(".gz")
     try:
         # utf-8-sig: a byte-order mark, if any, is dropped; text mode reads "\r\n" as "\n"
-        with (gzip.open(path, "rt", encoding="utf-8-sig") if path.endswith(".gz") else open(path, encoding="utf-8-sig")) as f:
+        with (gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")) as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as e:  # zlib: a damaged .gz
         raise UserError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    if name.endswith(".json"):
+    if (path[:-3] if gz else path).lower().endswith(".json"):
         rows = json_array(path, text)
     else:
         rows = []
@@ -83,8 +84,8 @@ def read_records(path):
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an int of 4300+ digits
+                    raise UserError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
     for n, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
@@ -111,7 +112,8 @@ def json_array(path, text):
     if i == len(text):
         return rows
     if text[i] != "[":
-        raise UserError(f"{path}:{line_at(i)}: a .json file must hold one array of objects")
+        hint = " (one object per line is JSON Lines: name the file .jsonl)" if text[i] == "{" else ""
+        raise UserError(f"{path}:{line_at(i)}: a .json file must hold one array of objects{hint}")
     i = skip_space(i + 1)
     if i < len(text) and text[i] == "]":
         return rows
@@ -120,6 +122,8 @@ def json_array(path, text):
             item, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # an int of 4300+ digits, arrays nested too deep
+            raise UserError(f"{path}:{line_at(i)}: not valid JSON ({e})") from None
         rows.append((line_at(i), item))
         i = skip_space(end)
         if i < len(text) and text[i] == "]":
@@ -390,12 +394,27 @@ class Dataset:
         return line
 
 
+def check_out_file(path, flag):
+    """Refuse, before any work, a path where the file cannot be written: a directory, or a path
+    through a file. (Its missing directories are made when it is written.)"""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: name the .jsonl file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
 def write_rows(path, rows):
     """rows (dicts) as a .jsonl file at path, which any stage's --data reads; written whole or not at all."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a directory at path, a file where a directory of the path should be, a full disk
+        raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
 def text_file_documents(path):

@@ -15,8 +15,8 @@ import pretrain
 import reward
 import sft
 from common import UserError
-from data.formats import (Dataset, chat_prompt, common_prefix, fit, preference_rows, prompt_completion_rows, prompt_rows,
-                          split_transcripts)
+from data.formats import (Dataset, chat_prompt, check_out_file, common_prefix, fit, preference_rows, prompt_completion_rows,
+                          prompt_rows, split_transcripts, write_rows)
 from data.tasks import PROMPT
 from model import export_hf, load_checkpoint
 
@@ -187,6 +187,30 @@ def test_bad_files_are_named_by_file_and_line(tmp_path, capsys):
     with pytest.raises(UserError, match=r"no usable rows: all 1 were skipped \(\S+d.jsonl:1: chosen and rejected are the same\)"):
         preference_rows(bad)
     capsys.readouterr()
+
+
+def test_damaged_odd_and_unwritable_files_get_one_line(tmp_path):
+    rows = [{"prompt": f"Human: {i}?\n\nAssistant:", "chosen": " a", "rejected": " b"} for i in range(300)]
+    gz = bytearray(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    gz[30:60] = bytes(b ^ 255 for b in gz[30:60])  # a damaged download: zlib's error, not OSError
+    (tmp_path / "c.jsonl.gz").write_bytes(gz)
+    with pytest.raises(UserError, match=r"c.jsonl.gz: cannot read it \("):
+        preference_rows(tmp_path / "c.jsonl.gz")
+    (tmp_path / "d.JSON").write_text(json.dumps(rows[:2]))  # the extension in capitals is still JSON
+    assert len(preference_rows(tmp_path / "d.JSON")) == 2
+    (tmp_path / "l.json").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # datasets' to_json writes these
+    with pytest.raises(UserError, match=r"l.json:1: a .json file must hold one array of objects \(one object per line is "
+                                        r"JSON Lines: name the file .jsonl\)"):
+        preference_rows(tmp_path / "l.json")
+    (tmp_path / "i.jsonl").write_text('{"prompt": ' + "9" * 5000 + "}\n")  # past Python's int digits limit
+    with pytest.raises(UserError, match=r"i.jsonl:1: not valid JSON \(Exceeds the limit"):
+        prompt_rows(tmp_path / "i.jsonl")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"--pairs_out \S+afile/x.jsonl: \S+afile is a file, not a directory"):
+        check_out_file(str(tmp_path / "afile" / "x.jsonl"), "--pairs_out")
+    with pytest.raises(UserError, match=r"afile/x.jsonl: cannot write it"):
+        write_rows(str(tmp_path / "afile" / "x.jsonl"), rows)
+    check_out_file(str(tmp_path / "new" / "dir" / "x.jsonl"), "--out")  # missing directories are made when written
 
 
 def test_jsonl_rows_end_at_newlines_only(tmp_path):

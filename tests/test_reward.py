@@ -274,6 +274,15 @@ def test_pairs_out_writes_the_pairs_it_trains_on_for_any_stages_data(tiny_chain,
 def test_pairs_out_makes_its_directory_and_refuses_a_directory(tiny_chain, tmp_path):
     with pytest.raises(UserError, match=f"--pairs_out {tmp_path} is a directory: name the .jsonl file to write"):
         reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(tmp_path), device="cpu"))
+    data = tmp_path / "mine.jsonl"  # the user's own pairs, which --pairs_out would have rewritten in its form
+    data.write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hi.", "rejected": " No."}) + "\n")
+    with pytest.raises(UserError, match=f"--pairs_out {data} is also --data: it would overwrite the pairs it reads"):
+        reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), pairs_out=str(data),
+                                  device="cpu"))
+    (tmp_path / "afile").write_text("x")  # refused before any work, not after the training
+    with pytest.raises(UserError, match=r"afile is a file, not a directory"):
+        reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(tmp_path / "afile" / "p.jsonl"),
+                                  device="cpu"))
     assert not (tmp_path / "rm").exists()
     pairs = tmp_path / "new" / "dir" / "pairs.jsonl"
     reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(pairs), n_prompts=12,

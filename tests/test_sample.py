@@ -32,6 +32,16 @@ def test_greedy_samples_side_by_side_with_reward_scores(tiny_chain, tmp_path):
         assert r["reward"] == pytest.approx(info["reward_norm"]["gain"] * raw + info["reward_norm"]["bias"], abs=1e-4)
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_sampling(tiny_chain, tmp_path, monkeypatch):
+    sampled = []
+    monkeypatch.setattr(sample, "complete_ids", lambda *a, **k: sampled.append(1))  # must never be reached
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path, "is a directory"), (tmp_path / "afile" / "s.jsonl", "afile is a file, not a directory")):
+        with pytest.raises(common.UserError, match=f"--out {out}.*{message}"):
+            sample.main(sample.Config(checkpoints=tiny_chain["sft"], chat="Hi?", out=str(out), device="cpu"))
+    assert not sampled and not (tmp_path / "afile.tmp").exists()
+
+
 def test_several_samples_per_prompt_are_seeded(tiny_chain, tmp_path):
     runs = []
     for seed in (0, 0, 1):
