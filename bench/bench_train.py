@@ -10,7 +10,7 @@ data: forward, loss, backward, gradient clipping and the AdamW update, as its lo
 - sft: 32 random demonstrations in length-sorted micro-batches, right-padded (sft.collate), sft.sft_loss
   (the lm head at the response tokens only);
 - reward: a batch of pairs of similar length (reward.py's default size), chosen and rejected in one
-  batch (reward.rewards), bradley_terry_loss;
+  batch (reward.rewards), bradley_terry_loss plus the lm loss on the chosen responses (--lm_coef);
 - dpo: 32 random pairs in length-sorted micro-batches, chosen and rejected of each in one forward pass
   (dpo.batch_logps, which applies the lm head at the response tokens only), dpo_loss; the reference log-probs, computed once before training, are not
   part of a step;
@@ -111,12 +111,15 @@ def stage_steps(cfg, tok, device):
     rm_order = batch_indices([max(len(c), len(r)) for c, r, _ in rm_pairs], reward.Config.batch_size, rng)  # as reward.py batches
 
     def reward_batch():
-        seqs = [s for j in next(rm_order) for s in rm_pairs[j][:2]]  # chosen, rejected, chosen, ...
-        return (seqs,), [(len(seqs), max(map(len, seqs)))], sum(map(len, seqs)), (0,)
+        pairs = [rm_pairs[j] for j in next(rm_order)]
+        seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+        return (pairs,), [(len(seqs), max(map(len, seqs)))], sum(map(len, seqs)), (sum(len(c) - n for c, _, n in pairs),)
 
-    def reward_loss(seqs):
-        r = reward.rewards(rm, seqs, tok.pad_id, device).float()
-        return reward.bradley_terry_loss(r[0::2], r[1::2])
+    def reward_loss(pairs):  # Bradley-Terry, and the lm loss on the chosen responses (--lm_coef 1, the default)
+        seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+        r, lm_loss = reward.rewards(rm, seqs, tok.pad_id, device, lm_prompts=[n for _, _, n in pairs])
+        r = r.float()
+        return reward.bradley_terry_loss(r[:len(pairs)], r[len(pairs):]) + reward.Config.lm_coef * lm_loss
 
     dpo_pairs = dpo.encode_pairs(tok, rows, cfg.block_size)[0]
 
