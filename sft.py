@@ -143,8 +143,8 @@ def main(cfg):
 
     @torch.no_grad()
     def val_loss():
-        if not val:
-            return float("nan")
+        if not val:  # one demonstration, trained on: no validation loss (null in the JSON, where NaN is not valid)
+            return None
         model.eval()
         micro, nll = cfg.micro_batch_size or cfg.batch_size, 0.0
         for i in range(0, len(val), micro):  # the mean over every response token of the split

@@ -147,6 +147,19 @@ def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp
     assert set(sampled) == {r["prompt"] for r in rows} - trained
 
 
+def test_one_demonstration_trains_and_writes_json_that_strict_parsers_read(tiny_chain, tmp_path):
+    """A file of one demonstration leaves none to validate on: the validation loss is null, not NaN,
+    which Python writes into JSON but jq and most other parsers refuse."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:", "completion": " Hello."}) + "\n")
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), epochs=1, out_dir=str(tmp_path / "sft"), device="cpu"))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict((tmp_path / "sft" / "config.json").read_text())["metrics"]["val_loss"] is None
+    assert [strict(line)["val_loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()] == [None]
+
+
 def test_length_groups_epochs_and_the_learning_rate_schedule_reach_the_training(tiny_chain, tmp_path, monkeypatch):
     import common
     rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": " It lives in Velmor."}
