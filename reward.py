@@ -43,7 +43,7 @@ from data.formats import check_out_file, encode_rows, preference_rows, split_by_
 from data.raters import Raters, accuracy_report, model_sampler, preference_pairs
 from data.tasks import training_questions
 from data.tokenizer import tokenizer_for
-from model import GPT, GPTConfig, complete_ids, load_checkpoint, load_state, save_checkpoint
+from model import GPT, GPTConfig, complete_ids, fit_prompt, load_checkpoint, load_state, save_checkpoint
 
 
 @dataclass
@@ -183,16 +183,16 @@ def main(cfg):
     # each distinct held-out response scored once (a prompt's candidates meet in several pairs), in batches of similar length
     val_seqs, val_where = common.distinct([s for c, r, _ in val for s in (c, r)], key=len)
     val_where = val_where.to(device)
-    # the prompts whose SFT responses normalise the reward at the end: a response must fit after them
+    # the prompts whose SFT responses normalise the reward at the end, each cut from the left if need
+    # be to leave room for its response (model.fit_prompt), as ppo.py cuts the prompts it samples from
     room = min(48, sft.config.block_size // 2)
-    if cfg.data:  # the first that do (tokenizing every prompt once more took seconds per 100k rows)
-        fits = (r["prompt"] for r in train_rows if len(tok.encode_prompt(r["prompt"])) + room <= sft.config.block_size)
-        norm_prompts = list(itertools.islice(fits, cfg.norm_prompts))
+    if cfg.data:  # the first distinct training prompts
+        norm_prompts = list(itertools.islice(dict.fromkeys(r["prompt"] for r in train_rows), cfg.norm_prompts))
     else:
         norm_prompts = [q.prompt for q in training_questions(cfg.norm_prompts, seed=cfg.seed + 1)]
     if len(norm_prompts) < 2:
-        raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 training prompts at least that leave room "
-                               f"for {room} response tokens in the context of {sft.config.block_size}, found {len(norm_prompts)}")
+        raise common.UserError(f"{cfg.data}: the reward's normalisation needs 2 distinct training prompts at least, "
+                               f"found {len(norm_prompts)}")
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} held-out pairs ({time.time() - t0:.1f}s to make), {steps} steps")
 
@@ -298,9 +298,10 @@ def main(cfg):
     # their samples, and so the gain and bias, never depend on that flag.
     sample_batch = cfg.micro_batch_size if cfg.data and cfg.micro_batch_size else 256
     with autocast:
-        responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, temperature=1.0, generator=gen)
+        responses = complete_ids(sft, tok, norm_prompts, room, batch_size=sample_batch, leave_room=True, temperature=1.0,
+                                 generator=gen)
     with torch.no_grad(), autocast:
-        seqs = [tok.encode_prompt(p) + r for p, r in zip(norm_prompts, responses)]
+        seqs = [fit_prompt(tok.encode_prompt(p), sft.config.block_size, room) + r for p, r in zip(norm_prompts, responses)]
         scores = torch.cat([rewards(rm, seqs[i:i + eval_batch], tok.pad_id, device).float() for i in range(0, len(seqs), eval_batch)])
     metrics["reward_norm"] = normalisation(scores)
     metrics["wall_s"] = round(time.time() - logger.t0, 1)

@@ -74,7 +74,7 @@ def test_a_normalisation_without_a_spread_is_refused_and_nothing_written(tiny_ch
     cfg = dict(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), batch_size=2, device="cpu")
     with pytest.raises(UserError, match="--norm_prompts must be at least 2, got 1"):
         reward.main(reward.Config(**cfg, norm_prompts=1))
-    for n_prompts, error in ((2, "the reward's normalisation needs 2 training prompts at least .* found 1"),
+    for n_prompts, error in ((2, "the reward's normalisation needs 2 distinct training prompts at least, found 1"),
                              (4, "the 3 SFT responses that normalise the reward score 0 ± 0")):
         data.write_text("".join(json.dumps({"prompt": f"Human: Say {w}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."})
                                 + "\n" for w in "abcd"[:n_prompts]))  # one prompt held out
@@ -117,8 +117,8 @@ def test_passes_without_gradients_take_micro_batches(tiny_chain, tmp_path, monke
 
 
 def test_a_files_prompts_are_tokenized_once(tiny_chain, tmp_path, monkeypatch):
-    """The normalisation takes the first --norm_prompts training prompts that fit: it tokenized
-    every one of them again to pick those (seconds per 100k rows of real data, for 256 prompts)."""
+    """The normalisation takes the first --norm_prompts training prompts: it tokenized every one of
+    them again to pick those that fit (seconds per 100k rows of real data, for 256 prompts)."""
     from data.tokenizer import Tokenizer
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Human: Say {i}.\n\nAssistant:", "chosen": " yes.", "rejected": " no."}) + "\n"
@@ -128,6 +128,25 @@ def test_a_files_prompts_are_tokenized_once(tiny_chain, tmp_path, monkeypatch):
     reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), norm_prompts=4,
                               batch_size=8, epochs=0.05, device="cpu"))
     assert len(calls) <= 300 + 3 * 4  # each row once; the normalisation's prompts picked, sampled and scored
+
+
+def test_the_normalisation_cuts_long_prompts_as_ppo_does(tiny_chain, tmp_path, monkeypatch):
+    """Prompts longer than the context trained (cut from the left, formats.fit), but the
+    normalisation took only prompts that fit whole, and with none it stopped after the training. Now
+    each loses its start to leave room for its response (model.fit_prompt), as ppo.py cuts them, and
+    the response is scored after the very prompt it was sampled from."""
+    long = " ".join(["It is red."] * 40)  # about 160 tokens, the context 64
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Human: {long} {i}?\n\nAssistant:", "chosen": " Yes.", "rejected": " No."}) + "\n"
+                            for i in range(20)))
+    scored, real = [], reward.rewards
+    monkeypatch.setattr(reward, "rewards", lambda rm, seqs, *a, **k: scored.append(seqs) or real(rm, seqs, *a, **k))
+    reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), norm_prompts=4,
+                              batch_size=4, epochs=0.5, device="cpu"))
+    norm = scored[-1]  # the last pass: the normalisation's 4 prompts and their responses
+    ends = [TOK.encode_prompt(f"Human: {long} {i}?\n\nAssistant:")[-(64 - 32):] for i in range(20)]
+    assert len(norm) == 4 and all(len(s) <= 64 and any(s[:len(e)] == e for e in ends) for s in norm)
+    assert 0 < load_checkpoint(tmp_path / "rm", head="scalar")[1]["reward_norm"]["gain"] < float("inf")
 
 
 def test_scalar_model_keeps_the_trunk_and_starts_a_small_head():
