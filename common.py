@@ -97,9 +97,12 @@ def parse_value(text, typ, name):
             return False
         raise UserError(f"--{name}: expected true or false, got {text!r}")
     try:
-        return typ(text)
+        value = typ(text)
     except ValueError:
         raise UserError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
+    if typ is float and not math.isfinite(value):  # nan and inf pass float(); no flag means them, and JSON has neither
+        raise UserError(f"--{name}: expected a finite number, got {text!r}")
+    return value
 
 
 def parse_args(cls, argv=None):
@@ -472,6 +475,8 @@ def atomic_directory(path):
     check_out_dir first) move into the new directory: nothing is deleted but the old checkpoint."""
     path = os.path.realpath(path)  # a symbolic link: its target is replaced, the link stays
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old"
+    if not os.path.exists(path) and os.path.isdir(old):  # a save killed between its renames: the last good one is back
+        os.rename(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -537,10 +542,18 @@ def read_safetensors(file, error=UserError, what=""):
         raise error(f"{what}{file} cannot be read: {e}") from None
 
 
+def same_path(a, b):
+    """Whether two flags' values name the same existing file or directory (work/x, ./work/x, /abs/work/x)."""
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def load_state(directory, name="resume"):
     """(tensors, info) written by save_state, or a UserError naming the file that is missing or broken."""
     paths = [os.path.join(directory, f"{name}.{ext}") for ext in ("safetensors", "json")]
     for path in paths:
+        if os.path.isfile(os.path.join(f"{directory}.old", os.path.basename(path))) and not os.path.exists(directory):
+            raise UserError(f"--resume: a save killed between its two renames left the last state at {directory}.old: "
+                            f"move it back (mv {directory}.old {directory}) and resume")
         if not os.path.isfile(path):
             raise UserError(f"--resume: {path} does not exist: {directory} holds no resume state "
                             f"(its run finished, or never saved one: see --save_every)")
@@ -661,8 +674,8 @@ class TrainState:
             raise UserError(f"--resume: {where} was written by {info['world_size']} processes; resume with as many, "
                             f"not {world_size()}")
         now = dataclasses.asdict(self.cfg)
-        for key, value in info["args"].items():
-            if key not in ("resume", "save_every") and now.get(key) != value:
+        for key, value in info["args"].items():  # out_dir: the state was just found there, however it is spelled
+            if key not in ("resume", "save_every", "out_dir") and now.get(key) != value and not same_path(now.get(key), value):
                 raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r}")
         # the arguments are the same; is the data? (The state of an older version holds fewer keys: those are compared.)
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):

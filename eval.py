@@ -63,7 +63,7 @@ from data.judge import gold_parts, score_parts
 from data.tasks import covered_entities, eval_questions
 from data.tokenizer import tokenizer_for
 from data.world import default_world
-from model import CheckpointError, checkpoint_config, complete_ids, fit_prompt, left_pad, load_checkpoint
+from model import CheckpointError, checkpoint_config, complete_ids, fit_prompt, left_pad, load_checkpoint, require_head
 
 STAGES = ("pretrain", "sft", "ppo", "dpo")  # the order of the table
 
@@ -374,6 +374,10 @@ def main(cfg):
         raise common.UserError(f"--samples must be at least 1, got {cfg.samples}")
     if cfg.max_new_tokens < 1:
         raise common.UserError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    if not cfg.temperature >= 0:
+        raise common.UserError(f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
+    if not cfg.best_of_temperature > 0:  # n greedy answers are one answer n times
+        raise common.UserError(f"--best_of_temperature must be positive, got {cfg.best_of_temperature}")
     ns = cfg.best_of.split(",") if cfg.best_of else []
     if not all(n.strip().isdecimal() and int(n) > 0 for n in ns):
         raise common.UserError(f"--best_of must be positive integers separated by commas, not {cfg.best_of!r}")
@@ -401,6 +405,8 @@ def main(cfg):
     ref = optional(cfg.reference, "lm", "reference", "no kl and vs ref columns, no best-of-n")
     # every checkpoint's tokenizer against the reward model's and the reference's, before any evaluation
     configs = {name: checkpoint_config(name) for name in names}
+    for name, (config, _) in configs.items():  # before any evaluation, not after those listed before it
+        require_head(name, config, "lm")
     toks = {name: tokenizer_for(configs[name][1], name) for name in names}
     clashes = {name: path for name in names for other, path in ((rm, cfg.reward), (ref, cfg.reference))
                if other and other[1].get("tokenizer_fingerprint") != toks[name].fingerprint}

@@ -378,8 +378,8 @@ def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
     A Hugging Face GPT-2 directory loads too, as an lm checkpoint of tokenizer "gpt2": so every
     stage's --init (or --policy) takes one with no change to the stage."""
     config, info = checkpoint_config(path)
-    if head is not None and config.head != head:
-        raise CheckpointError(f"{path} has a {config.head} head, but a {head} head is needed here")
+    if head is not None:
+        require_head(path, config, head)
     if tokenizer is not None and info.get("tokenizer") != tokenizer:
         raise CheckpointError(f"{path} was trained with tokenizer {info.get('tokenizer')!r}, "
                               f"but this run uses {tokenizer!r}")
@@ -390,6 +390,12 @@ def load_checkpoint(path, head=None, tokenizer=None, device="cpu"):
         weights = os.path.join(path, "model.safetensors")
         load_state(model, read_safetensors(weights, CheckpointError), weights)
     return model.to(device), info
+
+
+def require_head(path, config, head):
+    """Refuse a checkpoint (its GPTConfig) whose head is not the one needed ("lm" or "scalar")."""
+    if config.head != head:
+        raise CheckpointError(f"{path} has a {config.head} head, but a {head} head is needed here")
 
 
 def checkpoint_config(path):

@@ -36,6 +36,7 @@ Left out on purpose: an entropy bonus, a shared policy/value trunk, the pre-trai
 (PPO-ptx), and generation and training in separate processes.
 """
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -293,6 +294,12 @@ def main(cfg):
         raise common.UserError("--reward gold has no reward model to start the value model from: pass --value (e.g. out/rm)")
     if not cfg.temperature > 0:  # PPO samples its policy and divides the logits by it: no greedy decoding here
         raise common.UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.max_new_tokens < 1:
+        raise common.UserError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise common.UserError(f"--kl_estimator must be k1 or k3, not {cfg.kl_estimator!r}")
+    if cfg.adaptive_kl and not (cfg.target_kl > 0 and cfg.kl_horizon > 0):  # the controller divides by both
+        raise common.UserError(f"--adaptive_kl needs --target_kl and --kl_horizon above 0, got {cfg.target_kl} and {cfg.kl_horizon}")
     # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
     common.check_out_dir(cfg.out_dir, reads={"--policy": cfg.policy, "--reward": cfg.reward, "--value": cfg.value})
     common.seed_everything(cfg.seed)
@@ -431,6 +438,11 @@ def main(cfg):
                         common.clip_gradients(model, cfg.grad_clip, it, cfg.out_dir)
                         opt.step()
                     opt.zero_grad(set_to_none=True)
+                if epoch == 0 and i == 0:  # the policy has not moved yet: every token's ratio is 1
+                    first_ratio = farthest_from_one(ratio.detach(), mb_mask)
+                stats["ratio_max"].append(ratio_max.item())  # already the largest over processes; skipped ones too
+                if skip:  # its other numbers (a loss at an infinite ratio, say) stay out of the iteration's means
+                    continue
                 with torch.no_grad():
                     log_ratio = new_logprobs - old_logprobs[mb]
                     stats["pg_loss"].append(pg_loss.item())
@@ -438,24 +450,27 @@ def main(cfg):
                     stats["approx_kl"].append(masked_mean(0.5 * log_ratio ** 2, mb_mask).item())
                     stats["clipfrac"].append(clipfrac.item())
                     stats["ratio_mean"].append(masked_mean(ratio, mb_mask).item())
-                    stats["ratio_max"].append(ratio_max.item())  # already the largest over processes
-                    if epoch == 0 and i == 0:  # the policy has not moved yet: every token's ratio is 1
-                        first_ratio = farthest_from_one(ratio, mb_mask)
 
         # diagnostics -----------------------------------------------------------------------------
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         explained_variance = 1 - masked_mean((returns - old_values) ** 2, mask) / var_returns.clamp(min=1e-8)
-        avg = {k: sum(v) / len(v) for k, v in stats.items()}  # over this iteration's minibatches
+        # over the minibatches that updated the policy (None where every one was skipped: null in the
+        # JSON, which has no NaN or infinity)
+        avg = {k: sum(v) / len(v) if v else None for k, v in stats.items()}
+        ratio_max = max(stats["ratio_max"])  # of every minibatch, the skipped ones' too (None if not finite)
         row = dict(
             iteration=it, score=scores.mean().item(), non_score_reward=(-kl_ctl.value * kl).sum(1).mean().item(),
             kl=kl.sum(1).mean().item(), kl_full=full_kl.mean().item(), entropy=entropy.item(),
             approx_kl=avg["approx_kl"], clipfrac=avg["clipfrac"], pg_loss=avg["pg_loss"], vf_loss=avg["vf_loss"],
-            explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"], ratio_max=max(stats["ratio_max"]),
+            explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"],
+            ratio_max=ratio_max if math.isfinite(ratio_max) else None,
             length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
             kl_coef=kl_ctl.value, first_ratio=first_ratio, skipped=skipped)
         if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
             row["gold"] = sum(gold) / len(gold)
         for k, v in row.items():  # every process's share counts the same: the mean of their means
+            if v is None:  # every minibatch skipped, or an infinite ratio: the same on every process
+                continue
             if k == "ratio_max":
                 row[k] = common.all_reduce(v, "max")  # already the largest over processes
             elif not isinstance(v, int) and k not in ("kl_coef", "first_ratio"):  # those two: already global

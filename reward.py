@@ -29,7 +29,6 @@ Left out on purpose: ensembles, margins in the loss (Llama 2), multiple heads.
 import copy
 import itertools
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -147,9 +146,7 @@ def main(cfg):
     if cfg.norm_prompts < 2:  # the normalisation divides by the spread of their responses' scores
         raise common.UserError(f"--norm_prompts must be at least 2, got {cfg.norm_prompts}")
     if cfg.pairs_out:
-        check_out_file(cfg.pairs_out, "--pairs_out")
-    if cfg.pairs_out and cfg.data and os.path.realpath(cfg.pairs_out) == os.path.realpath(cfg.data):
-        raise common.UserError(f"--pairs_out {cfg.pairs_out} is also --data: it would overwrite the pairs it reads")
+        check_out_file(cfg.pairs_out, "--pairs_out", reads={"--data": cfg.data})
     # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
     common.check_out_dir(cfg.out_dir, reads={"--init": cfg.init})
     common.seed_everything(cfg.seed)

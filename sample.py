@@ -22,7 +22,7 @@ import common
 from data.formats import chat_prompt, check_out_file, prompt_rows, write_rows
 from data.tasks import eval_questions
 from data.tokenizer import tokenizer_for
-from model import complete_ids, fit_prompt, load_checkpoint
+from model import checkpoint_config, complete_ids, fit_prompt, load_checkpoint, require_head
 from reward import rewards
 
 
@@ -66,7 +66,7 @@ def main(cfg):
     for name in ("n_prompts", "n_samples", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise common.UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.temperature < 0:
+    if not cfg.temperature >= 0:
         raise common.UserError(f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
     if cfg.top_k < 0:
         raise common.UserError(f"--top_k must be 0 (all) or more, got {cfg.top_k}")
@@ -78,7 +78,7 @@ def main(cfg):
     if not paths:
         raise common.UserError(f"--checkpoints names no checkpoint: {cfg.checkpoints!r}")
     if cfg.out:  # before the sampling, not after it
-        check_out_file(cfg.out, "--out")
+        check_out_file(cfg.out, "--out", reads={"--data": cfg.data})
     device, autocast = common.setup_device(cfg.device, cfg.dtype, training=False)
 
     if cfg.chat:
@@ -94,17 +94,22 @@ def main(cfg):
         rm_tok = tokenizer_for(rm_info, cfg.reward)
         rm.eval()
 
+    for path in paths:  # every checkpoint checked before any samples, not after those listed before it
+        config, info = checkpoint_config(path)
+        require_head(path, config, "lm")
+        tok = tokenizer_for(info, path)
+        if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
+            raise common.UserError(f"{cfg.reward} and {path} were trained with different tokenizers")
+        if cfg.reward and rm.config.block_size < config.block_size:  # as ppo.py: it must read every sample whole
+            raise common.UserError(f"{cfg.reward} has a context of {rm.config.block_size} tokens, shorter than "
+                                   f"{path}'s {config.block_size}")
+
     # every checkpoint answers every prompt n_samples times
     flat = [p for p in prompts for _ in range(cfg.n_samples)]
     blocks = []  # one list of samples per checkpoint, in the order of flat
     for path in paths:
         model, info = load_checkpoint(path, head="lm", device=device)
         tok = tokenizer_for(info, path)
-        if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
-            raise common.UserError(f"{cfg.reward} and {path} were trained with different tokenizers")
-        if cfg.reward and rm.config.block_size < model.config.block_size:  # as ppo.py: it must read every sample whole
-            raise common.UserError(f"{cfg.reward} has a context of {rm.config.block_size} tokens, shorter than "
-                                   f"{path}'s {model.config.block_size}")
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         with torch.no_grad(), autocast:
             responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, leave_room=True,
@@ -127,7 +132,7 @@ def main(cfg):
         for s in (s for block in blocks for s in block[i * cfg.n_samples:(i + 1) * cfg.n_samples]):
             score = "" if s["reward"] is None else f"  (reward {s['reward']:+.3f})"
             print(f"  {s['checkpoint']:{width}s} -> {s['response']!r}{'' if s['stopped'] else ' [no EOS]'}{score}")
-    if cfg.out:
+    if cfg.out and common.is_main():  # under torchrun every process samples the same: one writes
         write_rows(cfg.out, [s for block in blocks for s in block])
         print(f"wrote {len(flat) * len(blocks)} samples to {cfg.out}")
 

@@ -394,9 +394,13 @@ class Dataset:
         return line
 
 
-def check_out_file(path, flag):
-    """Refuse, before any work, a path where the file cannot be written: a directory, or a path
-    through a file. (Its missing directories are made when it is written.)"""
+def check_out_file(path, flag, reads=None):
+    """Refuse, before any work, a path where the file cannot be written: a directory, a path through
+    a file, or a file the run reads (reads: {flag: path}). Its missing directories are made when it
+    is written."""
+    for other, source in (reads or {}).items():
+        if source and os.path.realpath(source) == os.path.realpath(path):
+            raise UserError(f"{flag} {path} is also {other}: it would overwrite the file it reads")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory: name the .jsonl file to write")
     parent = os.path.dirname(os.path.abspath(path))
@@ -407,12 +411,20 @@ def check_out_file(path, flag):
 
 
 def write_rows(path, rows):
-    """rows (dicts) as a .jsonl file at path, which any stage's --data reads; written whole or not at all."""
+    """rows (dicts) as a file that any stage's --data reads, in the form its name says as read_records
+    reads it: JSON Lines (.jsonl), or one array (.json), either gzipped (.gz). Whole or not at all."""
+    gz = path.lower().endswith(".gz")
+    rows = [{k: v for k, v in r.items() if k != "where"} for r in rows]
+    if (path[:-3] if gz else path).lower().endswith(".json"):
+        text = "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    tmp = f"{path}.tmp{os.getpid()}"  # one per process: two writing the same path must not take each other's
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        with (gzip.open(tmp, "wt") if gz else open(tmp, "w")) as f:
+            f.write(text)
+        os.replace(tmp, path)
     except OSError as e:  # a directory at path, a file where a directory of the path should be, a full disk
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
 

@@ -4,6 +4,7 @@ stops the stage at its step, keeping the last good checkpoint; PPO skips an expl
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -343,3 +344,46 @@ def test_ppo_skips_and_counts_minibatches_whose_ratio_explodes(tiny_chain, tmp_p
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [3, 3]
     assert all(r["ratio_max"] > 1 + 1e-6 for r in rows)
+    # the means are the kept minibatch's: on-policy, its ratio exactly 1
+    assert all(r["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and r["approx_kl"] == pytest.approx(0, abs=1e-8) for r in rows)
+
+
+def test_a_ppo_iteration_that_skips_every_step_logs_strict_json(tiny_chain, tmp_path, monkeypatch):
+    """A skipped minibatch's loss and ratio went into the iteration's means, where an infinite ratio
+    wrote Infinity and NaN into metrics.jsonl and config.json. Now its numbers stay out; with every
+    one skipped the means are null, and a ratio that is not finite is logged as null."""
+    real = ppo.policy_loss
+
+    def exploding(*args):  # the second minibatch of each iteration: one token's ratio infinite
+        pg, ratio, clipfrac = real(*args)
+        calls.append(1)
+        return (pg, ratio.detach().clone().fill_(float("inf")), clipfrac) if len(calls) % 2 == 0 else (pg, ratio, clipfrac)
+    calls = []
+    monkeypatch.setattr(ppo, "policy_loss", exploding)
+    out = tmp_path / "ppo"
+    args = dict(policy=tiny_chain["sft"], reward=tiny_chain["rm"], iterations=2, rollout_batch=8, minibatch_size=4, ppo_epochs=1,
+                max_new_tokens=8, warmup_iterations=1, device="cpu")
+    ppo.main(ppo.Config(out_dir=str(out), **args))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    rows = [strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [1, 1] and all(r["ratio_max"] is None for r in rows)
+    assert all(math.isfinite(r["pg_loss"]) and r["ratio_mean"] == pytest.approx(1.0, abs=1e-5) for r in rows)
+    strict((out / "config.json").read_text())
+    monkeypatch.undo()
+    ppo.main(ppo.Config(out_dir=str(tmp_path / "none"), max_ratio=0.5, **args))  # the first's ratio, 1, is above it
+    rows = [strict(line) for line in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [2, 2] and all(r["pg_loss"] is None and r["first_ratio"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(max_new_tokens=0), "--max_new_tokens must be at least 1, got 0"),
+    (dict(kl_estimator="k2"), "--kl_estimator must be k1 or k3, not 'k2'"),
+    (dict(adaptive_kl=True, target_kl=0.0), "--adaptive_kl needs --target_kl and --kl_horizon above 0, got 0.0 and 10000"),
+    (dict(adaptive_kl=True, kl_horizon=0), "--adaptive_kl needs --target_kl and --kl_horizon above 0, got 2.0 and 0"),
+])
+def test_ppo_refuses_flags_that_failed_after_loading_every_model(flags, message, tiny_chain, tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(common.UserError, match=f"^{message}$"):
+        ppo.main(ppo.Config(policy=tiny_chain["sft"], reward=tiny_chain["rm"], out_dir=str(tmp_path / "ppo"), device="cpu", **flags))

@@ -42,6 +42,8 @@ def test_both_spellings_and_types():
     (["--epochs", "3"], "unknown argument --epochs"),
     (["--lr"], "--lr needs a value"),
     (["lr=3"], "unexpected argument 'lr=3'"),
+    (["--lr", "nan"], "--lr: expected a finite number, got 'nan'"),  # float() takes both; JSON has neither
+    (["--lr", "-inf"], "--lr: expected a finite number, got '-inf'"),
 ])
 def test_bad_arguments_name_the_argument(argv, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("-", r"\-")):

@@ -154,16 +154,22 @@ def test_report_names_are_directory_names_unless_two_share_one():
 @pytest.mark.parametrize("args, message", [
     (dict(checkpoints="{sft},{sft}/"), "--checkpoints names a checkpoint twice"),
     (dict(samples=0), "--samples must be at least 1, got 0"),
+    (dict(temperature=-1.0), r"--temperature must be 0 \(greedy\) or more, got -1.0"),  # it sampled softmax(-logits)
+    (dict(best_of_temperature=0.0), "--best_of_temperature must be positive, got 0.0"),
+    (dict(checkpoints="{sft},{rm}"), "{rm} has a scalar head, but a lm head is needed here"),  # before evaluating {sft}
     (dict(out_dir="{file}"), "--out_dir {file}: cannot make a directory there for report.json and report.md"),
     (dict(out_dir="{file}/eval"), "--out_dir {file}/eval: cannot make a directory there"),
 ])
-def test_bad_eval_arguments_are_refused_before_any_work(args, message, tiny_chain, tmp_path):
+def test_bad_eval_arguments_are_refused_before_any_work(args, message, tiny_chain, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("not a directory")
-    names = dict(sft=tiny_chain["sft"], file=str(tmp_path / "taken"))
+    names = dict(sft=tiny_chain["sft"], rm=tiny_chain["rm"], file=str(tmp_path / "taken"))
     args = {"checkpoints": tiny_chain["sft"], "out_dir": str(tmp_path / "e"), **{k: v.format(**names) if isinstance(v, str) else v
                                                                                   for k, v in args.items()}}
+    evaluated = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: evaluated.append(1))  # must never be reached
     with pytest.raises(UserError, match=message.format(**names)):
         evaluation.main(evaluation.Config(reward="", reference="", n_prompts=2, device="cpu", **args))
+    assert not evaluated
     assert (tmp_path / "taken").read_text() == "not a directory"
 
 

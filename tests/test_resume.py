@@ -163,6 +163,36 @@ def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
         dpo.main(dpo.Config(**{**args, "resume": True}))
 
 
+def test_resume_takes_paths_however_spelled_and_points_at_a_state_left_in_old(tiny_chain, tmp_path, monkeypatch):
+    """--resume compared path flags as strings: `--out_dir run/` or `--init ./x` were refused. And a
+    save killed between its two renames leaves the state at out_dir.old: --resume said there was
+    none, and a fresh run would have replaced it."""
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=0, batch_size=8, length_groups=1,
+                n_samples=1, device="cpu", save_every=2, out_dir=str(tmp_path / "run"))
+    dpo.main(dpo.Config(**args))  # the whole run
+    (tmp_path / "run").rename(tmp_path / "whole")
+    interrupt_at(monkeypatch, dpo, "dpo_loss", 3)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(dpo.Config(**args))
+    monkeypatch.undo()
+    (tmp_path / "run").rename(tmp_path / "run.old")  # as if killed between the renames of its next save
+    with pytest.raises(dpo.common.UserError, match=r"^--resume: a save killed between its two renames left the last state at "
+                                                   r"\S+run\.old: move it back \(mv \S+run\.old \S+run\) and resume$"):
+        dpo.main(dpo.Config(**{**args, "resume": True}))
+    (tmp_path / "run.old").rename(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    dpo.main(dpo.Config(**{**args, "resume": True, "out_dir": "run/", "init": os.path.relpath(tiny_chain["sft"], tmp_path)}))
+    assert_same_run(tmp_path / "whole", tmp_path / "run", ("step", "loss", "margin"))
+
+
+def test_a_save_after_a_kill_between_the_renames_starts_from_the_last_good_checkpoint(tmp_path):
+    (tmp_path / "ckpt.old").mkdir()  # the last good one, out of its place; and no ckpt
+    (tmp_path / "ckpt.old" / "notes.txt").write_text("mine")
+    with dpo.common.atomic_directory(str(tmp_path / "ckpt")) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "notes.txt"] and not (tmp_path / "ckpt.old").exists()
+
+
 def test_reward_resume_state_without_its_average_is_refused_clearly(tiny_chain, tmp_path, monkeypatch):
     """Resume state written before reward.py kept a moving average (no --ema in its arguments, no
     average among its tensors) gets a one-line refusal, not a raw load_state_dict error."""

@@ -295,7 +295,7 @@ def test_pairs_out_makes_its_directory_and_refuses_a_directory(tiny_chain, tmp_p
         reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), pairs_out=str(tmp_path), device="cpu"))
     data = tmp_path / "mine.jsonl"  # the user's own pairs, which --pairs_out would have rewritten in its form
     data.write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hi.", "rejected": " No."}) + "\n")
-    with pytest.raises(UserError, match=f"--pairs_out {data} is also --data: it would overwrite the pairs it reads"):
+    with pytest.raises(UserError, match=f"--pairs_out {data} is also --data: it would overwrite the file it reads"):
         reward.main(reward.Config(init=tiny_chain["sft"], out_dir=str(tmp_path / "rm"), data=str(data), pairs_out=str(data),
                                   device="cpu"))
     (tmp_path / "afile").write_text("x")  # refused before any work, not after the training

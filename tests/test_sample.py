@@ -39,6 +39,12 @@ def test_an_out_that_cannot_be_written_is_refused_before_sampling(tiny_chain, tm
     for out, message in ((tmp_path, "is a directory"), (tmp_path / "afile" / "s.jsonl", "afile is a file, not a directory")):
         with pytest.raises(common.UserError, match=f"--out {out}.*{message}"):
             sample.main(sample.Config(checkpoints=tiny_chain["sft"], chat="Hi?", out=str(out), device="cpu"))
+    prompts = tmp_path / "prompts.jsonl"  # the user's prompts, which the samples overwrote
+    prompts.write_text(json.dumps({"prompt": "Human: Hi?\n\nAssistant:"}) + "\n")
+    with pytest.raises(common.UserError, match=f"--out {prompts} is also --data: it would overwrite the file it reads"):
+        sample.main(sample.Config(checkpoints=tiny_chain["sft"], data=str(prompts), out=str(prompts), device="cpu"))
+    with pytest.raises(common.UserError, match=f"{tiny_chain['rm']} has a scalar head"):  # before sampling the first
+        sample.main(sample.Config(checkpoints=f"{tiny_chain['sft']},{tiny_chain['rm']}", chat="Hi?", device="cpu"))
     assert not sampled and not (tmp_path / "afile.tmp").exists()
 
 
