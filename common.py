@@ -550,10 +550,11 @@ def same_path(a, b):
 def load_state(directory, name="resume"):
     """(tensors, info) written by save_state, or a UserError naming the file that is missing or broken."""
     paths = [os.path.join(directory, f"{name}.{ext}") for ext in ("safetensors", "json")]
+    real = os.path.realpath(directory)  # as atomic_directory names its .old
+    if not os.path.exists(real) and os.path.isfile(os.path.join(f"{real}.old", os.path.basename(paths[0]))):
+        raise UserError(f"--resume: a save killed between its two renames left the last state at {real}.old: "
+                        f"move it back (mv {real}.old {real}) and resume")
     for path in paths:
-        if os.path.isfile(os.path.join(f"{directory}.old", os.path.basename(path))) and not os.path.exists(directory):
-            raise UserError(f"--resume: a save killed between its two renames left the last state at {directory}.old: "
-                            f"move it back (mv {directory}.old {directory}) and resume")
         if not os.path.isfile(path):
             raise UserError(f"--resume: {path} does not exist: {directory} holds no resume state "
                             f"(its run finished, or never saved one: see --save_every)")

@@ -23,7 +23,8 @@ rank), advantages are whitened and diagnostics averaged over every process's res
 gradient step averages the processes' minibatch gradients (DDP): a minibatch's mean is over its
 own tokens on each process, so with N > 1 the tokens weigh slightly differently than alone.
 A minibatch whose importance ratio exceeds --max_ratio (or is not finite) takes no step: it is
-counted in the log (skipped) instead of pulling the policy off a cliff. The log's first_ratio is the
+counted in the log (skipped) instead of pulling the policy off a cliff, and its losses stay out of
+the iteration's means (null where every minibatch was skipped; a ratio that is not finite is null). The log's first_ratio is the
 token ratio farthest from 1 in the iteration's first minibatch: the policy has not moved yet, so it
 must be 1 (a recomputation that differs from the rollout's, a temperature or mask mistake, shows).
 `--reward gold --value out/rm` scores the rollouts with the built-in task's judge (eval.py's gold
@@ -95,7 +96,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     clip_range: float = 0.2
     """PPO's clip of the probability ratio"""
     max_ratio: float = 100.0
-    """skip (and count) a minibatch step whose largest token probability ratio pi / pi_old exceeds this"""
+    """skip (and count) a minibatch step whose largest token probability ratio pi / pi_old exceeds this (1e9: never, but at inf or NaN)"""
     vf_clip_range: float = 0.2
     """clip of the value prediction around its rollout value"""
     gamma: float = 1.0
@@ -301,7 +302,7 @@ def main(cfg):
     if cfg.adaptive_kl and not (cfg.target_kl > 0 and cfg.kl_horizon > 0):  # the controller divides by both
         raise common.UserError(f"--adaptive_kl needs --target_kl and --kl_horizon above 0, got {cfg.target_kl} and {cfg.kl_horizon}")
     # before any work: a directory that is not a checkpoint, or one this run reads, would be lost
-    common.check_out_dir(cfg.out_dir, reads={"--policy": cfg.policy, "--reward": cfg.reward, "--value": cfg.value})
+    common.check_out_dir(cfg.out_dir, reads={"--policy": cfg.policy, "--reward": None if oracle else cfg.reward, "--value": cfg.value})
     common.seed_everything(cfg.seed)
     device, autocast = common.setup_device(cfg.device, cfg.dtype)
     common.check_batch(cfg.rollout_batch, None, "--rollout_batch")
@@ -465,7 +466,7 @@ def main(cfg):
             explained_variance=explained_variance.item(), ratio_mean=avg["ratio_mean"],
             ratio_max=ratio_max if math.isfinite(ratio_max) else None,
             length=length.float().mean().item(), eos_rate=has_eos.float().mean().item(),
-            kl_coef=kl_ctl.value, first_ratio=first_ratio, skipped=skipped)
+            kl_coef=kl_ctl.value, first_ratio=first_ratio if math.isfinite(first_ratio) else None, skipped=skipped)
         if gold is not None:  # monitoring only: the judge enters the loss only as the --reward gold oracle
             row["gold"] = sum(gold) / len(gold)
         for k, v in row.items():  # every process's share counts the same: the mean of their means

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 import common
-from data.formats import FORMATS, TASKS, Dataset, encode_rows, read_records
+from data.formats import FORMATS, TASKS, Dataset, encode_rows, is_json_file, read_records
 from data.tokenizer import get_tokenizer
 
 RESPONSES = {"sft": ("completion",), "preference": ("chosen", "rejected"), "prompt": (), "lm": ()}
@@ -37,7 +37,7 @@ def stats(lengths):
 
 def guess_task(path):
     """The kind of stage the first row's format serves."""
-    if not str(path).endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+    if not is_json_file(path):
         return "lm"
     keys = set(read_records(path)[0][1])
     return next((task for fields, _, task in FORMATS.values() if fields <= keys), "sft")

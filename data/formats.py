@@ -65,6 +65,11 @@ MIN_PROMPT_SHARE = 4  # a dropped row leaves the prompt less than 1/MIN_PROMPT_S
 # files -> rows
 
 
+def is_json_file(path):
+    """Whether read_records reads path (.json, .jsonl, either gzipped; any case) rather than as text."""
+    return str(path).lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
+
+
 def read_records(path):
     """[(where, row dict)] of a .jsonl, .jsonl.gz or .json file; where is "file:line"."""
     path = str(path)
@@ -355,7 +360,7 @@ class Dataset:
 
     def __init__(self, path, task):
         self.path, self.task = str(path), task
-        if task == "lm" and not self.path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        if task == "lm" and not is_json_file(self.path):
             self.format, self.skipped = "text", []
             self.rows = text_file_documents(self.path)
             return
@@ -401,7 +406,7 @@ def check_out_file(path, flag, reads=None):
     for other, source in (reads or {}).items():
         if source and os.path.realpath(source) == os.path.realpath(path):
             raise UserError(f"{flag} {path} is also {other}: it would overwrite the file it reads")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} is a directory: name the .jsonl file to write")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
@@ -420,12 +425,15 @@ def write_rows(path, rows):
     else:
         text = "".join(json.dumps(r) + "\n" for r in rows)
     tmp = f"{path}.tmp{os.getpid()}"  # one per process: two writing the same path must not take each other's
+    data = gzip.compress(text.encode(), mtime=0) if gz else text.encode()  # mtime 0: the same rows, the same bytes
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with (gzip.open(tmp, "wt") if gz else open(tmp, "w")) as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:  # a directory at path, a file where a directory of the path should be, a full disk
+        if os.path.isfile(tmp):
+            os.remove(tmp)
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 

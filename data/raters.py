@@ -35,11 +35,11 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
-from common import check_same_everywhere
+from common import UserError, check_same_everywhere
 from data.judge import gold_parts, score_parts
 from data.tasks import respond, training_questions
 from data.tokenizer import EOT
-from data.formats import write_rows
+from data.formats import check_out_file, write_rows
 from data.world import default_world
 
 
@@ -177,8 +177,12 @@ if __name__ == "__main__":
         seed: int = 0
         """seed of candidates and labels"""
 
-    args = parse_args(Args, sys.argv[1:])
-    raters = Raters(args.quality, args.length, args.flattery, args.confidence)
-    rows = preference_pairs(args.n_prompts, args.pairs_per_prompt, raters, args.seed)
-    write_rows(args.out, rows)
+    try:
+        args = parse_args(Args, sys.argv[1:])
+        check_out_file(args.out, "--out")
+        rows = preference_pairs(args.n_prompts, args.pairs_per_prompt, Raters(args.quality, args.length, args.flattery,
+                                                                              args.confidence), args.seed)
+        write_rows(args.out, rows)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {len(rows)} pairs to {args.out}; Bayes-optimal accuracy {bayes_accuracy([r['p_chosen'] for r in rows]):.3f}")

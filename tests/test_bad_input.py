@@ -223,6 +223,13 @@ def test_an_out_dir_that_the_run_reads_is_refused_before_any_work(stage, flag, t
     assert tree(ckpt) == before
 
 
+def test_the_oracle_reads_no_directory_called_gold(tiny_chain, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out_dir gold: no checkpoint this run reads, though --reward is "gold"
+    ppo.main(ppo.Config(policy=tiny_chain["sft"], reward="gold", value=tiny_chain["rm"], out_dir="gold", iterations=1,
+                        rollout_batch=4, minibatch_size=4, max_new_tokens=4, device="cpu"))
+    assert load_checkpoint(tmp_path / "gold")[1]["stage"] == "ppo"
+
+
 def test_an_export_over_its_own_checkpoint_is_refused(tiny_chain, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_chain["sft"], ckpt)
@@ -371,6 +378,10 @@ def test_a_ppo_iteration_that_skips_every_step_logs_strict_json(tiny_chain, tmp_
     assert [r["skipped"] for r in rows] == [1, 1] and all(r["ratio_max"] is None for r in rows)
     assert all(math.isfinite(r["pg_loss"]) and r["ratio_mean"] == pytest.approx(1.0, abs=1e-5) for r in rows)
     strict((out / "config.json").read_text())
+    calls.append(1)  # now the first minibatch of each iteration explodes: first_ratio too is not finite
+    ppo.main(ppo.Config(out_dir=str(tmp_path / "first"), **args))
+    rows = [strict(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["first_ratio"] is None and r["ratio_max"] is None for r in rows)
     monkeypatch.undo()
     ppo.main(ppo.Config(out_dir=str(tmp_path / "none"), max_ratio=0.5, **args))  # the first's ratio, 1, is above it
     rows = [strict(line) for line in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]

@@ -211,6 +211,14 @@ def test_damaged_odd_and_unwritable_files_get_one_line(tmp_path):
     with pytest.raises(UserError, match=r"afile/x.jsonl: cannot write it"):
         write_rows(str(tmp_path / "afile" / "x.jsonl"), rows)
     check_out_file(str(tmp_path / "new" / "dir" / "x.jsonl"), "--out")  # missing directories are made when written
+    with pytest.raises(UserError, match=r"--out \S+new/ is a directory"):  # a directory to be, not a file
+        check_out_file(str(tmp_path / "new") + "/", "--out")
+    for name in ("r.json", "r.JSONL", "r.jsonl.gz", "r.json.GZ"):  # written as their names say, read back by every stage
+        write_rows(str(tmp_path / name), rows[:3])
+        assert [r["prompt"] for r in preference_rows(tmp_path / name)] == [r["prompt"] for r in rows[:3]]
+        write_rows(str(tmp_path / f"t{name}"), [{"text": "hello"}])  # pretrain's --data: JSON rows, not a text file
+        assert [r["text"] for r in Dataset(tmp_path / f"t{name}", "lm").rows] == ["hello"]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
 
 
 def test_jsonl_rows_end_at_newlines_only(tmp_path):

@@ -176,9 +176,10 @@ def test_resume_takes_paths_however_spelled_and_points_at_a_state_left_in_old(ti
         dpo.main(dpo.Config(**args))
     monkeypatch.undo()
     (tmp_path / "run").rename(tmp_path / "run.old")  # as if killed between the renames of its next save
-    with pytest.raises(dpo.common.UserError, match=r"^--resume: a save killed between its two renames left the last state at "
-                                                   r"\S+run\.old: move it back \(mv \S+run\.old \S+run\) and resume$"):
-        dpo.main(dpo.Config(**{**args, "resume": True}))
+    for out_dir in (args["out_dir"], args["out_dir"] + "/"):
+        with pytest.raises(dpo.common.UserError, match=r"^--resume: a save killed between its two renames left the last state "
+                                                       r"at \S+run\.old: move it back \(mv \S+run\.old \S+run\) and resume$"):
+            dpo.main(dpo.Config(**{**args, "resume": True, "out_dir": out_dir}))
     (tmp_path / "run.old").rename(tmp_path / "run")
     monkeypatch.chdir(tmp_path)
     dpo.main(dpo.Config(**{**args, "resume": True, "out_dir": "run/", "init": os.path.relpath(tiny_chain["sft"], tmp_path)}))
