@@ -24,9 +24,10 @@ gradient step averages the processes' minibatch gradients (DDP): a minibatch's m
 own tokens on each process, so with N > 1 the tokens weigh slightly differently than alone.
 A minibatch whose importance ratio exceeds --max_ratio (or is not finite) takes no step: it is
 counted in the log (skipped) instead of pulling the policy off a cliff, and its losses stay out of
-the iteration's means (null where every minibatch was skipped; a ratio that is not finite is null). The log's first_ratio is the
-token ratio farthest from 1 in the iteration's first minibatch: the policy has not moved yet, so it
-must be 1 (a recomputation that differs from the rollout's, a temperature or mask mistake, shows).
+the iteration's means (null where every minibatch was skipped, as is a ratio that is not finite).
+The log's first_ratio is the token ratio farthest from 1 in the iteration's first minibatch: the
+policy has not moved yet, so it must be 1 (a recomputation that differs from the rollout's, a
+temperature or mask mistake, shows).
 `--reward gold --value out/rm` scores the rollouts with the built-in task's judge (eval.py's gold
 score) instead of the reward model: an oracle with no errors to exploit, which separates what PPO
 does from what the reward model lets it do. The gold score's spread on SFT's samples is about 0.42,
@@ -96,7 +97,7 @@ class Config(common.Resumable):  # and --save_every, --resume (common.py): here 
     clip_range: float = 0.2
     """PPO's clip of the probability ratio"""
     max_ratio: float = 100.0
-    """skip (and count) a minibatch step whose largest token probability ratio pi / pi_old exceeds this (1e9: never, but at inf or NaN)"""
+    """skip (and count) a minibatch step whose largest token probability ratio pi / pi_old exceeds this (1e9: only an infinite or NaN one)"""
     vf_clip_range: float = 0.2
     """clip of the value prediction around its rollout value"""
     gamma: float = 1.0
