@@ -450,7 +450,7 @@ def check_out_dir(path, flag="--out_dir", reads=None):
     A symbolic link counts as its target."""
     path = os.path.realpath(path)
     for other, source in (reads or {}).items():
-        if source and os.path.realpath(source) == path:
+        if same_path(source, path):
             raise UserError(f"{flag} {path} is also {other}: the run would overwrite a checkpoint it reads; "
                             f"name another directory")
     if not os.path.exists(path):
@@ -543,8 +543,8 @@ def read_safetensors(file, error=UserError, what=""):
 
 
 def same_path(a, b):
-    """Whether two flags' values name the same existing file or directory (work/x, ./work/x, /abs/work/x)."""
-    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    """Whether two flags' values name the same file or directory (work/x, ./work/x, /abs/work/x, a link to it)."""
+    return isinstance(a, str) and isinstance(b, str) and a != "" != b and os.path.realpath(a) == os.path.realpath(b)
 
 
 def load_state(directory, name="resume"):

@@ -248,10 +248,6 @@ def best_of_n(policy, tok, prompts, cfg, rm, ns, questions=None):
     return curve
 
 
-def same_checkpoint(a, b):
-    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
-
-
 TIE = 1e-4  # reward scores closer than this are a tie: one response scores ~1e-7 apart in differently padded batches
 
 
@@ -266,7 +262,7 @@ def paired_difference(rows, reference):
     its gold score minus the reference's (gold_vs_reference), and with a reward model its score minus
     the reference's (rm_vs_reference) and its win_rate. Most answers are the same, so these see a
     change that the two intervals of the table side by side hide."""
-    ref = next((r for name, r in rows if same_checkpoint(name, reference)), None)
+    ref = next((r for name, r in rows if common.same_path(name, reference)), None)
     if ref is None:
         return
     for _, r in rows:
@@ -425,7 +421,7 @@ def main(cfg):
         for other, path in ((rm, cfg.reward), (ref, cfg.reference)):
             if other and other[0].config.block_size < n_ctx:
                 raise common.UserError(f"{path} has a context of {other[0].config.block_size} tokens, shorter than {name}'s {n_ctx}")
-    if ref and not any(same_checkpoint(n, cfg.reference) for n in names):
+    if ref and not any(common.same_path(n, cfg.reference) for n in names):
         print(f"the reference {cfg.reference} is not among the checkpoints evaluated: no vs ref column (nor win rate)")
     try:  # before the evaluation, not after it
         os.makedirs(cfg.out_dir, exist_ok=True)

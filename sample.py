@@ -94,10 +94,11 @@ def main(cfg):
         rm_tok = tokenizer_for(rm_info, cfg.reward)
         rm.eval()
 
+    toks = {}
     for path in paths:  # every checkpoint checked before any samples, not after those listed before it
         config, info = checkpoint_config(path)
         require_head(path, config, "lm")
-        tok = tokenizer_for(info, path)
+        tok = toks[path] = tokenizer_for(info, path)
         if cfg.reward and rm_tok.fingerprint != tok.fingerprint:
             raise common.UserError(f"{cfg.reward} and {path} were trained with different tokenizers")
         if cfg.reward and rm.config.block_size < config.block_size:  # as ppo.py: it must read every sample whole
@@ -108,8 +109,7 @@ def main(cfg):
     flat = [p for p in prompts for _ in range(cfg.n_samples)]
     blocks = []  # one list of samples per checkpoint, in the order of flat
     for path in paths:
-        model, info = load_checkpoint(path, head="lm", device=device)
-        tok = tokenizer_for(info, path)
+        model, tok = load_checkpoint(path, head="lm", device=device)[0], toks[path]
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         with torch.no_grad(), autocast:
             responses = complete_ids(model.eval(), tok, flat, cfg.max_new_tokens, leave_room=True,

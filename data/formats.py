@@ -53,7 +53,7 @@ import re
 import zlib
 from collections import Counter
 
-from common import UserError
+from common import UserError, same_path
 from data.tokenizer import EOT
 
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
@@ -404,7 +404,7 @@ def check_out_file(path, flag, reads=None):
     a file, or a file the run reads (reads: {flag: path}). Its missing directories are made when it
     is written."""
     for other, source in (reads or {}).items():
-        if source and os.path.realpath(source) == os.path.realpath(path):
+        if same_path(source, path):
             raise UserError(f"{flag} {path} is also {other}: it would overwrite the file it reads")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} is a directory: name the .jsonl file to write")
