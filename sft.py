@@ -27,7 +27,7 @@ import torch
 
 import common
 import kernels
-from data.formats import encode_rows, prompt_completion_rows
+from data.formats import encode_rows, prompt_completion_rows, split_by_prompt
 from data.tasks import demonstrations, eval_questions
 from data.tokenizer import tokenizer_for
 from model import complete, load_checkpoint, save_checkpoint
@@ -44,7 +44,7 @@ class Config(common.Padded):  # and --save_every, --resume, --micro_batch_size, 
     n_demos: int = 2000
     """how many built-in demonstrations to write"""
     val_fraction: float = 0.05
-    """share of the demonstrations held out for the validation loss"""
+    """share of the prompts whose demonstrations are held out for the validation loss"""
     epochs: float = 4.0
     """passes over the training demonstrations"""
     batch_size: int = 32
@@ -98,6 +98,19 @@ def target_logprobs(model, x, y):
     return kernels.fused_linear_logprobs(hidden[mask], model.transformer.wte.weight, y[mask]), mask
 
 
+def held_out(rows, examples, fraction, seed):
+    """(validation examples, training examples, validation prompts), shuffled: the demonstrations of
+    about `fraction` of the distinct prompts are held out, so that no prompt is in both, as reward.py
+    and dpo.py hold out pairs. A prompt often has several demonstrations (the built-in ones: 873
+    prompts in 2,000), and a split by row would score the model on prompts it trained on. With a
+    single prompt nothing is held out."""
+    if len({r["prompt"] for r in rows}) < 2:
+        return [], examples, []
+    val, train = split_by_prompt([{"prompt": r["prompt"], "example": e} for r, e in zip(rows, examples, strict=True)],
+                                 fraction, seed)
+    return [r["example"] for r in val], [r["example"] for r in train], list(dict.fromkeys(r["prompt"] for r in val))
+
+
 def n_targets_of(examples):
     """The number of response tokens (targets that count) in a list of (x, y)."""
     return sum(len(y) - y.count(kernels.IGNORE_INDEX) for _, y in examples)
@@ -124,19 +137,15 @@ def main(cfg):
         rows = [dict(prompt=p, completion=c) for p, c in demonstrations(cfg.n_demos, seed=cfg.seed)]
     encoded, rows, report = encode_rows(tok, rows, ("completion",), model.config.block_size)
     print(report)
-    order = list(range(len(encoded)))
-    random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling the examples themselves
-    examples = [example(encoded[i][0], encoded[i][1][0]) for i in order]
-    n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
-    val, train = examples[:n_val], examples[n_val:]
-    val_prompts = [rows[i]["prompt"] for i in order[:n_val]] or [rows[0]["prompt"]]  # one example: no held-out one
+    val, train, val_prompts = held_out(rows, [example(p, c[0]) for p, c in encoded], cfg.val_fraction, cfg.seed)
+    val_prompts = val_prompts or [rows[0]["prompt"]]  # one prompt: no held-out one
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     print(f"{len(train)} training and {len(val)} validation demonstrations, {steps} steps")
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
     def lr_at(step):
         return cfg.lr * min((step + 1) / max(1, cfg.warmup_steps), (steps - step) / max(1, steps - cfg.warmup_steps))

@@ -495,10 +495,10 @@ def preference_rows(path):
 
 
 def split_by_prompt(rows, fraction, seed):
-    """(held-out rows, training rows), shuffled: the pairs of about `fraction` of the distinct
-    prompts are held out, so no prompt is in both. Held-out accuracy then measures what carries over
-    to new prompts, not the memory of a pair seen in training (the built-in raters, like real ones,
-    rate some pairs more than once)."""
+    """(held-out rows, training rows), shuffled: the rows (pairs, or sft.py's demonstrations) of
+    about `fraction` of the distinct prompts are held out, so no prompt is in both. Held-out accuracy
+    then measures what carries over to new prompts, not the memory of a pair seen in training (the
+    built-in raters, like real ones, rate some pairs more than once)."""
     rng = random.Random(seed)
     prompts = sorted({r["prompt"] for r in rows})
     if len(prompts) < 2:

@@ -136,15 +136,41 @@ def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp
     real_complete, real_loss = sft.complete, sft.sft_loss
     monkeypatch.setattr(sft, "complete", lambda model, tok, prompts, *a, **k: sampled.extend(prompts) or real_complete(model, tok, prompts, *a, **k))
 
-    def loss(model, x, y):  # the prompt of every training example: the tokens before its first target
+    def loss(model, x, y):
         if torch.is_grad_enabled():
-            trained.update(TOK.decode(row[:int((t != kernels.IGNORE_INDEX).int().argmax()) + 1].tolist()) for row, t in zip(x, y))
+            trained.update(prompts_of(x, y))
         return real_loss(model, x, y)
     monkeypatch.setattr(sft, "sft_loss", loss)
     sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.5, n_samples=4, batch_size=4, epochs=1,
                         out_dir=str(tmp_path / "sft"), device="cpu"))
     assert len(trained) == 4 and len(sampled) == 8  # 4 prompts, before and after
     assert set(sampled) == {r["prompt"] for r in rows} - trained
+
+
+def prompts_of(x, y):
+    """The prompt of every example of a batch: the tokens before its first target."""
+    return [TOK.decode(row[:int((t != kernels.IGNORE_INDEX).int().argmax()) + 1].tolist()) for row, t in zip(x, y)]
+
+
+def test_no_prompt_is_both_trained_on_and_held_out(tiny_chain, tmp_path, monkeypatch):
+    """The validation split holds out prompts with all their demonstrations, as reward.py and dpo.py
+    hold out pairs: with three demonstrations a prompt, a split by row (as sft.py had) validated
+    on prompts it also trained on."""
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": c}
+            for i in range(10) for c in (" It lives in Velmor.", " Velmor.", " It lives in Velmor. Thank you for asking.")]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained, held = set(), []
+    real_loss = sft.sft_loss
+
+    def loss(model, x, y):
+        (trained.update if torch.is_grad_enabled() else held.extend)(prompts_of(x, y))
+        return real_loss(model, x, y)
+    monkeypatch.setattr(sft, "sft_loss", loss)
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.2, batch_size=8, epochs=1, log_every=100,
+                        n_samples=1, out_dir=str(tmp_path / "sft"), device="cpu"))
+    assert len(held) == 3 * 2 * 3  # three validations (first step, last step, the end) of 2 prompts x 3 demonstrations
+    assert len(set(held)) == 2 and len(trained) == 8 and not trained & set(held)
 
 
 def test_one_demonstration_trains_and_writes_json_that_strict_parsers_read(tiny_chain, tmp_path):
@@ -191,7 +217,11 @@ def test_the_validation_loss_is_the_mean_over_response_tokens(tiny_chain, tmp_pa
         return loss
     monkeypatch.setattr(sft, "sft_loss", spy)
     out = tmp_path / "sft"
-    sft.main(sft.Config(init=tiny_chain["sft"], n_demos=90, val_fraction=0.1, batch_size=8, epochs=1, log_every=2,
+    answers = (" It lives in Velmor.", " Velmor.", " It lives in Velmor. Thank you for asking.", " I do not know.")
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": answers[i % 4]} for i in range(90)]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.1, batch_size=8, epochs=1, log_every=2,
                         n_samples=1, out_dir=str(out), device="cpu"))
     logged = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((out / "config.json").read_text())["metrics"]["val_loss"]
