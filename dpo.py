@@ -253,7 +253,7 @@ def main(cfg):
     ref_train, ref_val = pair_logps(*distinct_responses(train)), pair_logps(*val_responses)
     print(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 
     def lr_at(step):
         return cfg.lr * min((step + 1) / max(1, cfg.warmup_steps), (steps - step) / max(1, steps - cfg.warmup_steps))

@@ -349,8 +349,8 @@ def main(cfg):
           f"{max_prompt} tokens: the context {policy.config.block_size} minus --max_new_tokens {cfg.max_new_tokens}")
     prompt_ids = [fit_prompt(p, policy.config.block_size, cfg.max_new_tokens) for p in prompt_ids]
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * common.rank())  # each process its own samples
     rng = random.Random(cfg.seed)  # the same on every process: the same prompts, cut in shares

@@ -181,7 +181,7 @@ def test_train_benchmark(device):
           f"{'MFU':>5} | {'of narrow':>9} | {'useful MFU':>10}")
     t0 = time.time()
     for name, (models, make_batch, loss_fn) in stage_steps(cfg, tok, device).items():
-        opt = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=1e-4)
+        opt = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=1e-4, fused=True)  # as the stages
         timed = [make_batch() for _ in range(STEPS)]
         # the warm-up steps run the timed batches themselves: on a GPU every new length bucket
         # autotunes the attention kernels, which must not fall inside the timing
