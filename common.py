@@ -681,7 +681,8 @@ class TrainState:
         # the arguments are the same; is the data? (The state of an older version holds fewer keys: those are compared.)
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "
-                            f"{info['data']}: the data file changed since")
+                            f"{info['data']}: the data file changed since, or the way this version of the stage "
+                            f"reads or splits it (start again without --resume)")
         model.load_state_dict(read_safetensors(os.path.join(out_dir, "model.safetensors"), what="--resume: "))
         for name, m in self.models.items():
             prefix = f"model.{name}."

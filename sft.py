@@ -44,7 +44,7 @@ class Config(common.Padded):  # and --save_every, --resume, --micro_batch_size, 
     n_demos: int = 2000
     """how many built-in demonstrations to write"""
     val_fraction: float = 0.05
-    """share of the prompts whose demonstrations are held out for the validation loss"""
+    """share of the prompts whose demonstrations are held out for the validation loss (0: none)"""
     epochs: float = 4.0
     """passes over the training demonstrations"""
     batch_size: int = 32
@@ -103,8 +103,8 @@ def held_out(rows, examples, fraction, seed):
     about `fraction` of the distinct prompts are held out, so that no prompt is in both, as reward.py
     and dpo.py hold out pairs. A prompt often has several demonstrations (the built-in ones: 873
     prompts in 2,000), and a split by row would score the model on prompts it trained on. With a
-    single prompt nothing is held out."""
-    if len({r["prompt"] for r in rows}) < 2:
+    single prompt, or a fraction of 0, nothing is held out."""
+    if fraction == 0 or len({r["prompt"] for r in rows}) < 2:
         return [], examples, []
     val, train = split_by_prompt([{"prompt": r["prompt"], "example": e} for r, e in zip(rows, examples, strict=True)],
                                  fraction, seed)
@@ -138,9 +138,9 @@ def main(cfg):
     encoded, rows, report = encode_rows(tok, rows, ("completion",), model.config.block_size)
     print(report)
     val, train, val_prompts = held_out(rows, [example(p, c[0]) for p, c in encoded], cfg.val_fraction, cfg.seed)
-    val_prompts = val_prompts or [rows[0]["prompt"]]  # one prompt: no held-out one
     steps = max(1, round(cfg.epochs * len(train) / cfg.batch_size))
-    print(f"{len(train)} training and {len(val)} validation demonstrations, {steps} steps")
+    print(f"{len(train)} training and {len(val)} validation demonstrations (those of {len(val_prompts)} of the "
+          f"{len({r['prompt'] for r in rows})} distinct prompts), {steps} steps")
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -163,7 +163,9 @@ def main(cfg):
         model.train()
         return nll / n_targets_of(val)
 
-    sample_prompts = [q.prompt for q in eval_questions()[:cfg.n_samples]] if not cfg.data else val_prompts[:cfg.n_samples]
+    # the samples before and after answer held-out prompts: the evaluation's, or the file's (its first one if none is held out)
+    sample_prompts = [q.prompt for q in eval_questions()] if not cfg.data else val_prompts or [rows[0]["prompt"]]
+    sample_prompts = sample_prompts[:cfg.n_samples]
     model.eval()
     before = complete(model, tok, sample_prompts, 32, temperature=0)
     model.train()
@@ -208,7 +210,7 @@ def main(cfg):
 
     model.eval()
     after = complete(model, tok, sample_prompts, 32, temperature=0)
-    print("held-out prompts, before -> after SFT:")
+    print(f"{'held-out prompts' if not cfg.data or val_prompts else 'a training prompt (none is held out)'}, before -> after SFT:")
     for p, b, a in zip(sample_prompts, before, after):
         print(f"  {p!r}\n    base: {b!r}\n    sft:  {a!r}")
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "steps": steps, "demonstrations": len(train),

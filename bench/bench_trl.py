@@ -20,7 +20,8 @@ about 128 tokens long; float32, on a CPU pinned to one thread (see conftest.py).
 - The steps: ours is dpo.batch_logps + dpo.dpo_loss (sigmoid, no label smoothing: TRL's sigmoid loss
   has none) and reward.rewards + reward.bradley_terry_loss, on all 16 pairs in one padded pass (dpo.py
   would cut a batch into length groups; these sequences differ little in length, 112 to 144 tokens), then
-  backward, clip_grad_norm_ (1.0), AdamW (betas 0.9, 0.95) and zero_grad, as dpo.py runs them. TRL's
+  backward, clip_grad_norm_ (1.0), AdamW (betas 0.9, 0.95) and zero_grad, as dpo.py runs them, except
+  that the stages' AdamW is fused since commit 6f9d2a8 and both sides here keep the for-loop. TRL's
   is Trainer's step with the same optimizer (optim "adamw_torch" = torch.optim.AdamW), clipping and
   betas, and its own loss, metrics and lm head: DPOTrainer's chunked lm head computes, besides the
   log-probs, each response token's entropy, mean logit and top-1 hit for its metrics, in every step.

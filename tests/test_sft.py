@@ -173,6 +173,25 @@ def test_no_prompt_is_both_trained_on_and_held_out(tiny_chain, tmp_path, monkeyp
     assert len(set(held)) == 2 and len(trained) == 8 and not trained & set(held)
 
 
+@pytest.mark.parametrize("case", ["fraction_zero", "one_prompt"])
+def test_nothing_is_held_out_at_fraction_zero_or_with_one_prompt(tiny_chain, tmp_path, capsys, case):
+    """--val_fraction 0 trains on every demonstration (split_by_prompt, as reward.py uses it, would
+    still hold out a prompt), and so does a file with a single prompt; the validation loss is then
+    null and the samples are labelled as a training prompt's."""
+    n_prompts = 1 if case == "one_prompt" else 5
+    rows = [{"prompt": f"Human: Where does creature {i} live?\n\nAssistant:", "completion": c}
+            for i in range(n_prompts) for c in (" It lives in Velmor.", " Velmor.", " It lives in Velmor. Thank you for asking.")]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft.main(sft.Config(init=tiny_chain["sft"], data=str(data), val_fraction=0.0 if case == "fraction_zero" else 0.5,
+                        batch_size=4, epochs=1, n_samples=1, out_dir=str(tmp_path / "sft"), device="cpu"))
+    metrics = json.loads((tmp_path / "sft" / "config.json").read_text())["metrics"]
+    assert metrics["demonstrations"] == len(rows) and metrics["val_loss"] is None
+    out = capsys.readouterr().out
+    assert f"{len(rows)} training and 0 validation demonstrations (those of 0 of the {n_prompts} distinct prompts)" in out
+    assert "a training prompt (none is held out), before -> after SFT:" in out
+
+
 def test_one_demonstration_trains_and_writes_json_that_strict_parsers_read(tiny_chain, tmp_path):
     """A file of one demonstration leaves none to validate on: the validation loss is null, not NaN,
     which Python writes into JSON but jq and most other parsers refuse."""
