@@ -125,6 +125,11 @@ def test_the_validation_loss_takes_micro_batches(tiny_chain, tmp_path, monkeypat
     assert val[2] == pytest.approx(val[0], rel=1e-5)
 
 
+def prompts_of(x, y):
+    """The prompt of every example of a batch: the tokens before its first target."""
+    return [TOK.decode(row[:int((t != kernels.IGNORE_INDEX).int().argmax()) + 1].tolist()) for row, t in zip(x, y)]
+
+
 def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp_path, monkeypatch):
     """The samples printed before and after training answer prompts the run held out, not the file's
     first rows (most of which it trains on): every training example's prompt is never among them."""
@@ -145,11 +150,6 @@ def test_with_data_the_before_after_samples_are_held_out_prompts(tiny_chain, tmp
                         out_dir=str(tmp_path / "sft"), device="cpu"))
     assert len(trained) == 4 and len(sampled) == 8  # 4 prompts, before and after
     assert set(sampled) == {r["prompt"] for r in rows} - trained
-
-
-def prompts_of(x, y):
-    """The prompt of every example of a batch: the tokens before its first target."""
-    return [TOK.decode(row[:int((t != kernels.IGNORE_INDEX).int().argmax()) + 1].tolist()) for row, t in zip(x, y)]
 
 
 def test_no_prompt_is_both_trained_on_and_held_out(tiny_chain, tmp_path, monkeypatch):
