@@ -164,7 +164,11 @@ def main(cfg):
         return nll / n_targets_of(val)
 
     # the samples before and after answer held-out prompts: the evaluation's, or the file's (its first one if none is held out)
-    sample_prompts = [q.prompt for q in eval_questions()] if not cfg.data else val_prompts or [rows[0]["prompt"]]
+    if not cfg.data or val_prompts:
+        sample_prompts = [q.prompt for q in eval_questions()] if not cfg.data else val_prompts
+        sample_kind = "held-out prompts"
+    else:
+        sample_prompts, sample_kind = [rows[0]["prompt"]], "a training prompt (none is held out)"
     sample_prompts = sample_prompts[:cfg.n_samples]
     model.eval()
     before = complete(model, tok, sample_prompts, 32, temperature=0)
@@ -210,7 +214,7 @@ def main(cfg):
 
     model.eval()
     after = complete(model, tok, sample_prompts, 32, temperature=0)
-    print(f"{'held-out prompts' if not cfg.data or val_prompts else 'a training prompt (none is held out)'}, before -> after SFT:")
+    print(f"{sample_kind}, before -> after SFT:")
     for p, b, a in zip(sample_prompts, before, after):
         print(f"  {p!r}\n    base: {b!r}\n    sft:  {a!r}")
     metrics = {"train_loss": loss.item(), "val_loss": val_loss(), "steps": steps, "demonstrations": len(train),
