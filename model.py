@@ -13,8 +13,8 @@ Beyond nanoGPT it has what RLHF needs:
 - checkpoints (a directory: model.safetensors, config.json, metrics.jsonl), written atomically and
   loaded strictly (every name and shape checked; a wrong head or tokenizer refused).
 
-Attention runs through kernels.attention, the one place that picks Triton or PyTorch. Left out on
-purpose: dropout on the attention probabilities (the fused kernels have none), biasless variants.
+Attention runs through kernels.attention, the one place that picks Triton or PyTorch, except in
+generate's one-token steps (decode_step), which call PyTorch's SDPA themselves. Left out on purpose: dropout on the attention probabilities (the fused kernels have none), biasless variants.
 """
 
 import json
@@ -208,6 +208,39 @@ class GPT(nn.Module):
         logps = kernels.fused_linear_logprobs(x[mask], self.transformer.wte.weight, targets[mask])
         return out, -logps.sum() / mask.sum().clamp(min=1)
 
+    def decode_step(self, idx, cache, start=None):
+        """One new token per row through every layer: idx (B,) -> its final hidden state (B, n_embd),
+        its keys and values added to the cache. The same arithmetic, op for op, as
+        hidden_states(idx[:, None], start, cache)[:, 0] without dropout (bit for bit where
+        kernels.attention runs PyTorch's reference, as on a CPU), written as functions of the modules'
+        weights. generate calls it for every token after the prompt. At small batch a step
+        is mostly overhead: calling a module costs more than the arithmetic of a 128-wide layer, and
+        kernels.attention would build the padding mask again at every layer. This step calls no module
+        and builds the mask once; its attention is PyTorch's SDPA on every device. On a 2-core CPU
+        it samples 1.65x as fast at batch 1 (BENCHMARKS.md)."""
+        B, C, nh = idx.size(0), self.config.n_embd, self.config.n_head
+        pos = cache.pos
+        if pos >= self.config.block_size:
+            raise ValueError(f"sequence of {pos + 1} tokens is longer than block_size {self.config.block_size}")
+        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        if start is None:
+            x, visible = wte[idx] + wpe[pos], None
+        else:  # position 0 on each row's first real token; its padding keys stay hidden
+            x = wte[idx] + wpe[(pos - start).clamp(min=0)]
+            visible = torch.arange(pos + 1, device=idx.device) >= start.view(B, 1, 1, 1)  # (B, 1, 1, pos + 1)
+        for layer, block in enumerate(self.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias)
+            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).view(B, 3, nh, 1, C // nh).unbind(1)
+            k, v = cache.update(layer, k, v)  # (B, nh, pos + 1, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible).reshape(B, C)
+            x = x + F.linear(y, attn.c_proj.weight, attn.c_proj.bias)
+            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias)
+            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
+            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        cache.pos += 1
+        return F.layer_norm(x, (C,), self.transformer.ln_f.weight, self.transformer.ln_f.bias)
+
     def generate(self, idx, max_new_tokens, start=None, temperature=1.0, top_k=0, top_p=1.0,
                  eos_id=None, pad_id=0, generator=None, use_cache=True):
         """Continue a left-padded batch of prompts.
@@ -223,17 +256,26 @@ class GPT(nn.Module):
             B, T = idx.size()
             if T + max_new_tokens > self.config.block_size:
                 raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed block_size {self.config.block_size}")
-            if start is not None and not start.any():
-                start = None  # no row is padded: skip the masks at every layer and step
+            if start is not None:
+                bad = (start < 0) | (start >= T)
+                if bad.any():
+                    b = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"start[{b}] = {int(start[b])}: every row needs a prompt token in [0, {T})")
+                if not start.any():
+                    start = None  # no row is padded: skip the masks at every layer and step
             cache = KVCache(self.config, B, T + max_new_tokens) if use_cache else None
             tokens = idx.new_full((B, T + max_new_tokens), pad_id)  # written in place, one column per step
             tokens[:, :T] = idx
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            # decode_step has no dropout: with dropout active, every token takes the module path
+            fast = use_cache and not (self.training and self.config.dropout > 0)
             end = T
             while end < T + max_new_tokens:
-                # with the cache only the newest token goes in (all of the prompt at the first step)
-                x = self.hidden_states(tokens[:, (cache.pos if use_cache else 0):end], start, cache)
-                logits = F.linear(x[:, -1], self.transformer.wte.weight)  # (B, vocab): the lm head at the last position only
+                if fast and end > T:  # one new token against the cache
+                    x = self.decode_step(tokens[:, end - 1], cache, start)
+                else:  # the prompt, into the cache; or the whole sequence again
+                    x = self.hidden_states(tokens[:, (cache.pos if use_cache else 0):end], start, cache)[:, -1]
+                logits = F.linear(x, self.transformer.wte.weight)  # (B, vocab): the lm head at the last position only
                 nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 if eos_id is not None:
                     nxt = nxt.masked_fill(done, pad_id)

@@ -1,7 +1,8 @@
 """
 The public kernel API, and the one switch between Triton and PyTorch.
 
-Every model and stage calls these functions and nothing below them:
+Every model and stage calls these functions and nothing below them (one exception: GPT.decode_step,
+one query per row against the KV cache, calls PyTorch's SDPA with a mask it builds once per step):
 
     attention(q, k, v, causal=True, sm_scale=None, kv_start=None)   # [B, H, Tq, D]
     token_logprobs(logits, targets, temperature=1.0)                 # [...]

@@ -144,6 +144,51 @@ def test_kv_cache_forward_matches_full_forward():
     torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_decode_step_is_the_module_path_bit_for_bit(padded):
+    """generate's one-token step computes what hidden_states computes for one token, in the same ops:
+    the same hidden states and the same cache to the last bit (in float32, where another order of
+    operations would show)."""
+    model = make_model(torch.float32)
+    idx, start = left_pad([[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]] if padded else [[3, 4], [5, 6], [7, 8]], pad_id=0)
+    start = start if padded else None
+    caches = [KVCache(model.config, 3, idx.size(1) + 6) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(idx, start, cache)
+        for _ in range(6):
+            tok = torch.randint(1, CFG.vocab_size, (3,), generator=gen)
+            slow = model.hidden_states(tok[:, None], start, caches[0])[:, 0]
+            fast = model.decode_step(tok, caches[1], start)
+            assert torch.equal(fast, slow)
+    assert caches[0].pos == caches[1].pos == idx.size(1) + 6
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def test_generate_with_dropout_active_takes_the_module_path(monkeypatch):
+    """decode_step has no dropout: a model in training mode with dropout samples every token through
+    the modules, as it did before the fast step existed; in eval mode every token after the prompt
+    takes the fast step."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**CFG.__dict__, "dropout": 0.5}))
+    calls = []
+    step = GPT.decode_step
+    monkeypatch.setattr(GPT, "decode_step", lambda self, *a: calls.append(1) or step(self, *a))
+    idx = torch.tensor([[1, 2, 3]])
+    model.train().generate(idx, 5)
+    assert calls == []
+    model.eval().generate(idx, 5)
+    assert len(calls) == 4  # the first new token comes from the prompt's pass
+
+
+def test_generate_refuses_a_row_without_a_prompt_token():
+    model = make_model()
+    idx, start = left_pad([[1, 2, 3], [4]], pad_id=0)
+    with pytest.raises(ValueError, match=r"start\[1\] = 3"):
+        model.generate(idx, 4, start=torch.tensor([0, 3]))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_generate_with_cache_equals_recompute(temperature):
     model = make_model(torch.float64)
