@@ -236,6 +236,10 @@ def test_generate_stops_each_row_at_eos():
 def test_generate_refuses_sequences_longer_than_block_size():
     with pytest.raises(ValueError, match="block_size"):
         make_model().generate(torch.zeros(1, 40, dtype=torch.long), 9)
+    model, cache = make_model(), KVCache(CFG, 1, CFG.block_size + 1)  # a cache with room past the positions
+    model.hidden_states(torch.zeros(1, CFG.block_size, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=f"sequence of {CFG.block_size + 1} tokens is longer than block_size"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), cache)
 
 
 def test_complete_ids_conditions_an_empty_prompt_on_the_eos():
