@@ -14,7 +14,8 @@ Beyond nanoGPT it has what RLHF needs:
   loaded strictly (every name and shape checked; a wrong head or tokenizer refused).
 
 Attention runs through kernels.attention, the one place that picks Triton or PyTorch, except in
-generate's one-token steps (decode_step), which call PyTorch's SDPA themselves. Left out on purpose: dropout on the attention probabilities (the fused kernels have none), biasless variants.
+generate's one-token steps (decode_step), which call PyTorch's SDPA themselves. Left out on
+purpose: dropout on the attention probabilities (the fused kernels have none), biasless variants.
 """
 
 import json
@@ -210,14 +211,13 @@ class GPT(nn.Module):
 
     def decode_step(self, idx, cache, start=None):
         """One new token per row through every layer: idx (B,) -> its final hidden state (B, n_embd),
-        its keys and values added to the cache. The same arithmetic, op for op, as
-        hidden_states(idx[:, None], start, cache)[:, 0] without dropout (bit for bit where
-        kernels.attention runs PyTorch's reference, as on a CPU), written as functions of the modules'
-        weights. generate calls it for every token after the prompt. At small batch a step
-        is mostly overhead: calling a module costs more than the arithmetic of a 128-wide layer, and
-        kernels.attention would build the padding mask again at every layer. This step calls no module
-        and builds the mask once; its attention is PyTorch's SDPA on every device. On a 2-core CPU
-        it samples 1.65x as fast at batch 1 (BENCHMARKS.md)."""
+        its keys and values added to the cache; start as in hidden_states (every start[b] <= cache.pos).
+        The same ops as hidden_states(idx[:, None], start, cache)[:, 0] without dropout, so the same
+        bits wherever kernels.attention runs PyTorch's reference (as on a CPU), but on the modules'
+        weights without calling a module, and with the padding mask built once for all layers: at
+        small batch a step is mostly such overhead (BENCHMARKS.md). Its attention is PyTorch's SDPA
+        on every device."""
+        assert idx.dim() == 1, f"decode_step takes one token per row, (B,), not {tuple(idx.shape)}"
         B, C, nh = idx.size(0), self.config.n_embd, self.config.n_head
         pos = cache.pos
         if pos >= self.config.block_size:
@@ -231,9 +231,11 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             attn, mlp = block.attn, block.mlp
             h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias)
+            # c_attn's output is [q | k | v], each head after head: (B, 3, nh, 1 query, hs)
             q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).view(B, 3, nh, 1, C // nh).unbind(1)
             k, v = cache.update(layer, k, v)  # (B, nh, pos + 1, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible).reshape(B, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, nh, 1, hs)
+            y = y.reshape(B, C)  # the heads side by side, as the transpose in CausalSelfAttention lays them
             x = x + F.linear(y, attn.c_proj.weight, attn.c_proj.bias)
             h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias)
             h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
@@ -244,7 +246,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, start=None, temperature=1.0, top_k=0, top_p=1.0,
                  eos_id=None, pad_id=0, generator=None, use_cache=True):
         """Continue a left-padded batch of prompts.
-        idx: (B, T) prompts; start: (B,) index of each row's first real token (None: no padding).
+        idx: (B, T) prompts; start: (B,) index of each row's first real token, in [0, T) (None: no padding).
         temperature 0 is greedy decoding; top_k 0 and top_p 1 turn those filters off.
         After a row samples eos_id it is done: its later tokens are pad_id. Stops early when every
         row is done. Returns (B, T + n) with n <= max_new_tokens: the prompts, then the new tokens.

@@ -14,7 +14,8 @@ Dispatch: tensors on a CUDA device run the Triton kernels, anything else runs th
 reference that sits beside each kernel (and that the kernels are tested against). The environment
 variable RLHF_KERNELS forces a path: RLHF_KERNELS=torch always runs the reference, RLHF_KERNELS=triton
 always runs Triton (on CPU tensors that needs TRITON_INTERPRET=1, which is how the tests run the
-kernels without a GPU). It is read at every call, so a test can flip it.
+kernels without a GPU). It is read at every call, so a test can flip it. It does not reach
+GPT.decode_step's attention, which is PyTorch's SDPA whatever the setting.
 
 The log-prob ops return float32 whatever the input dtype, except that the references keep a
 float64 input in float64, so that a float64 model stays exact in the tests.

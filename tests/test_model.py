@@ -144,17 +144,17 @@ def test_kv_cache_forward_matches_full_forward():
     torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_decode_step_is_the_module_path_bit_for_bit(padded):
+@pytest.mark.parametrize("padded, autocast", [(True, False), (False, False), (True, True)])
+def test_decode_step_is_the_module_path_bit_for_bit(padded, autocast):
     """generate's one-token step computes what hidden_states computes for one token, in the same ops:
     the same hidden states and the same cache to the last bit (in float32, where another order of
-    operations would show)."""
+    operations would show; and under bf16 autocast, whose casts must fall in the same places)."""
     model = make_model(torch.float32)
     idx, start = left_pad([[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]] if padded else [[3, 4], [5, 6], [7, 8]], pad_id=0)
     start = start if padded else None
     caches = [KVCache(model.config, 3, idx.size(1) + 6) for _ in range(2)]
     gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for cache in caches:
             model.hidden_states(idx, start, cache)
         for _ in range(6):
@@ -183,10 +183,11 @@ def test_generate_with_dropout_active_takes_the_module_path(monkeypatch):
 
 
 def test_generate_refuses_a_row_without_a_prompt_token():
-    model = make_model()
-    idx, start = left_pad([[1, 2, 3], [4]], pad_id=0)
-    with pytest.raises(ValueError, match=r"start\[1\] = 3"):
+    model, idx = make_model(), torch.tensor([[1, 2, 3], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"start\[1\] = 3: every row needs a prompt token in \[0, 3\)"):
         model.generate(idx, 4, start=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"start\[0\] = -1"):
+        model.generate(idx, 4, start=torch.tensor([-1, 0]))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
