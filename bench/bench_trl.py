@@ -207,7 +207,9 @@ def test_trl_benchmark(device, tmp_path):
 
     # ours: the reference is the policy before its first update, its log-probs computed once (not timed)
     policy = GPT.from_pretrained(policy_dir)[0].to(device).eval()  # eval: dropout off (it is 0 anyway)
-    ref = dpo.pair_logps(policy, encoded, PAD, device, "sigmoid", torch.autocast("cpu", enabled=False), 2 * PAIRS)
+    responses, where = dpo.distinct_responses(encoded)  # as dpo.py scores its reference: each response once
+    logps = dpo.response_logps(policy, responses, PAD, device, "sigmoid", torch.autocast("cpu", enabled=False), 2 * PAIRS)
+    ref = logps[where].view(-1, 2).T  # (chosen [N], rejected [N])
 
     def dpo_step(batch, ref_chosen, ref_rejected):
         chosen, rejected = dpo.batch_logps(policy, batch, PAD, device, "sigmoid")
