@@ -42,7 +42,7 @@ class Resumable:
     save_every: int = 0
     """steps between checkpoints with resume state written to out_dir (0: only the final checkpoint)"""
     resume: bool = False
-    """continue the interrupted run whose resume state is in out_dir (same arguments, same number of processes)"""
+    """continue the interrupted run whose resume state is in out_dir (same arguments but those that bound memory or saves, same number of processes)"""
 
     def __post_init__(self):
         # counts that a stage divides by, and the length of a run (a run of no steps has no model to write)
@@ -622,6 +622,13 @@ def data_summary(examples):
     return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples), "sha256": digest.hexdigest()[:16]}
 
 
+# Flags a resumed run may change. --micro_batch_size and PPO's --generation_batch only bound the
+# memory of a pass, so a run that ran out of it can go on in smaller pieces. The gradients are the
+# same sums, added in another order, and the rollouts the same distribution, sampled with other
+# draws: the run no longer ends bit for bit where the uninterrupted one would.
+MAY_CHANGE_ON_RESUME = {"resume", "out_dir", "save_every", "micro_batch_size", "generation_batch"}
+
+
 class TrainState:
     """What a killed run needs to go on as if it had never stopped, beside the weights of the
     checkpoint itself: the optimizers, every random number generator (Python's and torch's global
@@ -675,9 +682,11 @@ class TrainState:
             raise UserError(f"--resume: {where} was written by {info['world_size']} processes; resume with as many, "
                             f"not {world_size()}")
         now = dataclasses.asdict(self.cfg)
+        free = sorted((MAY_CHANGE_ON_RESUME - {"out_dir", "resume"}) & now.keys())
         for key, value in info["args"].items():  # out_dir: the state was just found there, however it is spelled
-            if key not in ("resume", "save_every", "out_dir") and now.get(key) != value and not same_path(now.get(key), value):
-                raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r}")
+            if key not in MAY_CHANGE_ON_RESUME and now.get(key) != value and not same_path(now.get(key), value):
+                raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r} "
+                                f"(of this stage's flags only --{', --'.join(free)} may change)")
         # the arguments are the same; is the data? (The state of an older version holds fewer keys: those are compared.)
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "

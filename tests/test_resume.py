@@ -120,6 +120,30 @@ def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path,
     assert_same_run(tmp_path / "whole", tmp_path / "killed", ("step", "loss", "accuracy", "margin", "val_loss"))
 
 
+def test_resume_may_change_the_micro_batch_size(tiny_chain, tmp_path, monkeypatch):
+    """A run that ran out of memory goes on in smaller micro-batches: the same gradients, added in another
+    order, so the weights end close to the uninterrupted run's (not bit for bit)."""
+    args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, length_groups=2,
+                log_every=2, eval_every=4, n_samples=1, device="cpu", save_every=3)
+    dpo.main(dpo.Config(out_dir=str(tmp_path / "whole"), micro_batch_size=4, **args))
+    interrupt_at(monkeypatch, dpo, "dpo_loss", 2 * 7)  # two micro-batches a step: dies in step 7, after the save of step 6
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(dpo.Config(out_dir=str(tmp_path / "killed"), micro_batch_size=4, **args))
+    monkeypatch.undo()
+    passes, real = [], dpo.dpo_loss
+
+    def counted(*a):  # the pairs of each training pass
+        if torch.is_grad_enabled():
+            passes.append(len(a[0]))
+        return real(*a)
+    monkeypatch.setattr(dpo, "dpo_loss", counted)
+    dpo.main(dpo.Config(out_dir=str(tmp_path / "killed"), resume=True, micro_batch_size=2, **args))
+    assert passes == [2] * 4 * 2  # it did go on in micro-batches of 2 pairs: 4 a step, steps 7 and 8
+    whole, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "killed"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-5)
+
+
 def test_reward_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
     args = dict(init=tiny_chain["sft"], n_prompts=40, pairs_per_prompt=2, sft_samples=1, norm_prompts=16, batch_size=8,
                 log_every=1, eval_every=5, device="cpu", save_every=4)
@@ -157,7 +181,8 @@ def test_resume_refuses_other_arguments(tiny_chain, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, dpo, "dpo_loss", 3)  # one pass a step: dies in the third, after the save at two steps done
     with pytest.raises(KeyboardInterrupt):
         dpo.main(dpo.Config(**args))
-    with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5"):
+    with pytest.raises(dpo.common.UserError, match=r"--resume: --beta is 0\.3, but the interrupted run \(.*resume.json\) used 0\.5 "
+                                                   r"\(of this stage's flags only --micro_batch_size, --save_every may change\)$"):
         dpo.main(dpo.Config(**{**args, "beta": 0.3, "resume": True}))
     weights = tmp_path / "run" / "model.safetensors"  # damaged since: named, not a safetensors traceback
     weights.write_bytes(weights.read_bytes()[:64])
