@@ -477,6 +477,8 @@ def atomic_directory(path):
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old"
     if not os.path.exists(path) and os.path.isdir(old):  # a save killed between its renames: the last good one is back
         os.rename(old, path)
+    for stale in killed_saves(path):  # half-written checkpoints of saves killed before their renames
+        shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -497,6 +499,31 @@ def atomic_directory(path):
     os.rename(tmp, path)
     fsync(os.path.dirname(path))  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def killed_saves(path):
+    """The temporary directories path.tmp<PID> that atomic_directory left when its process was killed
+    (SIGKILL, out of memory) before the renames: those whose process no longer runs on this machine.
+    A GPT-2 XL checkpoint is gigabytes of disk, and every killed save would keep its own."""
+    parent, name = os.path.split(path)
+    stale = []
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:  # a new parent: made by the save
+        pid = entry[len(name) + 4:] if entry.startswith(name + ".tmp") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
+            stale.append(os.path.join(parent, entry))
+    return stale
+
+
+def process_exists(pid):
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there: assume it runs, and delete nothing
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def fsync(path):

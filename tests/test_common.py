@@ -4,6 +4,8 @@ state's checks and the logger."""
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -91,6 +93,24 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     with atomic_directory(link) as tmp:
         open(os.path.join(tmp, b), "w").write("fifth")
     assert link.is_symlink() and (path / b).read_text() == "fifth" and sorted(os.listdir(tmp_path)) == ["link", "out"]
+
+
+def test_a_save_removes_what_killed_saves_left(tmp_path):
+    """A save killed before its renames leaves path.tmp<PID>, gigabytes for a large model; the next save
+    removes those of processes that are gone, and nothing else."""
+    path = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that ran and is gone
+    others = [f"out.tmp{os.getppid()}", "out.tmpx", "outer.tmp7", f"other.tmp{dead.pid}"]  # a live process's, and not a save's
+    for name in [f"out.tmp{dead.pid}"] + others:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("half")
+    with atomic_directory(path) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + others)
+    with atomic_directory(tmp_path / "new" / "parents" / "out") as tmp:  # whose parent does not exist yet
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    assert os.listdir(tmp_path / "new" / "parents" / "out") == ["config.json"]
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_card_computes_in_it(monkeypatch):
