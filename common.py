@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import textwrap
 import time
@@ -474,7 +476,7 @@ def atomic_directory(path):
     Entries of path that a checkpoint does not write (one that came during the run: the stages
     check_out_dir first) move into the new directory: nothing is deleted but the old checkpoint."""
     path = os.path.realpath(path)  # a symbolic link: its target is replaced, the link stays
-    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old"
+    tmp, old = f"{path}.tmp{os.getpid()}.{_HOST_TAG}", f"{path}.old"
     if not os.path.exists(path) and os.path.isdir(old):  # a save killed between its renames: the last good one is back
         os.rename(old, path)
     for stale in killed_saves(path):  # half-written checkpoints of saves killed before their renames
@@ -501,15 +503,29 @@ def atomic_directory(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _host_tag():
+    """8 hex digits naming this machine and its process-ID namespace (a container has its own): a PID
+    means something only there, on a disk that other machines or containers may share."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
+
+
+_HOST_TAG = _host_tag()
+
+
 def killed_saves(path):
-    """The temporary directories path.tmp<PID> that atomic_directory left when its process was killed
-    (SIGKILL, out of memory) before the renames: those whose process no longer runs on this machine.
-    A GPT-2 XL checkpoint is gigabytes of disk, and every killed save would keep its own."""
+    """The temporary directories path.tmp<PID>.<tag> that atomic_directory left when its process was
+    killed (SIGKILL, out of memory) before the renames: those of this machine and namespace whose
+    process no longer runs. A GPT-2 XL checkpoint is gigabytes of disk, and every killed save would
+    keep its own. Nothing is removed on Windows, nor where the PID now belongs to another process."""
     parent, name = os.path.split(path)
     stale = []
     for entry in os.listdir(parent) if os.path.isdir(parent) else []:  # a new parent: made by the save
-        pid = entry[len(name) + 4:] if entry.startswith(name + ".tmp") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
+        m = re.fullmatch(re.escape(name) + r"\.tmp([1-9][0-9]{0,9})\." + _HOST_TAG, entry)
+        if m and int(m[1]) != os.getpid() and not process_exists(int(m[1])):
             stale.append(os.path.join(parent, entry))
     return stale
 
@@ -521,7 +537,7 @@ def process_exists(pid):
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, as another user's
+    except (PermissionError, OverflowError):  # another user's process; a number no PID reaches
         return True
     return True
 
@@ -649,10 +665,11 @@ def data_summary(examples):
     return {"examples": len(examples), "tokens": sum(tokens(x) for x in examples), "sha256": digest.hexdigest()[:16]}
 
 
-# Flags a resumed run may change. --micro_batch_size and PPO's --generation_batch only bound the
-# memory of a pass, so a run that ran out of it can go on in smaller pieces. The gradients are the
-# same sums, added in another order, and the rollouts the same distribution, sampled with other
-# draws: the run no longer ends bit for bit where the uninterrupted one would.
+# Flags a resumed run may change. --micro_batch_size and PPO's --generation_batch bound the memory
+# of a pass, so a run that ran out of it can go on in smaller pieces. The run then no longer ends
+# bit for bit where the uninterrupted one would: the gradients are the same sums added in another
+# order; rollouts, dropout masks (at --dropout > 0) and reward.py's normalisation samples on --data
+# (drawn --micro_batch_size prompts at a time) are other draws of the same distribution.
 MAY_CHANGE_ON_RESUME = {"resume", "out_dir", "save_every", "micro_batch_size", "generation_batch"}
 
 
@@ -740,5 +757,6 @@ class TrainState:
             set_python_rng_state(rng, info["rngs"][name])
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             logger.rows = [json.loads(line) for line in f]
-        print(f"resumed {out_dir} after step {info['step']}")
+        changed = [f"--{k} {info['args'][k]} -> {now[k]}" for k in free if k in info["args"] and info["args"][k] != now[k]]
+        print(f"resumed {out_dir} after step {info['step']}" + (f" ({', '.join(changed)})" if changed else ""))
         return info["step"], info["extra"]

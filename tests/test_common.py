@@ -96,16 +96,22 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
 
 
 def test_a_save_removes_what_killed_saves_left(tmp_path):
-    """A save killed before its renames leaves path.tmp<PID>, gigabytes for a large model; the next save
-    removes those of processes that are gone, and nothing else."""
+    """A save killed before its renames leaves path.tmp<PID>.<tag>, gigabytes for a large model; the next
+    save removes those of processes that are gone, made on this machine and in this container, and
+    nothing else."""
     path = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process that ran and is gone
-    others = [f"out.tmp{os.getppid()}", "out.tmpx", "outer.tmp7", f"other.tmp{dead.pid}"]  # a live process's, and not a save's
-    for name in [f"out.tmp{dead.pid}"] + others:
+    tag = common._HOST_TAG
+    elsewhere = "0" * 8 if tag != "0" * 8 else "1" * 8  # a save of another machine or container: its PIDs are not ours
+    others = [f"out.tmp{os.getppid()}.{tag}", f"out.tmp{dead.pid}.{elsewhere}", f"out.tmp{dead.pid}", "out.tmpx",
+              f"out.tmp00{dead.pid}.{tag}", f"out.tmp{10 ** 20}.{tag}", "out.tmp\u00b2", f"outer.tmp{dead.pid}.{tag}",
+              f"other.tmp{dead.pid}.{tag}"]
+    for name in [f"out.tmp{dead.pid}.{tag}"] + others:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_text("half")
     with atomic_directory(path) as tmp:
+        assert os.path.basename(tmp) == f"out.tmp{os.getpid()}.{tag}"
         open(os.path.join(tmp, "config.json"), "w").write("{}")
     assert sorted(os.listdir(tmp_path)) == sorted(["out"] + others)
     with atomic_directory(tmp_path / "new" / "parents" / "out") as tmp:  # whose parent does not exist yet

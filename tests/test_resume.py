@@ -120,7 +120,7 @@ def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path,
     assert_same_run(tmp_path / "whole", tmp_path / "killed", ("step", "loss", "accuracy", "margin", "val_loss"))
 
 
-def test_resume_may_change_the_micro_batch_size(tiny_chain, tmp_path, monkeypatch):
+def test_resume_may_change_the_micro_batch_size(tiny_chain, tmp_path, monkeypatch, capsys):
     """A run that ran out of memory goes on in smaller micro-batches: the same gradients, added in another
     order, so the weights end close to the uninterrupted run's (not bit for bit)."""
     args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, length_groups=2,
@@ -137,8 +137,10 @@ def test_resume_may_change_the_micro_batch_size(tiny_chain, tmp_path, monkeypatc
             passes.append(len(a[0]))
         return real(*a)
     monkeypatch.setattr(dpo, "dpo_loss", counted)
+    capsys.readouterr()
     dpo.main(dpo.Config(out_dir=str(tmp_path / "killed"), resume=True, micro_batch_size=2, **args))
     assert passes == [2] * 4 * 2  # it did go on in micro-batches of 2 pairs: 4 a step, steps 7 and 8
+    assert "after step 6 (--micro_batch_size 4 -> 2)\n" in capsys.readouterr().out  # the log says so
     whole, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "killed"))
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-5)
