@@ -101,19 +101,31 @@ def entropy_ref(logits):
 # with V odd defeats that proof: every access was 2 bytes wide (64-75% of the copy bandwidth on an
 # H200 at V = 50257, against 81-98% at V = 128256). So each program moves its pointers to its row's
 # first entry rounded down to a multiple of ALIGN entries (16 bytes of bf16, 32 of float32), and
-# walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN. Every
-# block inside the row is read and written without a mask, 16 bytes at a time; only the last block
-# is read with a mask, and the first and the last written with one. The first block is read
-# unmasked too: the up to ALIGN - 1 entries before the row belong to the same tensor (the end of
-# the previous row, or the gap of a strided view), and are replaced by `other` once loaded. All the
-# [N, V] tensors of one call share their row stride, so one row offset serves them all.
+# walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN.
+#
+# Two passes over the blocks. These kernels are so light on memory that the instructions a GPU
+# issues per entry bound them as much as the bytes do (KL's forward issued about 37 per entry pair
+# on an H200, near one SM's issue rate at 85% of the copy bandwidth: bench/sass.py counts them).
+# So every kernel walks its row twice over disjoint blocks: first the blocks that lie wholly inside
+# the row, read and written with no mask and no branch, then the (at most two) blocks that cross
+# the row's ends, the first and the last. Those are read whole where they end inside the tensor
+# (the up to ALIGN - 1 entries before the row belong to the same tensor: the end of the previous
+# row, or the gap of a strided view) with `other` put in place of the entries outside the row, and
+# written with a mask. The loop body is written once, in a tl.static_range over the two passes.
+# The order of the blocks does not matter to the online log-sum-exp.
+#
+# Exponentials are taken as exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz),
+# where tl.exp compiles to the non-flushing ex2.approx.f32 and three more instructions that keep
+# results below 2^-126; here those results count as 0, as they would in the sum anyway.
 
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of bf16, 32 of float32
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-    CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
+GPU_CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
                for block, warps in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    CONFIGS = GPU_CONFIGS
 else:
     CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
 # The timings are kept on disk (cache_results), so each new process reuses the first one's tuning.
@@ -128,27 +140,47 @@ def _row_start(ptr, lo):
 
 
 @triton.jit
-def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr):
+def _blocks(end, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
+    """range(lo, hi, step) over the block starts of one pass: the blocks wholly inside the row,
+    BLOCK_V <= start <= end - BLOCK_V (the first block starts before the row unless head = 0, and
+    is left to the edges); or the edges: 0 and, if the row does not end on a block boundary, the
+    last block, max(1, end // BLOCK_V) * BLOCK_V (twice that is at least end: the step stops)."""
+    if EDGES:
+        return 0, end, tl.maximum(end // BLOCK_V, 1) * BLOCK_V
+    else:
+        return BLOCK_V, end - BLOCK_V + 1, BLOCK_V
+
+
+@triton.jit
+def _exp(x):
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
     """ptr[start : start + BLOCK_V] as float32, with `other` outside the row ptr[head:end]."""
     offs = tl.multiple_of(start, BLOCK_V) + tl.arange(0, BLOCK_V)
-    if start + BLOCK_V <= end:
-        x = tl.load(ptr + offs)  # 16 bytes at a time: no mask, aligned
+    if not EDGES:
+        x = tl.load(ptr + offs)  # 16 bytes at a time: no mask, aligned, inside the row
     else:
-        x = tl.load(ptr + offs, mask=offs < end, other=other)  # the last block
-    if start < head:  # the first block begins before the row
-        x = tl.where(offs >= head, x, other)
+        if start + BLOCK_V <= end:
+            x = tl.load(ptr + offs)  # the first block, when the row is longer than a block
+        else:
+            x = tl.load(ptr + offs, mask=offs < end, other=other)  # the last block
+        if start < head:  # the first block begins before the row
+            x = tl.where(offs >= head, x, other)
     return x.to(tl.float32)
 
 
 @triton.jit
-def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr):
+def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
     """ptr[start : start + BLOCK_V] = value, in ptr's dtype, only inside the row ptr[head:end]."""
     offs = tl.multiple_of(start, BLOCK_V) + tl.arange(0, BLOCK_V)
     value = value.to(ptr.dtype.element_ty)
-    if (start >= head) & (start + BLOCK_V <= end):
+    if not EDGES:
         tl.store(ptr + offs, value)  # 16 bytes at a time
     else:
-        tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))  # the first and last blocks
+        tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -173,11 +205,14 @@ def _logprob_fwd_kernel(
     # online log-sum-exp: rescale the running sum whenever the running max grows
     m = tl.full([], LOWEST, tl.float32)
     s = 0.0
-    for start in range(0, end, BLOCK_V):
-        x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            x = x * inv_temperature
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * _exp(m - m_new) + tl.sum(_exp(x - m_new), axis=0)
+            m = m_new
     log_s = tl.log(s)
 
     ignore = target == IGNORE_INDEX
@@ -215,11 +250,13 @@ def _logprob_bwd_kernel(
     g = tl.where(target == IGNORE_INDEX, 0.0, tl.load(grad_out_ptr + row) * inv_temperature)
     target_offset = (head + target).to(tl.int32)  # never matched when ignored: head - 100 < 0
 
-    for start in range(0, end, BLOCK_V):
-        x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V) * inv_temperature
-        p = tl.exp((x - m) - log_s)
-        onehot = tl.where(start + tl.arange(0, BLOCK_V) == target_offset, 1.0, 0.0)
-        _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V)
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, EDGES) * inv_temperature
+            p = _exp((x - m) - log_s)
+            onehot = tl.where(start + tl.arange(0, BLOCK_V) == target_offset, 1.0, 0.0)
+            _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V, EDGES)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -242,15 +279,17 @@ def _entropy_fwd_kernel(
     m = tl.full([], LOWEST, tl.float32)
     s = 0.0
     t = 0.0
-    for start in range(0, end, BLOCK_V):
-        x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        # moving t from m to m_new adds (m - m_new) to every (x - m); 0 * -inf is skipped
-        t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            alpha = _exp(m - m_new)
+            e = _exp(x - m_new)
+            # moving t from m to m_new adds (m - m_new) to every (x - m); 0 * -inf is skipped
+            t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(e > 0, e * (x - m_new), 0), axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
     log_s = tl.log(s)
 
     tl.store(entropy_ptr + row, log_s - t / s)
@@ -281,12 +320,14 @@ def _entropy_bwd_kernel(
     g = tl.load(grad_out_ptr + row)
 
     # dH / dx_v = -p_v (log p_v + H)
-    for start in range(0, end, BLOCK_V):
-        x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V)
-        logp = (x - m) - log_s
-        p = tl.exp(logp)
-        grad = tl.where(p > 0, -p * (logp + H) * g, 0.0)
-        _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V)
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
+            logp = (x - m) - log_s
+            p = _exp(logp)
+            grad = tl.where(p > 0, -p * (logp + H) * g, 0.0)
+            _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V, EDGES)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -315,20 +356,22 @@ def _kl_fwd_kernel(
     m_q = tl.full([], LOWEST, tl.float32)
     s_q = 0.0
     u = 0.0
-    for start in range(0, end, BLOCK_V):
-        xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V)
-        xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V)
-        m_p_new = tl.maximum(m_p, tl.max(xp, axis=0))
-        m_q_new = tl.maximum(m_q, tl.max(xq, axis=0))
-        alpha_p = tl.exp(m_p - m_p_new)
-        e_p = tl.exp(xp - m_p_new)
-        d = (xp - m_p_new) - (xq - m_q_new)
-        shift = (m_p - m_p_new) - (m_q - m_q_new)
-        u = alpha_p * (u + shift * s_p) + tl.sum(tl.where(e_p > 0, e_p * d, 0.0), axis=0)
-        s_p = alpha_p * s_p + tl.sum(e_p, axis=0)
-        s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(xq - m_q_new), axis=0)
-        m_p = m_p_new
-        m_q = m_q_new
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            m_p_new = tl.maximum(m_p, tl.max(xp, axis=0))
+            m_q_new = tl.maximum(m_q, tl.max(xq, axis=0))
+            alpha_p = _exp(m_p - m_p_new)
+            e_p = _exp(xp - m_p_new)
+            d = (xp - m_p_new) - (xq - m_q_new)
+            shift = (m_p - m_p_new) - (m_q - m_q_new)
+            u = alpha_p * (u + shift * s_p) + tl.sum(tl.where(e_p > 0, e_p * d, 0.0), axis=0)
+            s_p = alpha_p * s_p + tl.sum(e_p, axis=0)
+            s_q = s_q * _exp(m_q - m_q_new) + tl.sum(_exp(xq - m_q_new), axis=0)
+            m_p = m_p_new
+            m_q = m_q_new
     log_s_p = tl.log(s_p)
     log_s_q = tl.log(s_q)
 
@@ -368,14 +411,16 @@ def _kl_bwd_kernel(
     g = tl.load(grad_out_ptr + row)
 
     # dKL / dxp_v = p_v (log p_v - log q_v - KL)
-    for start in range(0, end, BLOCK_V):
-        xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V)
-        xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V)
-        logp = (xp - m_p) - log_s_p
-        logq = (xq - m_q) - log_s_q
-        p = tl.exp(logp)
-        grad = tl.where(p > 0, p * (logp - logq - kl) * g, 0.0)
-        _store_block(grad_p_ptr, start, head, end, grad, BLOCK_V)
+    for EDGES in tl.static_range(2):
+        lo, hi, step = _blocks(end, BLOCK_V, EDGES)
+        for start in range(lo, hi, step):
+            xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
+            xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
+            logp = (xp - m_p) - log_s_p
+            logq = (xq - m_q) - log_s_q
+            p = _exp(logp)
+            grad = tl.where(p > 0, p * (logp - logq - kl) * g, 0.0)
+            _store_block(grad_p_ptr, start, head, end, grad, BLOCK_V, EDGES)
 
 
 # -----------------------------------------------------------------------------------------------

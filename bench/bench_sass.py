@@ -1,0 +1,203 @@
+"""
+What the log-prob kernels cost a Hopper GPU (H100, H200) in instructions, counted without a GPU.
+
+    python -m pytest bench/bench_sass.py -s
+
+Triton compiles a kernel for any target ahead of time, and its wheel carries NVIDIA's ptxas and
+nvdisasm. So on any machine this compiles each kernel of kernels/logprob.py for sm_90 with bf16
+logits, at every block size and warp count the GPU autotuner tries, and reads the machine code
+(SASS). It counts the loop over the blocks that lie wholly inside a row, which does nearly all the
+work at a vocabulary of 50257: the instructions one thread issues per iteration, per vocabulary
+entry, how many of those are exponentials (MUFU) and barriers between the warps, and the width of
+its loads and stores. Where that loop has branches (the kernels before their two passes over the
+blocks, commit c4499d7 and earlier), it follows the path that skips every if-block, the path of a
+block inside the row.
+
+Why instructions: these kernels read 2 bytes an entry (KL's forward 4, from two tensors), so at
+the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs must
+take in about 8 entries a clock at 1.98 GHz, and an SM issues at most 128 thread-instructions a
+clock (4 schedulers, one warp instruction each). A kernel that issues I instructions an entry
+cannot go faster than 128 / I entries a clock per SM, whatever the memory: the last column is
+that ceiling in GB/s as a share of the copy bandwidth. It is an upper bound from a count, not a
+measurement: memory latency, the barriers, and the masked blocks at the rows' ends cost more.
+The compiler is this machine's Triton; the GPU's may schedule differently (BENCHMARKS.md says
+which one a table used).
+"""
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import importlib.util
+import pytest
+import triton
+
+import kernels.logprob
+
+SMS, CLOCK_HZ, COPY_GBS = 132, 1.98e9, 4200  # an H200 (SXM): SMs, boost clock, measured copy GB/s
+ISSUE_PER_CLOCK = 128  # thread-instructions an SM issues a clock: 4 schedulers x 32 lanes
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# kernel -> bytes moved per vocabulary entry of a row, in bf16 (reads + writes)
+KERNELS = {
+    "_logprob_fwd_kernel": 2, "_logprob_bwd_kernel": 4,
+    "_entropy_fwd_kernel": 2, "_entropy_bwd_kernel": 4,
+    "_kl_fwd_kernel": 4, "_kl_bwd_kernel": 6,
+}
+LOGITS = {"logits_ptr", "grad_logits_ptr", "p_ptr", "q_ptr", "grad_p_ptr"}  # [N, V] bf16 tensors
+
+HAVE_TOOLS = all(os.path.exists(os.path.join(BIN, tool)) for tool in ("nvdisasm", "cuobjdump"))
+pytestmark = pytest.mark.skipif(not HAVE_TOOLS, reason=f"needs Triton's NVIDIA tools in {BIN}")
+
+
+def compilable_logprob():
+    """kernels/logprob.py loaded afresh with the interpreter off: under TRITON_INTERPRET=1 (the
+    test suite's setting) @triton.jit makes Python functions for the interpreter, which Triton
+    cannot compile."""
+    saved = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = False
+    try:
+        spec = importlib.util.spec_from_file_location("logprob_sm90", kernels.logprob.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        triton.knobs.runtime.interpret = saved
+
+
+def signature(fn):
+    """Argument types as a launch on bf16 logits of V = 50257 would specialize them."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in LOGITS:
+            sig[name] = "*bf16"
+        elif name == "targets_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("stride", "V"):
+            sig[name] = "i32"
+        elif name == "inv_temperature":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def compile_sass(kernel, config):
+    """(SASS text, registers per thread) of an autotuned kernel at one of its configs, for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = kernel.fn  # the JITFunction under the autotuner
+    sig = signature(fn)
+    constexprs = {"BLOCK_V": config.kwargs["BLOCK_V"], "IGNORE_INDEX": kernels.logprob.IGNORE_INDEX}
+    constexprs = {k: v for k, v in constexprs.items() if k in sig}
+    # torch allocations are 16-byte aligned, and the launcher tells Triton so at run time
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),  # FMA fusion on, as at run time
+                              options={"num_warps": config.num_warps, "enable_fp_fusion": True})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = run_tool("nvdisasm", "-c", cubin)
+        regs = int(re.search(r"REG:(\d+)", run_tool("cuobjdump", "-res-usage", cubin)).group(1))
+    return sass, regs
+
+
+def run_tool(tool, *args):
+    return subprocess.run([os.path.join(BIN, tool), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)([.\w]*)\s*([^;]*);")
+LABEL = re.compile(r"^(\.L_x_\d+):")
+Instruction = collections.namedtuple("Instruction", "predicated op mods operands")
+
+
+def parse(sass):
+    """[Instruction] in code order, and label -> index of the instruction it marks."""
+    code, labels = [], {}
+    for line in sass.splitlines():
+        label = LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(code)
+            continue
+        m = INSTRUCTION.search(line)
+        if m:
+            code.append(Instruction(bool(m.group(1)), m.group(2), m.group(3), m.group(4)))
+    return code, labels
+
+
+def wide(instruction):
+    """A 16-byte global load or store: what every access of a block inside a row should be."""
+    return instruction.op in ("LDG", "STG") and instruction.mods.endswith(".128")
+
+
+def hot_loop_path(code, labels):
+    """The instructions of one iteration of the first loop that loads from global memory, along the
+    path of a block inside the row: a conditional forward branch is taken unless the code it jumps
+    over has a 16-byte access (so an if-block of masked accesses, or the first block's fix-up, is
+    skipped, and the unmasked side of an if-else kept); an unconditional one is always taken."""
+    def target(i):
+        m = re.search(r"(\.L_x_\d+)", code[i].operands) if code[i].op == "BRA" else None
+        return labels.get(m.group(1)) if m else None
+    loops = sorted((target(i), i) for i in range(len(code))
+                   if target(i) is not None and target(i) <= i)
+    for start, end in loops:
+        if any(c.op == "LDG" for c in code[start:end + 1]):
+            path, i = [], start
+            while i < end:
+                path.append(code[i])
+                t = target(i)
+                jump = t is not None and start < t <= end and (
+                    not code[i].predicated or not any(map(wide, code[i + 1:t])))
+                i = t if jump else i + 1
+            return path + [code[end]]
+    raise ValueError("no loop with a global load")
+
+
+def summary(module, name, config):
+    """What one iteration over a block inside the row costs kernel `name` of module at config."""
+    sass, regs = compile_sass(getattr(module, name), config)
+    path = hot_loop_path(*parse(sass))
+    ops = collections.Counter(c.op for c in path)
+    # LDG.E.128 -> LDG128, STG.E.U16 -> STGU16, LDG.E -> LDG (4 bytes)
+    widths = collections.Counter(c.op + (c.mods.split(".")[-1] if c.mods.count(".") > 1 else "")
+                                 for c in path if c.op in ("LDG", "STG"))
+    entries = config.kwargs["BLOCK_V"] // (32 * config.num_warps)  # per thread per iteration
+    per_entry = len(path) / entries
+    ceiling = ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] / 1e9
+    return dict(regs=regs, instrs=len(path), per_entry=per_entry, mufu=ops["MUFU"] / entries,
+                bar=ops["BAR"], widths=widths, ceiling=ceiling)
+
+
+def hot_loops(config_index=0):
+    """{kernel: the opcodes (with modifiers) of its hot loop's iteration} at one GPU config. The
+    test suite calls this in a process of its own: Triton's interpreter, once it has run a kernel
+    with helper functions, leaves triton.language patched, and compiling fails after that."""
+    module = compilable_logprob()
+    config = module.GPU_CONFIGS[config_index]
+    return {name: [c.op + c.mods for c in hot_loop_path(*parse(compile_sass(getattr(module, name),
+                                                                            config)[0]))]
+            for name in KERNELS}
+
+
+def test_instruction_counts():
+    print(f"\nsm_90 SASS, bf16 logits; ceiling: {SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x "
+          f"{CLOCK_HZ / 1e9:.2f} GHz over the count, against {COPY_GBS} GB/s of copy bandwidth")
+    print(f"{'kernel':<22} {'BLOCK_V':>7} {'warps':>5} {'regs':>4} {'instr/iter':>10} "
+          f"{'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  {'loads, stores':<24} {'ceiling':>14}")
+    module = compilable_logprob()
+    for name in KERNELS:
+        for config in module.GPU_CONFIGS:
+            s = summary(module, name, config)
+            widths = " ".join(f"{k}x{v}" for k, v in sorted(s["widths"].items()))
+            print(f"{name:<22} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} {s['regs']:>4} "
+                  f"{s['instrs']:>10} {s['per_entry']:>11.1f} {s['mufu']:>10.2f} {s['bar']:>3}  "
+                  f"{widths:<24} {s['ceiling']:>6.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
+            # every access of a block inside the row is 16 bytes wide: the alignment of the blocks
+            assert set(s["widths"]) <= {"LDG128", "STG128"}, (name, s["widths"])
