@@ -750,8 +750,9 @@ class TrainState:
         torch.set_rng_state(tensors[f"rng.{r}.torch"])
         for name, g in self.generators.items():
             g.set_state(tensors[f"rng.{r}.generator.{name}"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[f"rng.{r}.cuda.{i}"] for i in range(torch.cuda.device_count())])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"rng.{r}.cuda.{i}" in tensors:  # a device the interrupted run did not have starts afresh
+                torch.cuda.set_rng_state(tensors[f"rng.{r}.cuda.{i}"], i)
         set_python_rng_state(random, info["python_random"])
         for name, rng in self.rngs.items():
             set_python_rng_state(rng, info["rngs"][name])

@@ -107,6 +107,33 @@ def test_pretrain_interrupted_and_resumed_matches_the_whole_run(tmp_path, monkey
         pretrain.main(pretrain.Config(out_dir=str(tmp_path / "file"), resume=True, **data_args))
 
 
+def test_resume_on_a_machine_with_other_cuda_devices(tmp_path, monkeypatch):
+    """A state written where torch saw no CUDA device, or one, resumes where it sees two: each device's
+    generator comes back if the interrupted run kept it, and the others start afresh (the run went
+    through a KeyError on the first device it had not seen)."""
+    args = dict(max_steps=8, n_docs=300, batch_size=8, warmup_steps=3, log_every=2, eval_every=6, eval_batches=1,
+                device="cpu", save_every=4, n_layer=1, n_head=2, n_embd=32, block_size=32)
+    pretrain.main(pretrain.Config(out_dir=str(tmp_path / "whole"), **args))
+    for devices_then in (0, 1):
+        out, cuda_states = tmp_path / f"then{devices_then}", {}
+        if devices_then:  # one device whose generator state is a recognisable tensor
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((16,), 7, dtype=torch.uint8)])
+        interrupt_at(monkeypatch, pretrain, "get_batch", 6)  # dies in step 6, after the save of step 4
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(pretrain.Config(out_dir=str(out), **args))
+        monkeypatch.undo()
+        assert json.loads((out / "resume.json").read_text())["step"] == 4
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * 2)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: cuda_states.update({device: state}))
+        pretrain.main(pretrain.Config(out_dir=str(out), resume=True, **args))
+        monkeypatch.undo()
+        assert_same_run(tmp_path / "whole", out, ("step", "loss", "lr", "val_loss"))
+        assert list(cuda_states) == [0] * devices_then and all((s == 7).all() for s in cuda_states.values())
+
+
 def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
     args = dict(init=tiny_chain["sft"], n_prompts=20, pairs_per_prompt=2, sft_samples=1, batch_size=8, micro_batch_size=4,
                 length_groups=2, log_every=2, eval_every=4, n_samples=1, device="cpu", save_every=3)
