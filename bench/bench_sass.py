@@ -6,31 +6,33 @@ What the log-prob kernels cost a Hopper GPU (H100, H200) in instructions, counte
 Triton compiles a kernel for any target ahead of time, and its wheel carries NVIDIA's ptxas and
 nvdisasm. So on any machine this compiles each kernel of kernels/logprob.py for sm_90 with bf16
 logits, at every block size and warp count the GPU autotuner tries, and reads the machine code
-(SASS). It counts the loop over the blocks that lie wholly inside a row, which does nearly all the
-work at a vocabulary of 50257: the instructions one thread issues per iteration, per vocabulary
-entry, how many of those are exponentials (MUFU) and barriers between the warps, and the width of
-its loads and stores. Where that loop has branches (the kernels before their two passes over the
-blocks, commit c4499d7 and earlier), it follows the path that skips every if-block, the path of a
-block inside the row.
+(SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then the (at most
+two) blocks across its ends. For one iteration of each, it counts the instructions one thread
+issues, and from those the instructions per vocabulary entry of a whole row of V = 50257 entries
+(head 0: one row's inside blocks at the inner count, its two end blocks at the end loop's). Where
+a loop has branches, it follows the path that skips every if-block without a 16-byte access: an
+end block read without a mask (the first one), and for kernels of one loop (commit c4499d7 and
+earlier) a block inside the row. A masked last block issues more, so a row's count is a lower
+bound. It also counts exponentials (MUFU) and barriers between warps, and the width of the
+accesses.
 
 Why instructions: these kernels read 2 bytes an entry (KL's forward 4, from two tensors), so at
 the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs must
 take in about 8 entries a clock at 1.98 GHz, and an SM issues at most 128 thread-instructions a
 clock (4 schedulers, one warp instruction each). A kernel that issues I instructions an entry
 cannot go faster than 128 / I entries a clock per SM, whatever the memory: the last column is
-that ceiling in GB/s as a share of the copy bandwidth. It is an upper bound from a count, not a
-measurement: memory latency, the barriers, and the masked blocks at the rows' ends cost more.
-The compiler is this machine's Triton; the GPU's may schedule differently (BENCHMARKS.md says
-which one a table used).
+that ceiling in GB/s, as a share of the copy bandwidth. It is a bound from a count, not a
+measurement: memory latency, the barriers and the masked blocks cost more. The compiler is this
+machine's Triton; the GPU's may schedule differently (BENCHMARKS.md says which one a table used).
 """
 
 import collections
+import importlib.util
 import os
 import re
 import subprocess
 import tempfile
 
-import importlib.util
 import pytest
 import triton
 
@@ -38,6 +40,7 @@ import kernels.logprob
 
 SMS, CLOCK_HZ, COPY_GBS = 132, 1.98e9, 4200  # an H200 (SXM): SMs, boost clock, measured copy GB/s
 ISSUE_PER_CLOCK = 128  # thread-instructions an SM issues a clock: 4 schedulers x 32 lanes
+V = 50257  # GPT-2's vocabulary: rows that start anywhere, and a partial last block
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # kernel -> bytes moved per vocabulary entry of a row, in bf16 (reads + writes)
@@ -86,8 +89,8 @@ def signature(fn):
     return sig
 
 
-def compile_sass(kernel, config):
-    """(SASS text, registers per thread) of an autotuned kernel at one of its configs, for sm_90."""
+def compile_sm90(kernel, config):
+    """(PTX, SASS, registers per thread) of an autotuned kernel at one of its configs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = kernel.fn  # the JITFunction under the autotuner
@@ -97,7 +100,8 @@ def compile_sass(kernel, config):
     # torch allocations are 16-byte aligned, and the launcher tells Triton so at run time
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),  # FMA fusion on, as at run time
+    # FMA fusion on: Triton 3.6-3.9's default, with which the kernels launch (3.10 turns it off)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": config.num_warps, "enable_fp_fusion": True})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -105,7 +109,7 @@ def compile_sass(kernel, config):
             f.write(compiled.asm["cubin"])
         sass = run_tool("nvdisasm", "-c", cubin)
         regs = int(re.search(r"REG:(\d+)", run_tool("cuobjdump", "-res-usage", cubin)).group(1))
-    return sass, regs
+    return compiled.asm["ptx"], sass, regs
 
 
 def run_tool(tool, *args):
@@ -133,21 +137,22 @@ def parse(sass):
 
 
 def wide(instruction):
-    """A 16-byte global load or store: what every access of a block inside a row should be."""
+    """A 16-byte global load or store: what every access of an unmasked block should be."""
     return instruction.op in ("LDG", "STG") and instruction.mods.endswith(".128")
 
 
-def hot_loop_path(code, labels):
-    """The instructions of one iteration of the first loop that loads from global memory, along the
-    path of a block inside the row: a conditional forward branch is taken unless the code it jumps
-    over has a 16-byte access (so an if-block of masked accesses, or the first block's fix-up, is
-    skipped, and the unmasked side of an if-else kept); an unconditional one is always taken."""
+def loop_paths(code, labels):
+    """One iteration of each loop that loads from global memory, in code order (for the kernels of
+    kernels/logprob.py: the blocks inside the row, then the ends), along the path of an unmasked
+    block: a conditional forward branch is taken unless the code it jumps over has a 16-byte
+    access (an if-block of masked accesses, or the first block's fix-up, is skipped; the unmasked
+    side of an if-else kept); an unconditional one is always taken."""
     def target(i):
         m = re.search(r"(\.L_x_\d+)", code[i].operands) if code[i].op == "BRA" else None
         return labels.get(m.group(1)) if m else None
-    loops = sorted((target(i), i) for i in range(len(code))
-                   if target(i) is not None and target(i) <= i)
-    for start, end in loops:
+    paths = []
+    for start, end in sorted((target(i), i) for i in range(len(code))
+                             if target(i) is not None and target(i) <= i):
         if any(c.op == "LDG" for c in code[start:end + 1]):
             path, i = [], start
             while i < end:
@@ -156,48 +161,63 @@ def hot_loop_path(code, labels):
                 jump = t is not None and start < t <= end and (
                     not code[i].predicated or not any(map(wide, code[i + 1:t])))
                 i = t if jump else i + 1
-            return path + [code[end]]
-    raise ValueError("no loop with a global load")
+            paths.append(path + [code[end]])
+    assert paths, "no loop with a global load"
+    return paths
 
 
 def summary(module, name, config):
-    """What one iteration over a block inside the row costs kernel `name` of module at config."""
-    sass, regs = compile_sass(getattr(module, name), config)
-    path = hot_loop_path(*parse(sass))
-    ops = collections.Counter(c.op for c in path)
+    """What kernel `name` of module costs at config, per iteration and per entry of a row of V."""
+    ptx, sass, regs = compile_sm90(getattr(module, name), config)
+    paths = loop_paths(*parse(sass))
+    inner, ends = paths[0], paths[-1]  # a kernel of one loop pays its inner count at the ends too
+    block, threads = config.kwargs["BLOCK_V"], 32 * config.num_warps
+    last = max(V // block, 1) * block  # as kernels/logprob.py's _blocks, for a row with head 0
+    n_inner, n_ends = last // block - 1, 1 + (last < V)
+    per_entry = (n_inner * len(inner) + n_ends * len(ends)) / (V / threads)
     # LDG.E.128 -> LDG128, STG.E.U16 -> STGU16, LDG.E -> LDG (4 bytes)
     widths = collections.Counter(c.op + (c.mods.split(".")[-1] if c.mods.count(".") > 1 else "")
-                                 for c in path if c.op in ("LDG", "STG"))
-    entries = config.kwargs["BLOCK_V"] // (32 * config.num_warps)  # per thread per iteration
-    per_entry = len(path) / entries
-    ceiling = ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] / 1e9
-    return dict(regs=regs, instrs=len(path), per_entry=per_entry, mufu=ops["MUFU"] / entries,
-                bar=ops["BAR"], widths=widths, ceiling=ceiling)
+                                 for c in inner if c.op in ("LDG", "STG"))
+    return dict(regs=regs, inner=len(inner), ends=len(ends), inside=n_inner * block / V,
+                per_entry=per_entry, mufu=sum(c.op == "MUFU" for c in inner) / (block / threads),
+                bar=sum(c.op == "BAR" for c in inner), widths=widths,
+                ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] / 1e9,
+                exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
 
 
-def hot_loops(config_index=0):
-    """{kernel: the opcodes (with modifiers) of its hot loop's iteration} at one GPU config. The
-    test suite calls this in a process of its own: Triton's interpreter, once it has run a kernel
-    with helper functions, leaves triton.language patched, and compiling fails after that."""
+def checks(config_indices=(0, -1)):
+    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms)}} at some GPU
+    configs, for tests/test_logprob.py. It calls this in a process of its own: Triton's
+    interpreter, once it has run a kernel with helper functions, leaves triton.language patched,
+    and compiling fails after that."""
     module = compilable_logprob()
-    config = module.GPU_CONFIGS[config_index]
-    return {name: [c.op + c.mods for c in hot_loop_path(*parse(compile_sass(getattr(module, name),
-                                                                            config)[0]))]
-            for name in KERNELS}
+    out = collections.defaultdict(dict)
+    for name in KERNELS:
+        for i in config_indices:
+            config = module.GPU_CONFIGS[i]
+            ptx, sass, _ = compile_sm90(getattr(module, name), config)
+            out[name][str(config)] = ([c.op + c.mods for c in loop_paths(*parse(sass))[0]],
+                                      sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
+    return out
 
 
 def test_instruction_counts():
-    print(f"\nsm_90 SASS, bf16 logits; ceiling: {SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x "
-          f"{CLOCK_HZ / 1e9:.2f} GHz over the count, against {COPY_GBS} GB/s of copy bandwidth")
-    print(f"{'kernel':<22} {'BLOCK_V':>7} {'warps':>5} {'regs':>4} {'instr/iter':>10} "
-          f"{'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  {'loads, stores':<24} {'ceiling':>14}")
+    print(f"\nsm_90 SASS (Triton {triton.__version__}), bf16 logits, rows of V = {V}; ceiling: "
+          f"{SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x {CLOCK_HZ / 1e9:.2f} GHz over the "
+          f"count an entry, against {COPY_GBS} GB/s of copy bandwidth")
+    print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'regs':>4} {'inner':>5} {'ends':>5} "
+          f"{'inside':>6} {'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  "
+          f"{'loads, stores inside':<21} {'ceiling':>13}")
     module = compilable_logprob()
     for name in KERNELS:
         for config in module.GPU_CONFIGS:
             s = summary(module, name, config)
             widths = " ".join(f"{k}x{v}" for k, v in sorted(s["widths"].items()))
-            print(f"{name:<22} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} {s['regs']:>4} "
-                  f"{s['instrs']:>10} {s['per_entry']:>11.1f} {s['mufu']:>10.2f} {s['bar']:>3}  "
-                  f"{widths:<24} {s['ceiling']:>6.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
+            print(f"{name:<20} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} {s['regs']:>4} "
+                  f"{s['inner']:>5} {s['ends']:>5} {s['inside']:>6.0%} {s['per_entry']:>11.1f} "
+                  f"{s['mufu']:>10.2f} {s['bar']:>3}  {widths:<21} "
+                  f"{s['ceiling']:>5.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
             # every access of a block inside the row is 16 bytes wide: the alignment of the blocks
             assert set(s["widths"]) <= {"LDG128", "STG128"}, (name, s["widths"])
+    print("inner, ends: instructions of one iteration over a block inside the row, and over an "
+          "end block read without a mask;\ninside: the share of the row in blocks inside it")

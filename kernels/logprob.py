@@ -103,27 +103,30 @@ def entropy_ref(logits):
 # first entry rounded down to a multiple of ALIGN entries (16 bytes of bf16, 32 of float32), and
 # walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN.
 #
-# Two passes over the blocks. These kernels are so light on memory that the instructions a GPU
-# issues per entry bound them as much as the bytes do (KL's forward issued about 37 per entry pair
-# on an H200, near one SM's issue rate at 85% of the copy bandwidth: bench/sass.py counts them).
-# So every kernel walks its row twice over disjoint blocks: first the blocks that lie wholly inside
-# the row, read and written with no mask and no branch, then the (at most two) blocks that cross
-# the row's ends, the first and the last. Those are read whole where they end inside the tensor
-# (the up to ALIGN - 1 entries before the row belong to the same tensor: the end of the previous
-# row, or the gap of a strided view) with `other` put in place of the entries outside the row, and
-# written with a mask. The loop body is written once, in a tl.static_range over the two passes.
-# The order of the blocks does not matter to the online log-sum-exp.
+# Two passes over the blocks. These kernels do so little per byte that the instructions they
+# issue may bound them as much as the bytes do: compiled for an H100/H200, KL's forward issued about
+# 37 per entry, near all an SM can issue at 85% of the copy bandwidth (bench/bench_sass.py counts
+# them, and BENCHMARKS.md compares with what was measured). So every kernel walks its row twice,
+# over disjoint blocks: first the blocks that lie wholly inside the row, read and written with no
+# mask and no branch, then the (at most two) blocks across the row's ends, the first and the last.
+# An end block that ends inside the row is read whole (the up to ALIGN - 1 entries before the row
+# belong to the same tensor: the end of the previous row, or the gap of a strided view), and the
+# entries outside the row are replaced by `other`; the last is read with a mask. Both are written
+# with one, unless the row starts on the first block's first entry. The loop body is written once, in a tl.static_range over the two passes. The order of
+# the blocks does not matter to the online log-sum-exp.
 #
-# Exponentials are taken as exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz),
-# where tl.exp compiles to the non-flushing ex2.approx.f32 and three more instructions that keep
-# results below 2^-126; here those results count as 0, as they would in the sum anyway.
+# Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
+# tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more
+# instructions. So an entry more than 87 nats below its row's maximum has p = 0 here (103 nats
+# without the flush, as in PyTorch's float32): nothing a sum can see, but a KL(p || q) whose q is
+# -inf only at such entries stays finite.
 
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of bf16, 32 of float32
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
-GPU_CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps)
-               for block, warps in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+GPU_CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in
+               [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     CONFIGS = GPU_CONFIGS
 else:
@@ -144,7 +147,9 @@ def _blocks(end, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
     """range(lo, hi, step) over the block starts of one pass: the blocks wholly inside the row,
     BLOCK_V <= start <= end - BLOCK_V (the first block starts before the row unless head = 0, and
     is left to the edges); or the edges: 0 and, if the row does not end on a block boundary, the
-    last block, max(1, end // BLOCK_V) * BLOCK_V (twice that is at least end: the step stops)."""
+    last block, max(1, end // BLOCK_V) * BLOCK_V (twice that is at least end: the step stops).
+    Every block inside the row starts at BLOCK_V or later, past the first ALIGN - 1 entries."""
+    tl.static_assert(BLOCK_V >= ALIGN)
     if EDGES:
         return 0, end, tl.maximum(end // BLOCK_V, 1) * BLOCK_V
     else:
@@ -180,7 +185,10 @@ def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr, EDGES: tl.
     if not EDGES:
         tl.store(ptr + offs, value)  # 16 bytes at a time
     else:
-        tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))
+        if (start >= head) & (start + BLOCK_V <= end):
+            tl.store(ptr + offs, value)  # the first block, when the row starts on it (head = 0)
+        else:
+            tl.store(ptr + offs, value, mask=(offs >= head) & (offs < end))
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -287,7 +295,8 @@ def _entropy_fwd_kernel(
             alpha = _exp(m - m_new)
             e = _exp(x - m_new)
             # moving t from m to m_new adds (m - m_new) to every (x - m); 0 * -inf is skipped
-            t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(e > 0, e * (x - m_new), 0), axis=0)
+            terms = tl.where(e > 0, e * (x - m_new), 0.0)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(terms, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
     log_s = tl.log(s)

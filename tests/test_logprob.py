@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench import bench_sass
 from kernels import logprob
 from kernels.logprob import IGNORE_INDEX
 
@@ -158,16 +157,21 @@ def test_misaligned_views():
     check(logprob.kl_div, kl64, torch.randn(N, V) * 3, view)
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 2.5])
-@pytest.mark.parametrize("offset", [0, 5])
-def test_rows_of_whole_blocks(blocks, offset):
-    """Rows of 1, 2 and 2.5 blocks (the interpreter's BLOCK_V), starting on an aligned entry or 5
-    past one: the kernels walk the blocks wholly inside a row and the ones across its ends in two
-    passes, and each block must be read once, in one of them."""
+@pytest.mark.parametrize("blocks", [1 - 1 / 4096, 1, 1 + 1 / 4096, 2, 2.5])
+def test_rows_of_whole_blocks(blocks):
+    """Rows one entry short of a block (the interpreter's BLOCK_V), of one, of one and an entry, of
+    two and of two and a half, that start at every offset from an aligned entry (row stride = 1 mod
+    8: row r starts r entries past one), with a large value in the gaps between them. The kernels
+    walk a row's inside blocks and its end blocks in two passes: each block must be read once, and
+    the first block's entries before the row (the previous row's gap) must count for nothing."""
     torch.manual_seed(0)
-    V = int(blocks * logprob.CONFIGS[0].kwargs["BLOCK_V"])
-    p, q = (torch.randn(3, V + 8) * 3)[:, offset:offset + V], (torch.randn(3, V + 8) * 3)[:, offset:offset + V]
-    targets = torch.tensor([0, V - 1, V // 2])
+    V = round(blocks * logprob.CONFIGS[0].kwargs["BLOCK_V"])
+    stride = V + 8 + (1 - V) % 8
+    storage = torch.full((2, 8, stride), 60.0)
+    storage[:, :, :V] = torch.randn(2, 8, V) * 3
+    p, q = storage[0, :, :V], storage[1, :, :V]
+    assert sorted(p.stride(0) * r % 8 for r in range(8)) == list(range(8))
+    targets = torch.tensor([0, V - 1, V // 2, 1, V - 2, 7, V - 8, V // 3])
     check(logprob.token_logprobs, logprobs64, p, targets, 0.8)
     check(logprob.entropy, entropy64, p)
     check(logprob.kl_div, kl64, p, q)
@@ -357,23 +361,30 @@ def test_dispatch_passes_the_temperature(monkeypatch, mode):
                                logprobs64(hidden.double() @ weight.double().t(), targets, 0.7), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not bench_sass.HAVE_TOOLS, reason="needs the NVIDIA tools of Triton's wheel")
 def test_sm90_code_of_a_block_inside_a_row():
     """Compiled ahead of time for an H100/H200 (no GPU needed: bench/bench_sass.py prints the whole
-    table), every kernel's loop over the blocks inside a row has no branch but its own and reads
-    and writes 16 bytes at a time, at V = 50257, whose rows start anywhere. A mask there turns each
-    access into 2-byte ones (64-75% of the copy bandwidth on an H200, where 16-byte ones gave
-    81-98%), and an `if` per block cost the KL forward a third more instructions an entry."""
+    table), at the smallest and the largest block the autotuner tries, every kernel's loop over the
+    blocks inside a row has no branch but its own and reads and writes 16 bytes at a time, at
+    V = 50257, whose rows start anywhere; and its exponentials are the flushing ex2.approx.ftz (one
+    instruction each). A mask in that loop turns each access into 2-byte ones (64-75% of the copy
+    bandwidth on an H200, where 16-byte ones gave 81-98%). The non-flushing ex2 cost the KL forward
+    102 of its 590 instructions a pass, the masks computed on every pass about 54."""
+    from bench import bench_sass
+    if not bench_sass.HAVE_TOOLS:
+        pytest.skip(f"needs the NVIDIA tools of Triton's wheel in {bench_sass.BIN}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from bench import bench_sass; print(json.dumps(bench_sass.hot_loops()))"
+    code = "import json; from bench import bench_sass; print(json.dumps(bench_sass.checks()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    loops = json.loads(out.splitlines()[-1])
-    assert set(loops) == set(bench_sass.KERNELS)
-    for name, loop in loops.items():
-        assert [op for op in loop if op.startswith("BRA")] == ["BRA"], name  # the jump back
-        accesses = [op for op in loop if op.startswith(("LDG", "STG"))]
-        assert accesses and all(op.endswith(".128") for op in accesses), (name, accesses)
+    kernels_seen = json.loads(out.splitlines()[-1])
+    assert set(kernels_seen) == set(bench_sass.KERNELS)
+    for name, configs in kernels_seen.items():
+        assert len(configs) == 2, name
+        for config, (loop, exp2) in configs.items():
+            assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
+            accesses = [op for op in loop if op.startswith(("LDG", "STG"))]
+            assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
+            assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
