@@ -711,6 +711,8 @@ class TrainState:
                 tensors[f"rng.{r}.{name}"] = s
         info["python_random"] = python_rng_state(random)
         info["rngs"] = {name: python_rng_state(rng) for name, rng in self.rngs.items()}
+        info["device"] = next((p.device.type for opt in self.optimizers.values() for group in opt.param_groups
+                               for p in group["params"]), None)  # what --device auto chose
         return tensors, info
 
     def restore(self, model, logger):
@@ -731,6 +733,13 @@ class TrainState:
             if key not in MAY_CHANGE_ON_RESUME and now.get(key) != value and not same_path(now.get(key), value):
                 raise UserError(f"--resume: --{key} is {now.get(key)!r}, but the interrupted run ({where}) used {value!r} "
                                 f"(of this stage's flags only --{', --'.join(free)} may change)")
+        # --device auto may choose otherwise on another machine: its generators' states (a CUDA generator's is not
+        # a CPU one's) and its precision (bf16 autocast on CUDA) belong to the device the run began on
+        then, here = info.get("device"), next(model.parameters()).device.type
+        if then is not None and then != here:
+            how = "hide the GPUs (CUDA_VISIBLE_DEVICES=) to go on on the CPU" if then == "cpu" else f"go on where there is {then}"
+            raise UserError(f"--resume: {where} was written by a run on {then}, and this one runs on {here} "
+                            f"(--device {self.cfg.device}): {how}")
         # the arguments are the same; is the data? (The state of an older version holds fewer keys: those are compared.)
         if any((self.data or {}).get(key) != value for key, value in (info.get("data") or {}).items()):
             raise UserError(f"--resume: the training data is {self.data}, but the interrupted run ({where}) had "

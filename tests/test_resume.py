@@ -108,30 +108,43 @@ def test_pretrain_interrupted_and_resumed_matches_the_whole_run(tmp_path, monkey
 
 
 def test_resume_on_a_machine_with_other_cuda_devices(tmp_path, monkeypatch):
-    """A state written where torch saw no CUDA device, or one, resumes where it sees two: each device's
-    generator comes back if the interrupted run kept it, and the others start afresh (the run went
-    through a KeyError on the first device it had not seen)."""
+    """A state written where torch saw no CUDA device, one or two resumes where it sees one or two: each device's
+    generator comes back if the interrupted run kept it, and the others keep their seeding (the run went through
+    a KeyError on the first device it had not seen)."""
     args = dict(max_steps=8, n_docs=300, batch_size=8, warmup_steps=3, log_every=2, eval_every=6, eval_batches=1,
                 device="cpu", save_every=4, n_layer=1, n_head=2, n_embd=32, block_size=32)
     pretrain.main(pretrain.Config(out_dir=str(tmp_path / "whole"), **args))
-    for devices_then in (0, 1):
-        out, cuda_states = tmp_path / f"then{devices_then}", {}
-        if devices_then:  # one device whose generator state is a recognisable tensor
+    for then, now in [(0, 2), (1, 2), (2, 2), (2, 1)]:
+        out, cuda_states = tmp_path / f"then{then}now{now}", {}
+        if then:  # device i's generator state: a tensor of 7 + i
             monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-            monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((16,), 7, dtype=torch.uint8)])
+            monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                                lambda n=then: [torch.full((16,), 7 + i, dtype=torch.uint8) for i in range(n)])
         interrupt_at(monkeypatch, pretrain, "get_batch", 6)  # dies in step 6, after the save of step 4
         with pytest.raises(KeyboardInterrupt):
             pretrain.main(pretrain.Config(out_dir=str(out), **args))
         monkeypatch.undo()
         assert json.loads((out / "resume.json").read_text())["step"] == 4
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * 2)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=now: n)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda n=now: [torch.zeros(16, dtype=torch.uint8)] * n)
         monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: cuda_states.update({device: state}))
         pretrain.main(pretrain.Config(out_dir=str(out), resume=True, **args))
         monkeypatch.undo()
         assert_same_run(tmp_path / "whole", out, ("step", "loss", "lr", "val_loss"))
-        assert list(cuda_states) == [0] * devices_then and all((s == 7).all() for s in cuda_states.values())
+        assert sorted(cuda_states) == list(range(min(then, now)))
+        assert all((state == 7 + i).all() for i, state in cuda_states.items())
+    # --device auto resolved to another device type than the run's: refused (a CUDA generator cannot take a CPU
+    # generator's state, and the precision would change), not a RuntimeError from inside torch
+    interrupt_at(monkeypatch, pretrain, "get_batch", 6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / "on_cuda"), **args))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "on_cuda" / "resume.json").read_text())
+    assert state["device"] == "cpu"
+    (tmp_path / "on_cuda" / "resume.json").write_text(json.dumps({**state, "device": "cuda"}))
+    with pytest.raises(common.UserError, match="was written by a run on cuda, and this one runs on cpu"):
+        pretrain.main(pretrain.Config(out_dir=str(tmp_path / "on_cuda"), resume=True, **args))
 
 
 def test_dpo_interrupted_and_resumed_matches_the_whole_run(tiny_chain, tmp_path, monkeypatch):
