@@ -104,16 +104,17 @@ def entropy_ref(logits):
 # walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN.
 #
 # Two passes over the blocks. These kernels do so little per byte that the instructions they
-# issue may bound them as much as the bytes do: compiled for an H100/H200, KL's forward issued about
-# 37 per entry, near all an SM can issue at 85% of the copy bandwidth (bench/bench_sass.py counts
-# them, and BENCHMARKS.md compares with what was measured). So every kernel walks its row twice,
-# over disjoint blocks: first the blocks that lie wholly inside the row, read and written with no
-# mask and no branch, then the (at most two) blocks across the row's ends, the first and the last.
-# An end block that ends inside the row is read whole (the up to ALIGN - 1 entries before the row
-# belong to the same tensor: the end of the previous row, or the gap of a strided view), and the
-# entries outside the row are replaced by `other`; the last is read with a mask. Both are written
-# with one, unless the row starts on the first block's first entry. The loop body is written once, in a tl.static_range over the two passes. The order of
-# the blocks does not matter to the online log-sum-exp.
+# issue may bound them as much as the bytes do: compiled for an H100/H200, KL's forward issued
+# about 38 an entry, near all an SM can issue at 85% of the copy bandwidth (bench/bench_sass.py
+# counts them, and BENCHMARKS.md compares with what was measured). So every kernel walks its row
+# twice, over disjoint blocks: first the blocks that lie wholly inside the row, read and written
+# with no mask and no branch, then the (at most two) blocks across the row's ends, the first and
+# the last. An end block that ends inside the row is read whole (the up to ALIGN - 1 entries
+# before the row belong to the same tensor: the end of the previous row, or the gap of a strided
+# view), and the entries outside the row are replaced by `other`; the last is read with a mask.
+# Both are written with one, unless the row starts on the first block's first entry. The loop
+# body is written once, in a tl.static_range over the two passes. The order of the blocks does
+# not matter to the online log-sum-exp.
 #
 # Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
 # tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more

@@ -177,6 +177,48 @@ def test_rows_of_whole_blocks(blocks):
     check(logprob.kl_div, kl64, p, q)
 
 
+@pytest.mark.parametrize("blocks", [1 - 1 / 4096, 1, 2 + 3 / 4096])
+def test_backward_kernels_write_only_their_rows(blocks):
+    """The backward kernels write their gradient into a tensor whose rows have gaps between them (row stride
+    = 1 mod 8, so rows start at every offset from an aligned entry), filled beforehand: the gaps stay as
+    they were. A block written whole one entry past its row's end would be a race between two rows on a
+    GPU, and past the tensor's end on the last row; under the interpreter the next row would hide it."""
+    torch.manual_seed(0)
+    B = logprob.CONFIGS[0].kwargs["BLOCK_V"]
+    V, N = round(blocks * B), 8
+    stride = V + 8 + (1 - V) % 8
+
+    def rows(fill):
+        storage = torch.full((N, stride), fill)
+        return storage, storage[:, :V]
+    _, p = rows(60.0)
+    _, q = rows(60.0)
+    p.copy_(torch.randn(N, V) * 3)
+    q.copy_(torch.randn(N, V) * 3)
+    targets, g = torch.randint(0, V, (N,)), torch.randn(N)
+    fwd = logprob._row_floats(p, 5)
+    grads = {}
+    for name in ("token_logprobs", "entropy", "kl_div"):
+        storage, grad = rows(123.0)
+        if name == "token_logprobs":
+            logprob._logprob_fwd(p, targets, 1.0, *fwd[:3])
+            logprob._logprob_bwd(p, targets, *fwd[1:3], g, 1.0, grad)
+        elif name == "entropy":
+            logprob._entropy_fwd_kernel[(N,)](p, stride, *fwd[:3], V)
+            logprob._entropy_bwd_kernel[(N,)](p, grad, stride, *fwd[:3], g, V)
+        else:
+            logprob._kl_fwd_kernel[(N,)](p, q, stride, *fwd, V)
+            logprob._kl_bwd_kernel[(N,)](p, q, grad, stride, *fwd, g, V)
+        assert (storage[:, V:] == 123.0).all(), name
+        grads[name] = grad
+    x = p.detach().double().requires_grad_()
+    for name, ref in [("token_logprobs", lambda x: logprobs64(x, targets)), ("entropy", entropy64),
+                      ("kl_div", lambda x: kl64(x, q.double()))]:
+        x.grad = None
+        (ref(x) * g.double()).sum().backward()
+        torch.testing.assert_close(grads[name].double(), x.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_maximum_in_a_later_block():
     """The running maximum grows block after block; a first block of -inf (masked vocabulary)."""
     torch.manual_seed(0)
