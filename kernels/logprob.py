@@ -101,7 +101,8 @@ def entropy_ref(logits):
 # with V odd defeats that proof: every access was 2 bytes wide (64-75% of the copy bandwidth on an
 # H200 at V = 50257, against 81-98% at V = 128256). So each program moves its pointers to its row's
 # first entry rounded down to a multiple of ALIGN entries (16 bytes of bf16, 32 of float32), and
-# walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN.
+# walks blocks from there: the row is entries [head, head + V) of the blocks, head < ALIGN. All the
+# [N, V] tensors of one call share their row stride, so one row offset serves them all.
 #
 # Two passes over the blocks. These kernels do so little per byte that the instructions they
 # issue may bound them as much as the bytes do: compiled for an H100/H200, KL's forward issued
