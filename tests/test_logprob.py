@@ -157,6 +157,15 @@ def test_misaligned_views():
     check(logprob.kl_div, kl64, torch.randn(N, V) * 3, view)
 
 
+def gapped_rows(V, gap, N=8):
+    """(storage, rows): N rows of V random logits in a storage of row stride = 1 mod 8, so that row r
+    starts r entries (mod 8) past an aligned one, with `gap` in the 8 to 15 entries between rows."""
+    stride = V + 8 + (1 - V) % 8
+    storage = torch.full((N, stride), gap)
+    storage[:, :V] = torch.randn(N, V) * 3
+    return storage, storage[:, :V]
+
+
 @pytest.mark.parametrize("blocks", [1 - 1 / 4096, 1, 1 + 1 / 4096, 2, 2.5])
 def test_rows_of_whole_blocks(blocks):
     """Rows one entry short of a block (the interpreter's BLOCK_V), of one, of one and an entry, of
@@ -166,10 +175,7 @@ def test_rows_of_whole_blocks(blocks):
     the first block's entries before the row (the previous row's gap) must count for nothing."""
     torch.manual_seed(0)
     V = round(blocks * logprob.CONFIGS[0].kwargs["BLOCK_V"])
-    stride = V + 8 + (1 - V) % 8
-    storage = torch.full((2, 8, stride), 60.0)
-    storage[:, :, :V] = torch.randn(2, 8, V) * 3
-    p, q = storage[0, :, :V], storage[1, :, :V]
+    (_, p), (_, q) = gapped_rows(V, 60.0), gapped_rows(V, 60.0)
     assert sorted(p.stride(0) * r % 8 for r in range(8)) == list(range(8))
     targets = torch.tensor([0, V - 1, V // 2, 1, V - 2, 7, V - 8, V // 3])
     check(logprob.token_logprobs, logprobs64, p, targets, 0.8)
@@ -184,22 +190,14 @@ def test_backward_kernels_write_only_their_rows(blocks):
     they were. A block written whole one entry past its row's end would be a race between two rows on a
     GPU, and past the tensor's end on the last row; under the interpreter the next row would hide it."""
     torch.manual_seed(0)
-    B = logprob.CONFIGS[0].kwargs["BLOCK_V"]
-    V, N = round(blocks * B), 8
-    stride = V + 8 + (1 - V) % 8
-
-    def rows(fill):
-        storage = torch.full((N, stride), fill)
-        return storage, storage[:, :V]
-    _, p = rows(60.0)
-    _, q = rows(60.0)
-    p.copy_(torch.randn(N, V) * 3)
-    q.copy_(torch.randn(N, V) * 3)
+    V, N = round(blocks * logprob.CONFIGS[0].kwargs["BLOCK_V"]), 8
+    (_, p), (_, q) = gapped_rows(V, 60.0), gapped_rows(V, 60.0)
+    stride = p.stride(0)
     targets, g = torch.randint(0, V, (N,)), torch.randn(N)
     fwd = logprob._row_floats(p, 5)
     grads = {}
     for name in ("token_logprobs", "entropy", "kl_div"):
-        storage, grad = rows(123.0)
+        storage, grad = gapped_rows(V, 123.0)
         if name == "token_logprobs":
             logprob._logprob_fwd(p, targets, 1.0, *fwd[:3])
             logprob._logprob_bwd(p, targets, *fwd[1:3], g, 1.0, grad)
