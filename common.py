@@ -704,7 +704,7 @@ class TrainState:
         for name, model in self.models.items():
             tensors.update({f"model.{name}.{k}": v for k, v in model.state_dict().items()})
         per_process = {"torch": torch.get_rng_state(), **{f"generator.{n}": g.get_state() for n, g in self.generators.items()}}
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # a run on CUDA (a --device cpu run on a GPU machine makes no CUDA context)
             per_process.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         for name, state in per_process.items():
             for r, s in enumerate(all_gather(state)):

@@ -110,14 +110,20 @@ def test_pretrain_interrupted_and_resumed_matches_the_whole_run(tmp_path, monkey
 def test_resume_on_a_machine_with_other_cuda_devices(tmp_path, monkeypatch):
     """A state written where torch saw no CUDA device, one or two resumes where it sees one or two: each device's
     generator comes back if the interrupted run kept it, and the others keep their seeding (the run went through
-    a KeyError on the first device it had not seen)."""
+    a KeyError on the first device it had not seen). A run on the CPU of a GPU machine keeps no CUDA state: reading
+    it made a CUDA context on GPU 0 (memory, and a process other users of the GPU see)."""
     args = dict(max_steps=8, n_docs=300, batch_size=8, warmup_steps=3, log_every=2, eval_every=6, eval_batches=1,
                 device="cpu", save_every=4, n_layer=1, n_head=2, n_embd=32, block_size=32)
     pretrain.main(pretrain.Config(out_dir=str(tmp_path / "whole"), **args))
-    for then, now in [(0, 2), (1, 2), (2, 2), (2, 1)]:
+    def no_context():
+        raise AssertionError("a run on the CPU made a CUDA context")
+    for then, now in [(0, 2), ("cpu", 2), (1, 2), (2, 2), (2, 1)]:
         out, cuda_states = tmp_path / f"then{then}now{now}", {}
-        if then:  # device i's generator state: a tensor of 7 + i
-            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(then))
+        if then == "cpu":  # a GPU machine, with the run on its CPU
+            monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_context)
+        elif then:  # a run on CUDA: device i's generator state is a tensor of 7 + i
+            monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
             monkeypatch.setattr(torch.cuda, "get_rng_state_all",
                                 lambda n=then: [torch.full((16,), 7 + i, dtype=torch.uint8) for i in range(n)])
         interrupt_at(monkeypatch, pretrain, "get_batch", 6)  # dies in step 6, after the save of step 4
@@ -132,7 +138,7 @@ def test_resume_on_a_machine_with_other_cuda_devices(tmp_path, monkeypatch):
         pretrain.main(pretrain.Config(out_dir=str(out), resume=True, **args))
         monkeypatch.undo()
         assert_same_run(tmp_path / "whole", out, ("step", "loss", "lr", "val_loss"))
-        assert sorted(cuda_states) == list(range(min(then, now)))
+        assert sorted(cuda_states) == list(range(min(then if then != "cpu" else 0, now)))
         assert all((state == 7 + i).all() for i, state in cuda_states.items())
     # --device auto resolved to another device type than the run's: refused (a CUDA generator cannot take a CPU
     # generator's state, and the precision would change), not a RuntimeError from inside torch
