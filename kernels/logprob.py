@@ -118,14 +118,15 @@ def entropy_ref(logits):
 # not matter to the online log-sum-exp.
 #
 # Running sums per group. The forwards keep their online log-sum-exp (a running maximum and a
-# sum relative to it) not for the row but for each group of ALIGN = 8 entries of a block: state i
-# takes in entries [8i, 8i + 8) of every block. One thread reads those 8 with one 16-byte access
-# and folds them into its own state, with no word to the other threads; the states are merged
-# once, at the end of the row (_rescale). A reduction across the block costs shuffles,
-# shared memory and a barrier, which holds every warp of the program until the slowest has its
-# data: KL's forward did five such reductions a block, 104 of its 434 instructions a block (15 of
-# them barriers; bench/bench_sass.py, Triton 3.6, 2048-entry blocks of 4 warps). The price is one
-# more exponential a group (its rescale, 1/8 an entry) and the registers of the states.
+# sum relative to it) not for the row but for each group of 16 bytes of a block (GROUP = 8 entries
+# of bf16 or fp16, 4 of float32): state i takes in entries [i GROUP, (i + 1) GROUP) of every block.
+# One thread reads a group with one 16-byte access and folds it into its own state, with no word
+# to the other threads; the states are merged once, at the end of the row (_merge). A reduction
+# across the block costs shuffles, shared memory and a barrier, which holds every warp of the
+# program until the slowest has its data: KL's forward did five such reductions a block, 104 of
+# its 434 instructions a block (15 of them barriers; bench/bench_sass.py, Triton 3.6, bf16,
+# 2048-entry blocks of 4 warps). The price is an exponential a group for each log-sum-exp (KL's
+# forward has two: 2 per 8 entries of bf16) and the registers of the states.
 #
 # Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
 # tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more
@@ -173,25 +174,42 @@ def _exp(x):
     return tl.exp2(x * LOG2E)
 
 
-@triton.jit
-def _offsets(start, BLOCK_V: tl.constexpr):
-    """The offsets of block `start` as [BLOCK_V // ALIGN, ALIGN]: one group of ALIGN entries a row,
-    which one thread reads and writes with one 16-byte access (bf16) and reduces on its own."""
-    groups = tl.arange(0, BLOCK_V // ALIGN)[:, None] * ALIGN
-    return tl.multiple_of(start, BLOCK_V) + (groups + tl.arange(0, ALIGN)[None, :])
+@triton.constexpr_function
+def _group(dtype):
+    """Entries of dtype in 16 bytes, one thread's access: 8 of bf16 or fp16, 4 of float32."""
+    return 128 // dtype.primitive_bitwidth
 
 
 @triton.jit
-def _rescale(m):
-    """The row's maximum M of the groups' running maxima m, and exp(m - M) for each group."""
+def _offsets(start, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """The offsets of block `start` as [BLOCK_V // GROUP, GROUP]: a group of GROUP entries a row,
+    which one thread reads and writes with one 16-byte access and reduces on its own."""
+    groups = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP
+    return tl.multiple_of(start, BLOCK_V) + (groups + tl.arange(0, GROUP)[None, :])
+
+
+@triton.jit
+def _merge(m, s):
+    """The row's log-sum-exp from the groups' running ones (maxima m, sums s relative to them):
+    M = max m and S = sum_i s_i exp(m_i - M); and each group's factor exp(m_i - M)."""
     M = tl.max(m, axis=0)
-    return M, _exp(m - M)
+    alpha = _exp(m - M)
+    return M, tl.sum(alpha * s, axis=0), alpha
 
 
 @triton.jit
-def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
-    """ptr[start : start + BLOCK_V] as float32, with `other` outside the row ptr[head:end]."""
-    offs = _offsets(start, BLOCK_V)
+def _scaled(alpha, x):
+    """alpha * x, and 0 where alpha = 0: a sum whose terms all became negligible is dropped, even
+    if one of them was inf (KL's u at an entry where q is -inf and p underflows)."""
+    return tl.where(alpha > 0, alpha * x, 0.0)
+
+
+@triton.jit
+def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
+                EDGES: tl.constexpr):
+    """ptr[start : start + BLOCK_V] as float32 [BLOCK_V // GROUP, GROUP], with `other` outside the
+    row ptr[head:end]."""
+    offs = _offsets(start, BLOCK_V, GROUP)
     if not EDGES:
         x = tl.load(ptr + offs)  # 16 bytes at a time: no mask, aligned, inside the row
     else:
@@ -205,9 +223,10 @@ def _load_block(ptr, start, head, end, other, BLOCK_V: tl.constexpr, EDGES: tl.c
 
 
 @triton.jit
-def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr, EDGES: tl.constexpr):
+def _store_block(ptr, start, head, end, value, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
+                 EDGES: tl.constexpr):
     """ptr[start : start + BLOCK_V] = value, in ptr's dtype, only inside the row ptr[head:end]."""
-    offs = _offsets(start, BLOCK_V)
+    offs = _offsets(start, BLOCK_V, GROUP)
     value = value.to(ptr.dtype.element_ty)
     if not EDGES:
         tl.store(ptr + offs, value)  # 16 bytes at a time
@@ -235,21 +254,22 @@ def _logprob_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(logits_ptr.dtype.element_ty)
     target = tl.load(targets_ptr + row)
 
     # online log-sum-exp per group: rescale a running sum whenever its running max grows
-    m = tl.full([BLOCK_V // ALIGN], LOWEST, tl.float32)
-    s = tl.zeros([BLOCK_V // ALIGN], tl.float32)
+    m = tl.full([BLOCK_V // GROUP], LOWEST, tl.float32)
+    s = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             x = x * inv_temperature
             m_new = tl.maximum(m, tl.max(x, axis=1))
             s = s * _exp(m - m_new) + tl.sum(_exp(x - m_new[:, None]), axis=1)
             m = m_new
-    m, alpha = _rescale(m)
-    log_s = tl.log(tl.sum(alpha * s, axis=0))
+    m, s, _ = _merge(m, s)
+    log_s = tl.log(s)
 
     ignore = target == IGNORE_INDEX
     x_target = tl.load(logits_ptr + head + tl.where(ignore, 0, target)).to(tl.float32)
@@ -279,6 +299,7 @@ def _logprob_bwd_kernel(
     logits_ptr, head = _row_start(logits_ptr, row * stride)
     grad_logits_ptr, _ = _row_start(grad_logits_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(logits_ptr.dtype.element_ty)
     target = tl.load(targets_ptr + row)
     m = tl.load(row_max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
@@ -289,10 +310,10 @@ def _logprob_bwd_kernel(
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, EDGES) * inv_temperature
+            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES) * inv_temperature
             p = _exp((x - m) - log_s)
-            onehot = tl.where(_offsets(start, BLOCK_V) == target_offset, 1.0, 0.0)
-            _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V, EDGES)
+            onehot = tl.where(_offsets(start, BLOCK_V, GROUP) == target_offset, 1.0, 0.0)
+            _store_block(grad_logits_ptr, start, head, end, (onehot - p) * g, BLOCK_V, GROUP, EDGES)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -309,16 +330,17 @@ def _entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(logits_ptr.dtype.element_ty)
 
     # with log p = (x - m) - log s: H = log s - t / s, where t = sum_v exp(x - m) (x - m).
     # t is kept relative to the running max (each term is bounded), so large logits do not cancel.
-    m = tl.full([BLOCK_V // ALIGN], LOWEST, tl.float32)
-    s = tl.zeros([BLOCK_V // ALIGN], tl.float32)
-    t = tl.zeros([BLOCK_V // ALIGN], tl.float32)
+    m = tl.full([BLOCK_V // GROUP], LOWEST, tl.float32)
+    s = tl.zeros([BLOCK_V // GROUP], tl.float32)
+    t = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             alpha = _exp(m - m_new)
             e = _exp(x - m_new[:, None])
@@ -327,14 +349,12 @@ def _entropy_fwd_kernel(
             t = alpha * (t + (m - m_new) * s) + tl.sum(terms, axis=1)
             s = alpha * s + tl.sum(e, axis=1)
             m = m_new
-    m_row, alpha = _rescale(m)
-    t = tl.sum(alpha * (t + (m - m_row) * s), axis=0)
-    m = m_row
-    s = tl.sum(alpha * s, axis=0)
-    log_s = tl.log(s)
+    m_row, s_row, alpha = _merge(m, s)
+    t = tl.sum(alpha * (t + (m - m_row) * s), axis=0)  # as a block's rescale above
+    log_s = tl.log(s_row)
 
-    tl.store(entropy_ptr + row, log_s - t / s)
-    tl.store(row_max_ptr + row, m)
+    tl.store(entropy_ptr + row, log_s - t / s_row)
+    tl.store(row_max_ptr + row, m_row)
     tl.store(log_sum_ptr + row, log_s)
 
 
@@ -355,6 +375,7 @@ def _entropy_bwd_kernel(
     logits_ptr, head = _row_start(logits_ptr, row * stride)
     grad_logits_ptr, _ = _row_start(grad_logits_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(logits_ptr.dtype.element_ty)
     H = tl.load(entropy_ptr + row)
     m = tl.load(row_max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
@@ -364,11 +385,11 @@ def _entropy_bwd_kernel(
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
+            x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
             logp = (x - m) - log_s
             p = _exp(logp)
             grad = tl.where(p > 0, -p * (logp + H) * g, 0.0)
-            _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V, EDGES)
+            _store_block(grad_logits_ptr, start, head, end, grad, BLOCK_V, GROUP, EDGES)
 
 
 @triton.autotune(configs=CONFIGS, key=["V"], cache_results=True)
@@ -389,45 +410,42 @@ def _kl_fwd_kernel(
     p_ptr, head = _row_start(p_ptr, row * stride)
     q_ptr, _ = _row_start(q_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(p_ptr.dtype.element_ty)
 
     # both log-sum-exps online, and u = sum_v exp(xp - m_p) ((xp - m_p) - (xq - m_q)), so that
     # KL = u / s_p - log s_p + log s_q, every term relative to its running max
-    m_p = tl.full([BLOCK_V // ALIGN], LOWEST, tl.float32)
-    s_p = tl.zeros([BLOCK_V // ALIGN], tl.float32)
-    m_q = tl.full([BLOCK_V // ALIGN], LOWEST, tl.float32)
-    s_q = tl.zeros([BLOCK_V // ALIGN], tl.float32)
-    u = tl.zeros([BLOCK_V // ALIGN], tl.float32)
+    m_p = tl.full([BLOCK_V // GROUP], LOWEST, tl.float32)
+    s_p = tl.zeros([BLOCK_V // GROUP], tl.float32)
+    m_q = tl.full([BLOCK_V // GROUP], LOWEST, tl.float32)
+    s_q = tl.zeros([BLOCK_V // GROUP], tl.float32)
+    u = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
-            xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V, EDGES)
+            xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
+            xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             m_p_new = tl.maximum(m_p, tl.max(xp, axis=1))
             m_q_new = tl.maximum(m_q, tl.max(xq, axis=1))
             alpha_p = _exp(m_p - m_p_new)
             e_p = _exp(xp - m_p_new[:, None])
             d = (xp - m_p_new[:, None]) - (xq - m_q_new[:, None])
             shift = (m_p - m_p_new) - (m_q - m_q_new)
-            u = alpha_p * (u + shift * s_p) + tl.sum(tl.where(e_p > 0, e_p * d, 0.0), axis=1)
+            u = _scaled(alpha_p, u + shift * s_p) + tl.sum(tl.where(e_p > 0, e_p * d, 0.0), axis=1)
             s_p = alpha_p * s_p + tl.sum(e_p, axis=1)
             s_q = s_q * _exp(m_q - m_q_new) + tl.sum(_exp(xq - m_q_new[:, None]), axis=1)
             m_p = m_p_new
             m_q = m_q_new
-    m_p_row, alpha_p = _rescale(m_p)
-    m_q_row, alpha_q = _rescale(m_q)
+    m_p_row, s_p_row, alpha_p = _merge(m_p, s_p)
+    m_q_row, s_q_row, _ = _merge(m_q, s_q)
     shift = (m_p - m_p_row) - (m_q - m_q_row)
-    u = tl.sum(alpha_p * (u + shift * s_p), axis=0)
-    s_p = tl.sum(alpha_p * s_p, axis=0)
-    s_q = tl.sum(alpha_q * s_q, axis=0)
-    m_p = m_p_row
-    m_q = m_q_row
-    log_s_p = tl.log(s_p)
-    log_s_q = tl.log(s_q)
+    u = tl.sum(_scaled(alpha_p, u + shift * s_p), axis=0)
+    log_s_p = tl.log(s_p_row)
+    log_s_q = tl.log(s_q_row)
 
-    tl.store(kl_ptr + row, u / s_p - log_s_p + log_s_q)
-    tl.store(p_max_ptr + row, m_p)
+    tl.store(kl_ptr + row, u / s_p_row - log_s_p + log_s_q)
+    tl.store(p_max_ptr + row, m_p_row)
     tl.store(p_log_sum_ptr + row, log_s_p)
-    tl.store(q_max_ptr + row, m_q)
+    tl.store(q_max_ptr + row, m_q_row)
     tl.store(q_log_sum_ptr + row, log_s_q)
 
 
@@ -452,6 +470,7 @@ def _kl_bwd_kernel(
     q_ptr, _ = _row_start(q_ptr, row * stride)
     grad_p_ptr, _ = _row_start(grad_p_ptr, row * stride)
     end = head + V
+    GROUP: tl.constexpr = _group(p_ptr.dtype.element_ty)
     kl = tl.load(kl_ptr + row)
     m_p = tl.load(p_max_ptr + row)
     log_s_p = tl.load(p_log_sum_ptr + row)
@@ -463,13 +482,13 @@ def _kl_bwd_kernel(
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
         for start in range(lo, hi, step):
-            xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
-            xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V, EDGES)
+            xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
+            xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
             logp = (xp - m_p) - log_s_p
             logq = (xq - m_q) - log_s_q
             p = _exp(logp)
             grad = tl.where(p > 0, p * (logp - logq - kl) * g, 0.0)
-            _store_block(grad_p_ptr, start, head, end, grad, BLOCK_V, EDGES)
+            _store_block(grad_p_ptr, start, head, end, grad, BLOCK_V, GROUP, EDGES)
 
 
 # -----------------------------------------------------------------------------------------------
