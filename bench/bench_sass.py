@@ -5,8 +5,8 @@ What the log-prob kernels cost a Hopper GPU (H100, H200) in instructions, counte
 
 Triton compiles a kernel for any target ahead of time, and its wheel carries NVIDIA's ptxas and
 nvdisasm. So on any machine this compiles each kernel of kernels/logprob.py for sm_90 with bf16
-logits, at every block size and warp count the GPU autotuner tries, and reads the machine code
-(SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then the (at most
+logits (then float32 ones), at every block size and warp count the GPU autotuner tries, and reads
+the machine code (SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then the (at most
 two) blocks across its ends. For one iteration of each, it counts the instructions one thread
 issues, and from those the instructions per vocabulary entry of a whole row of V = 50257 entries
 (head 0: one row's inside blocks at the inner count, its two end blocks at the end loop's). Where
@@ -49,6 +49,7 @@ KERNELS = {
     "_entropy_fwd_kernel": 2, "_entropy_bwd_kernel": 4,
     "_kl_fwd_kernel": 4, "_kl_bwd_kernel": 6,
 }
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of an entry of logits
 LOGITS = {"logits_ptr", "grad_logits_ptr", "p_ptr", "q_ptr", "grad_p_ptr"}  # [N, V] bf16 tensors
 
 HAVE_TOOLS = all(os.path.exists(os.path.join(BIN, tool)) for tool in ("nvdisasm", "cuobjdump"))
@@ -70,12 +71,12 @@ def compilable_logprob():
         triton.knobs.runtime.interpret = saved
 
 
-def signature(fn):
-    """Argument types as a launch on bf16 logits of V = 50257 would specialize them."""
+def signature(fn, logits="bf16"):
+    """Argument types as a launch on logits of V = 50257 (bf16, or `logits`) would specialize them."""
     sig = {}
     for name in fn.arg_names:
         if name in LOGITS:
-            sig[name] = "*bf16"
+            sig[name] = "*" + logits
         elif name == "targets_ptr":
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
@@ -89,12 +90,12 @@ def signature(fn):
     return sig
 
 
-def compile_sm90(kernel, config):
+def compile_sm90(kernel, config, logits="bf16"):
     """(PTX, SASS, registers per thread) of an autotuned kernel at one of its configs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = kernel.fn  # the JITFunction under the autotuner
-    sig = signature(fn)
+    sig = signature(fn, logits)
     constexprs = {"BLOCK_V": config.kwargs["BLOCK_V"], "IGNORE_INDEX": kernels.logprob.IGNORE_INDEX}
     constexprs = {k: v for k, v in constexprs.items() if k in sig}
     # torch allocations are 16-byte aligned, and the launcher tells Triton so at run time
@@ -166,9 +167,9 @@ def loop_paths(code, labels):
     return paths
 
 
-def summary(module, name, config):
+def summary(module, name, config, logits="bf16"):
     """What kernel `name` of module costs at config, per iteration and per entry of a row of V."""
-    ptx, sass, regs = compile_sm90(getattr(module, name), config)
+    ptx, sass, regs = compile_sm90(getattr(module, name), config, logits)
     paths = loop_paths(*parse(sass))
     inner, ends = paths[0], paths[-1]  # a kernel of one loop pays its inner count at the ends too
     block, threads = config.kwargs["BLOCK_V"], 32 * config.num_warps
@@ -181,27 +182,28 @@ def summary(module, name, config):
     return dict(regs=regs, inner=len(inner), ends=len(ends), inside=n_inner * block / V,
                 per_entry=per_entry, mufu=sum(c.op == "MUFU" for c in inner) / (block / threads),
                 bar=sum(c.op == "BAR" for c in inner), widths=widths,
-                ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] / 1e9,
+                ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 2 / 1e9,
                 inner_ops=[c.op + c.mods for c in inner],
                 exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
 
 
-def checks(config_indices=(0, -1)):
+def checks(config_indices=(0, -1), logits="bf16"):
     """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms)}} at some GPU
-    configs, for tests/test_logprob.py. It calls this in a process of its own: Triton's
+    configs, for logits of a dtype, for tests/test_logprob.py. It calls this in a process of its own: Triton's
     interpreter, once it has run a kernel with helper functions, leaves triton.language patched,
     and compiling fails after that."""
     module = compilable_logprob()
     out = collections.defaultdict(dict)
     for name in KERNELS:
         for i in config_indices:
-            s = summary(module, name, module.GPU_CONFIGS[i])
+            s = summary(module, name, module.GPU_CONFIGS[i], logits)
             out[name][str(module.GPU_CONFIGS[i])] = (s["inner_ops"], s["exp2"])
     return out
 
 
-def test_instruction_counts():
-    print(f"\nsm_90 SASS (Triton {triton.__version__}), bf16 logits, rows of V = {V}; ceiling: "
+@pytest.mark.parametrize("logits", ["bf16", "fp32"])
+def test_instruction_counts(logits):
+    print(f"\nsm_90 SASS (Triton {triton.__version__}), {logits} logits, rows of V = {V}; ceiling: "
           f"{SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x {CLOCK_HZ / 1e9:.2f} GHz over the "
           f"count an entry, against {COPY_GBS} GB/s of copy bandwidth")
     print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'regs':>4} {'inner':>5} {'ends':>5} "
@@ -210,7 +212,7 @@ def test_instruction_counts():
     module = compilable_logprob()
     for name in KERNELS:
         for config in module.GPU_CONFIGS:
-            s = summary(module, name, config)
+            s = summary(module, name, config, logits)
             widths = " ".join(f"{k}x{v}" for k, v in sorted(s["widths"].items()))
             print(f"{name:<20} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} {s['regs']:>4} "
                   f"{s['inner']:>5} {s['ends']:>5} {s['inside']:>6.0%} {s['per_entry']:>11.1f} "

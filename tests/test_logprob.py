@@ -438,28 +438,32 @@ def test_sm90_code_of_a_block_inside_a_row():
     table), at the smallest and the largest block the autotuner tries, every kernel's loop over the
     blocks inside a row has no branch but its own and reads and writes 16 bytes at a time, at
     V = 50257, whose rows start anywhere; it has no shuffle or barrier between threads (each thread
-    sums its own groups); and its exponentials are the flushing ex2.approx.ftz (one instruction
-    each). A mask in that loop turns each access into 2-byte ones (64-75% of the copy bandwidth on
-    an H200, where 16-byte ones gave 81-98%). The non-flushing ex2 cost the KL forward 102 of its
-    590 instructions a pass, the masks computed on every pass about 54, and its five reductions
-    across the block 104 of the 434 left (15 of them barriers)."""
+    sums its own groups), for bf16 logits and (at the smallest block) float32 ones; and its
+    exponentials are the flushing ex2.approx.ftz (one instruction each). A mask in that loop turns
+    each access into 2-byte ones (64-75% of the copy bandwidth on an H200, where 16-byte ones gave
+    81-98%). The non-flushing ex2 cost the KL forward 102 of its 590 instructions a pass, the masks
+    computed on every pass about 54, and its five reductions across the block 104 of the 434 left
+    (15 of them barriers)."""
     from bench import bench_sass
     if not bench_sass.HAVE_TOOLS:
         pytest.skip(f"needs the NVIDIA tools of Triton's wheel in {bench_sass.BIN}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from bench import bench_sass; print(json.dumps(bench_sass.checks()))"
+    code = ("import json; from bench import bench_sass; "
+            "print(json.dumps([bench_sass.checks(), bench_sass.checks((0,), 'fp32')]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    kernels_seen = json.loads(out.splitlines()[-1])
-    assert set(kernels_seen) == set(bench_sass.KERNELS)
-    for name, configs in kernels_seen.items():
-        assert len(configs) == 2, name
-        for config, (loop, exp2) in configs.items():
-            assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
-            accesses = [op for op in loop if op.startswith(("LDG", "STG"))]
-            assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
-            assert not [op for op in loop if op.startswith(("SHFL", "BAR"))], (name, config)
-            assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
+    bf16, fp32 = json.loads(out.splitlines()[-1])  # float32 logits at the smallest block alone
+    for seen, n_configs in [(bf16, 2), (fp32, 1)]:
+        assert set(seen) == set(bench_sass.KERNELS)
+        assert all(len(configs) == n_configs for configs in seen.values())
+    for seen in (bf16, fp32):
+        for name, configs in seen.items():
+            for config, (loop, exp2) in configs.items():
+                assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
+                accesses = [op for op in loop if op.startswith(("LDG", "STG"))]
+                assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
+                assert not [op for op in loop if op.startswith(("SHFL", "BAR"))], (name, config)
+                assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
