@@ -78,13 +78,18 @@ def kl_div_ref(logits_p, logits_q):
     float64 logits). q is a constant: no gradient flows into logits_q."""
     logp = F.log_softmax(wide(logits_p), dim=-1)
     logq = F.log_softmax(wide(logits_q.detach()), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    p = logp.exp()
+    # 0 log(0 / q) = 0: an entry where p is 0 (a logit of -inf, a masked token, or one that
+    # underflows) adds nothing, whatever q is there; masked before the product, so no 0 * inf = nan
+    # in the value or the gradient
+    return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def entropy_ref(logits):
     """H(p) = -sum_v p_v log p_v per position, [..., V] -> float32 [...] (float64 for float64 logits)."""
     logp = F.log_softmax(wide(logits), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)  # 0 log 0 = 0, as in kl_div_ref
 
 
 # -----------------------------------------------------------------------------------------------

@@ -59,6 +59,12 @@ def kl64(logits_p, logits_q):
     return (logp.exp() * (logp - logq).masked_fill(logp == float("-inf"), 0.0)).sum(-1)
 
 
+def kl64_q_finite(logits_p, logits_q):
+    """kl64 with q's logits of -inf at 1e4 nats below instead, which float64 cannot tell apart: KL
+    where p is negligible at every q of 0 (inf to kl64 wherever p is not exactly 0)."""
+    return kl64(logits_p, logits_q.masked_fill(logits_q == float("-inf"), -1e4))
+
+
 def check(op, ref, x, *args, grad_out=None, tol=None, grad_atol=None):
     """op(x, *args) against ref(x in float64, *args in float64): value and gradient wrt x.
     grad_atol: the gradient's absolute tolerance for each entry, where one number will not do."""
@@ -246,10 +252,24 @@ def test_kl_where_q_is_zero_only_where_p_is_negligible():
         logits_p[:, 0] = 0.0
         logits_q = torch.randn(4, V).masked_fill(torch.rand(4, V) < 0.3, float("-inf"))
         logits_q[:, 0] = 0.0
+        check(logprob.kl_div, kl64_q_finite, logits_p, logits_q)
 
-        def kl_ignoring_negligible_p(p64, q64):  # q's -inf at 1e4 nats below: the same in float64
-            return kl64(p64, q64.masked_fill(q64 == float("-inf"), -1e4))
-        check(logprob.kl_div, kl_ignoring_negligible_p, logits_p, logits_q)
+
+def test_the_cpu_references_on_masked_vocabulary():
+    """kernels.entropy and kernels.kl_div on a CPU (or under RLHF_KERNELS=torch) count an entry
+    where p = 0 as adding nothing (0 log 0 = 0), as the Triton kernels do: a logit of -inf (a
+    masked token), with q -inf there too, and a q of -inf where p underflows. 0 * -inf made the
+    value and every entry of the gradient nan."""
+    torch.manual_seed(0)
+    V = 300
+    logits_p = torch.randn(4, V) * 3
+    logits_p[0, :100] = float("-inf")
+    logits_p[1, ::2] = float("-inf")
+    logits_p[2, 1:] -= 200.0  # p underflows to 0 in float32 beyond entry 0
+    logits_q = logits_p + torch.randn(4, V)
+    logits_q[2, 1::3] = float("-inf")
+    check(logprob.entropy_ref, entropy64, logits_p)
+    check(logprob.kl_div_ref, kl64_q_finite, logits_p, logits_q)
 
 
 def test_huge_logits():
