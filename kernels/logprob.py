@@ -136,8 +136,10 @@ def entropy_ref(logits):
 # Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
 # tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more
 # instructions. So an entry more than 87 nats below its row's maximum has p = 0 here (103 nats
-# without the flush, as in PyTorch's float32): nothing a sum can see, but a KL(p || q) whose q is
-# -inf only at such entries stays finite.
+# without the flush, as in PyTorch's float32): nothing a sum can see. Where q is -inf, KL(p || q)
+# is inf wherever p is not 0, as it should be; at an entry whose p is that far below its row's
+# maximum it may be either: finite if p is also that far below the largest entry of its group
+# read so far (so in a group of such entries, in any order of the blocks), inf if not.
 
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of bf16, 32 of float32

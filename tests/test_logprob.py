@@ -168,11 +168,11 @@ def test_misaligned_views():
     check(logprob.kl_div, kl64, torch.randn(N, V) * 3, view)
 
 
-def gapped_rows(V, gap, N=8):
+def gapped_rows(V, gap, N=8, dtype=torch.float32):
     """(storage, rows): N rows of V random logits in a storage of row stride = 1 mod 8, so that row r
     starts r entries (mod 8) past an aligned one, with `gap` in the 8 to 15 entries between rows."""
     stride = V + 8 + (1 - V) % 8
-    storage = torch.full((N, stride), gap)
+    storage = torch.full((N, stride), gap, dtype=dtype)
     storage[:, :V] = torch.randn(N, V) * 3
     return storage, storage[:, :V]
 
@@ -194,21 +194,22 @@ def test_rows_of_whole_blocks(blocks):
     check(logprob.kl_div, kl64, p, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # groups of 4 entries, of 8
 @pytest.mark.parametrize("blocks", [1 - 1 / 4096, 1, 2 + 3 / 4096])
-def test_backward_kernels_write_only_their_rows(blocks):
+def test_backward_kernels_write_only_their_rows(blocks, dtype):
     """The backward kernels write their gradient into a tensor whose rows have gaps between them (row stride
     = 1 mod 8, so rows start at every offset from an aligned entry), filled beforehand: the gaps stay as
     they were. A block written whole one entry past its row's end would be a race between two rows on a
     GPU, and past the tensor's end on the last row; under the interpreter the next row would hide it."""
     torch.manual_seed(0)
     V, N = round(blocks * logprob.CONFIGS[0].kwargs["BLOCK_V"]), 8
-    (_, p), (_, q) = gapped_rows(V, 60.0), gapped_rows(V, 60.0)
+    (_, p), (_, q) = gapped_rows(V, 60.0, dtype=dtype), gapped_rows(V, 60.0, dtype=dtype)
     stride = p.stride(0)
     targets, g = torch.randint(0, V, (N,)), torch.randn(N)
     fwd = logprob._row_floats(p, 5)
     grads = {}
     for name in ("token_logprobs", "entropy", "kl_div"):
-        storage, grad = gapped_rows(V, 123.0)
+        storage, grad = gapped_rows(V, 123.0, dtype=dtype)
         if name == "token_logprobs":
             logprob._logprob_fwd(p, targets, 1.0, *fwd[:3])
             logprob._logprob_bwd(p, targets, *fwd[1:3], g, 1.0, grad)
@@ -225,7 +226,7 @@ def test_backward_kernels_write_only_their_rows(blocks):
                       ("kl_div", lambda x: kl64(x, q.double()))]:
         x.grad = None
         (ref(x) * g.double()).sum().backward()
-        torch.testing.assert_close(grads[name].double(), x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[name].double(), x.grad, rtol=TOL[dtype][0], atol=TOL[dtype][1])
 
 
 def test_maximum_in_a_later_block():
@@ -241,11 +242,13 @@ def test_maximum_in_a_later_block():
 
 
 def test_kl_where_q_is_zero_only_where_p_is_negligible():
-    """q = 0 (logit -inf) only at entries where p is 200 nats below its maximum: they count as p = 0
-    (the kernels flush p below 87 nats), whatever the order in which the running maxima grow. p's
-    maximum is entry 0, in the row's first block, which the kernels take in after the blocks inside
-    the row; so in a row of three blocks a group first sums an inf (e_p = 1 at its own maximum,
-    log q = -inf) that only the later maximum makes negligible. 0 * inf there made KL nan."""
+    """q = 0 (logit -inf) only at entries where p is 200 nats below its maximum, as are the other
+    entries of their groups: they count as p = 0 (a GPU's kernels flush p below 87 nats, the
+    interpreter's and float32 below 103), in either order of the maxima. p's maximum is entry 0,
+    in the row's first block, which the kernels take in after the blocks inside the row; so in a
+    row of three blocks a group first sums an inf (e_p = 1 at its own maximum, log q = -inf) that
+    only the later maximum makes negligible. 0 * inf there made KL nan. Where p is not negligible,
+    q = 0 makes KL inf, in the kernels and the CPU reference alike."""
     torch.manual_seed(0)
     for V in (100, 2 * logprob.CONFIGS[0].kwargs["BLOCK_V"] + 8):
         logits_p = torch.randn(4, V) - 200.0
@@ -253,6 +256,9 @@ def test_kl_where_q_is_zero_only_where_p_is_negligible():
         logits_q = torch.randn(4, V).masked_fill(torch.rand(4, V) < 0.3, float("-inf"))
         logits_q[:, 0] = 0.0
         check(logprob.kl_div, kl64_q_finite, logits_p, logits_q)
+        logits_p[:, V // 2], logits_q[:, V // 2] = -20.0, float("-inf")  # inside the row's blocks
+        for op in (logprob.kl_div, logprob.kl_div_ref):
+            assert (op(logits_p, logits_q) == float("inf")).all(), (op.__name__, V)
 
 
 def test_the_cpu_references_on_masked_vocabulary():
