@@ -6,24 +6,24 @@ What the log-prob kernels cost a Hopper GPU (H100, H200) in instructions, counte
 Triton compiles a kernel for any target ahead of time, and its wheel carries NVIDIA's ptxas and
 nvdisasm. So on any machine this compiles each kernel of kernels/logprob.py for sm_90 with bf16
 logits (then float32 ones), at every block size and warp count the GPU autotuner tries, and reads
-the machine code (SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then the (at most
-two) blocks across its ends. For one iteration of each, it counts the instructions one thread
-issues, and from those the instructions per vocabulary entry of a whole row of V = 50257 entries
-(head 0: one row's inside blocks at the inner count, its two end blocks at the end loop's). Where
-a loop has branches, it follows the path that skips every if-block without a 16-byte access: an
-end block read without a mask (the first one), and for kernels of one loop (commit c4499d7 and
+the machine code (SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then
+the (at most two) blocks across its ends. For one iteration of each, it counts the instructions one
+thread issues, and from those the instructions per vocabulary entry of a whole row of V = 50257
+entries (head 0: one row's inside blocks at the inner count, its two end blocks at the end loop's).
+Where a loop has branches, it follows the path that skips every if-block without a 16-byte access:
+an end block read without a mask (the first one), and for kernels of one loop (commit c4499d7 and
 earlier) a block inside the row. A masked last block issues more, so a row's count is a lower
 bound. It also counts exponentials (MUFU) and barriers between warps, and the width of the
 accesses.
 
-Why instructions: these kernels read 2 bytes an entry (KL's forward 4, from two tensors), so at
-the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs must
-take in about 8 entries a clock at 1.98 GHz, and an SM issues at most 128 thread-instructions a
-clock (4 schedulers, one warp instruction each). A kernel that issues I instructions an entry
-cannot go faster than 128 / I entries a clock per SM, whatever the memory: the last column is
-that ceiling in GB/s, as a share of the copy bandwidth. It is a bound from a count, not a
-measurement: memory latency, the barriers and the masked blocks cost more. The compiler is this
-machine's Triton; the GPU's may schedule differently (BENCHMARKS.md says which one a table used).
+Why instructions: these kernels read 2 bytes an entry of bf16 (KL's forward 4, from two tensors),
+so at the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs
+must take in about 8 entries a clock at 1.98 GHz, and an SM issues at most 128 thread-instructions
+a clock (4 schedulers, one warp instruction each). A kernel that issues I instructions an entry
+cannot go faster than 128 / I entries a clock per SM, whatever the memory: the last column is that
+ceiling in GB/s, as a share of the copy bandwidth. It is a bound from a count, not a measurement:
+memory latency, the barriers and the masked blocks cost more. The compiler is this machine's
+Triton; the GPU's may schedule differently (BENCHMARKS.md says which one a table used).
 """
 
 import collections
@@ -43,14 +43,14 @@ ISSUE_PER_CLOCK = 128  # thread-instructions an SM issues a clock: 4 schedulers 
 V = 50257  # GPT-2's vocabulary: rows that start anywhere, and a partial last block
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
-# kernel -> bytes moved per vocabulary entry of a row, in bf16 (reads + writes)
+# kernel -> entries of [N, V] tensors it reads and writes per vocabulary entry of a row
 KERNELS = {
-    "_logprob_fwd_kernel": 2, "_logprob_bwd_kernel": 4,
-    "_entropy_fwd_kernel": 2, "_entropy_bwd_kernel": 4,
-    "_kl_fwd_kernel": 4, "_kl_bwd_kernel": 6,
+    "_logprob_fwd_kernel": 1, "_logprob_bwd_kernel": 2,
+    "_entropy_fwd_kernel": 1, "_entropy_bwd_kernel": 2,
+    "_kl_fwd_kernel": 2, "_kl_bwd_kernel": 3,
 }
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of an entry of logits
-LOGITS = {"logits_ptr", "grad_logits_ptr", "p_ptr", "q_ptr", "grad_p_ptr"}  # [N, V] bf16 tensors
+LOGITS = {"logits_ptr", "grad_logits_ptr", "p_ptr", "q_ptr", "grad_p_ptr"}  # [N, V], the logits' dtype
 
 HAVE_TOOLS = all(os.path.exists(os.path.join(BIN, tool)) for tool in ("nvdisasm", "cuobjdump"))
 pytestmark = pytest.mark.skipif(not HAVE_TOOLS, reason=f"needs Triton's NVIDIA tools in {BIN}")
@@ -182,16 +182,16 @@ def summary(module, name, config, logits="bf16"):
     return dict(regs=regs, inner=len(inner), ends=len(ends), inside=n_inner * block / V,
                 per_entry=per_entry, mufu=sum(c.op == "MUFU" for c in inner) / (block / threads),
                 bar=sum(c.op == "BAR" for c in inner), widths=widths,
-                ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 2 / 1e9,
+                ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 1e9,
                 inner_ops=[c.op + c.mods for c in inner],
                 exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
 
 
 def checks(config_indices=(0, -1), logits="bf16"):
     """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms)}} at some GPU
-    configs, for logits of a dtype, for tests/test_logprob.py. It calls this in a process of its own: Triton's
-    interpreter, once it has run a kernel with helper functions, leaves triton.language patched,
-    and compiling fails after that."""
+    configs, for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
+    own: Triton's interpreter, once it has run a kernel with helper functions, leaves
+    triton.language patched, and compiling fails after that."""
     module = compilable_logprob()
     out = collections.defaultdict(dict)
     for name in KERNELS:

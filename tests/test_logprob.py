@@ -481,9 +481,8 @@ def test_sm90_code_of_a_block_inside_a_row():
     bf16, fp32 = json.loads(out.splitlines()[-1])  # float32 logits at the smallest block alone
     for seen, n_configs in [(bf16, 2), (fp32, 1)]:
         assert set(seen) == set(bench_sass.KERNELS)
-        assert all(len(configs) == n_configs for configs in seen.values())
-    for seen in (bf16, fp32):
         for name, configs in seen.items():
+            assert len(configs) == n_configs, name
             for config, (loop, exp2) in configs.items():
                 assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
                 accesses = [op for op in loop if op.startswith(("LDG", "STG"))]
