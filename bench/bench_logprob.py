@@ -11,6 +11,9 @@ kernels against the float32 references), then speed and memory.
   GB/s counts the bytes the ideal fused kernel must move, the same for every implementation:
   the forward reads the logits once (KL reads p and q), the backward reads them once more and
   writes the gradient.
+- every config the autotuner of those kernels chooses from (block size, warps, STAGES), pinned in
+  turn: checked against the float32 reference, then timed at N = 16384 (the autotuner times the
+  configs but does not check them, and a pipelined loop is compiled code no CPU test runs).
 - fused_linear_logprobs in bf16 with C in {768, 4096}, the same N and V: time, model TFLOP/s (2NVC
   forward, 6NVC forward+backward, whatever the implementation recomputes) and peak memory, against
   the naive matmul + log-softmax and torch.compile of it, and the peak memory the kernel saves.
@@ -18,10 +21,11 @@ The fused correctness check compares the kernel and PyTorch's own path, both in 
 reference: PASS when the kernel's error is at most twice PyTorch's (plus 1e-3 of the largest value).
 Peak memory is what forward+backward allocates above its inputs, the gradient included. OOM marks a
 case that did not fit on the card, n/a a torch.compile that failed. It ran in about 3 minutes on an
-H200 before the fused table gained N = 32768 and torch.compile (not timed since: gpu_check.sh allows
-7 minutes); on a CPU it is skipped.
+H200 before the fused table gained N = 32768 and torch.compile and the configs their own table
+(not timed since: gpu_check.sh allows 8 minutes); on a CPU it is skipped.
 """
 
+import contextlib
 import math
 import os
 
@@ -273,6 +277,75 @@ def test_memory_bound():
         tuned = {key[0]: str(cfg) for key, cfg in kernel_fn.cache.items()
                  if any("bfloat16" in str(k) for k in key)}
         print(f"  {kernel_fn.base_fn.__name__}: {tuned}")
+
+
+MEMORY_BOUND = [L._logprob_fwd_kernel, L._logprob_bwd_kernel, L._entropy_fwd_kernel,
+                L._entropy_bwd_kernel, L._kl_fwd_kernel, L._kl_bwd_kernel]
+
+
+@contextlib.contextmanager
+def pinned(config):
+    """The memory-bound kernels run at config: an autotuner with one config runs it untimed."""
+    saved = [k.configs for k in MEMORY_BOUND]
+    for k in MEMORY_BOUND:
+        k.configs = [config]
+    try:
+        yield
+    finally:
+        for k, configs in zip(MEMORY_BOUND, saved):
+            k.configs = configs
+
+
+def test_every_config(N=16384, rows=2048):
+    """Each config the autotuner chooses from, pinned in turn for forward and backward: checked
+    against the float32 reference on the first 2048 rows (the autotuner times configs, it does not
+    check them), then timed at N = 16384, bf16. Shows what pipelining (STAGES > 1) and the block
+    size do to each kernel."""
+    copy = copy_bandwidth()
+    print(f"\nevery config, bf16, N={N} (copy bandwidth {copy:.0f} GB/s); PASS/FAIL: the first "
+          f"{rows} rows against the float32 reference")
+    head = (f"{'op':<15}{'V':>7} {'BLOCK_V':>7}{'warps':>6}{'stages':>7} | {'fwd ms':>8}{'%copy':>6} | "
+            f"{'f+b ms':>8}{'%copy':>6} | check")
+    print(head)
+    print("-" * len(head))
+    ok, best = True, {}
+    for op, fn, ref in [("token_logprobs", L.token_logprobs, L.token_logprobs_ref),
+                        ("entropy", L.entropy, L.entropy_ref), ("kl_div", L.kl_div, L.kl_div_ref)]:
+        for V in VOCABS:
+            torch.manual_seed(0)
+            x = (torch.randn(N, V, device=DEV) * 4).bfloat16().requires_grad_()
+            args = {"token_logprobs": (torch.randint(0, V, (N,), device=DEV),), "entropy": (),
+                    "kl_div": ((x.detach().float() + torch.randn(N, V, device=DEV)).bfloat16(),)}[op]
+            g = torch.randn(N, device=DEV)
+            x_ref = x.detach()[:rows].clone().requires_grad_()
+            want = ref(x_ref, *(a[:rows] for a in args))
+            (want * g[:rows]).sum().backward()
+            fwd_bytes, both_bytes = ideal_bytes(op, N, V)
+            for config in L.GPU_CONFIGS:
+                with pinned(config):
+                    x.grad = None
+                    out = fn(x, *args)
+                    (out * g).sum().backward()
+                    ok_v, err_v = close(out[:rows], want, 1e-4, 1e-4)
+                    ok_g, err_g = close(x.grad[:rows], x_ref.grad, 2e-2, 1e-4)
+                    x.grad = None
+                    fwd = bench_ms(lambda: fn(x, *args))
+                    both = bench_ms(lambda: fn(x, *args).backward(g), grad_to_none=[x])
+                ok &= ok_v and ok_g
+                pct = (100 * fwd_bytes / fwd / 1e6 / copy, 100 * both_bytes / both / 1e6 / copy)
+                block, stages = config.kwargs["BLOCK_V"], config.kwargs["STAGES"]
+                name = f"BLOCK_V {block}, {config.num_warps} warps, STAGES {stages}"
+                best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
+                print(f"{op:<15}{V:>7} {config.kwargs['BLOCK_V']:>7}{config.num_warps:>6}"
+                      f"{config.kwargs['STAGES']:>7} | {fwd:>8.3f}{pct[0]:>6.0f} | {both:>8.3f}"
+                      f"{pct[1]:>6.0f} | {'PASS' if ok_v and ok_g else 'FAIL'} "
+                      f"(value err {err_v:.1e}, grad err {err_g:.1e})")
+            del x, args, g, x_ref, want
+            free()
+    print("the fastest forward of each op: % of copy, forward / forward+backward, at its config")
+    for (op, V), (fwd_pct, both_pct, name) in best.items():
+        print(f"  {op:<15} V={V:<7} {fwd_pct:3.0f}% / {both_pct:3.0f}%  {name}")
+    assert ok, "a config disagrees with the reference: see the FAIL lines above"
 
 
 # -----------------------------------------------------------------------------------------------

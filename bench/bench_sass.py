@@ -5,16 +5,18 @@ What the log-prob kernels cost a Hopper GPU (H100, H200) in instructions, counte
 
 Triton compiles a kernel for any target ahead of time, and its wheel carries NVIDIA's ptxas and
 nvdisasm. So on any machine this compiles each kernel of kernels/logprob.py for sm_90 with bf16
-logits (then float32 ones), at every block size and warp count the GPU autotuner tries, and reads
-the machine code (SASS). A kernel walks a row in two loops: the blocks wholly inside the row, then
-the (at most two) blocks across its ends. For one iteration of each, it counts the instructions one
-thread issues, and from those the instructions per vocabulary entry of a whole row of V = 50257
-entries (head 0: one row's inside blocks at the inner count, its two end blocks at the end loop's).
-Where a loop has branches, it follows the path that skips every if-block without a 16-byte access:
-an end block read without a mask (the first one), and for kernels of one loop (commit c4499d7 and
-earlier) a block inside the row. A masked last block issues more, so a row's count is a lower
-bound. It also counts exponentials (MUFU) and barriers between warps, and the width of the
-accesses.
+logits (then float32 ones), at every config the GPU autotuner tries (block size, warps, STAGES),
+and reads the machine code (SASS). A kernel walks a row in two loops: the blocks wholly inside the
+row, then the (at most two) blocks across its ends. For one iteration of each, it counts the
+instructions one thread issues, and from those the instructions per vocabulary entry of a whole row
+of V = 50257 entries (head 0: one row's inside blocks at the inner count, its two end blocks at the
+end loop's). Where a loop has branches, it follows the path that skips every if-block without a
+16-byte access: an end block read without a mask (the first one), and for kernels of one loop
+(commit c4499d7 and earlier) a block inside the row. A masked last block issues more, so a row's
+count is a lower bound. It also counts exponentials (MUFU) and barriers between warps, and the
+width of the accesses. A pipelined loop (STAGES > 1) reads its blocks from shared memory (LDS),
+where asynchronous copies (LDGSTS) put them one or two blocks ahead; its barriers keep a program's
+warps from overwriting a block that another warp still reads.
 
 Why instructions: these kernels read 2 bytes an entry of bf16 (KL's forward 4, from two tensors),
 so at the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs
@@ -96,7 +98,7 @@ def compile_sm90(kernel, config, logits="bf16"):
     from triton.compiler import ASTSource
     fn = kernel.fn  # the JITFunction under the autotuner
     sig = signature(fn, logits)
-    constexprs = {"BLOCK_V": config.kwargs["BLOCK_V"], "IGNORE_INDEX": kernels.logprob.IGNORE_INDEX}
+    constexprs = {**config.kwargs, "IGNORE_INDEX": kernels.logprob.IGNORE_INDEX}
     constexprs = {k: v for k, v in constexprs.items() if k in sig}
     # torch allocations are 16-byte aligned, and the launcher tells Triton so at run time
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*")}
@@ -120,7 +122,8 @@ def run_tool(tool, *args):
 
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)([.\w]*)\s*([^;]*);")
 LABEL = re.compile(r"^(\.L_x_\d+):")
-Instruction = collections.namedtuple("Instruction", "predicated op mods operands")
+# guard: the predicate, "@P0", "@!PT" (never runs: ptxas puts a few before asynchronous copies), or ""
+Instruction = collections.namedtuple("Instruction", "guard op mods operands")
 
 
 def parse(sass):
@@ -133,13 +136,24 @@ def parse(sass):
             continue
         m = INSTRUCTION.search(line)
         if m:
-            code.append(Instruction(bool(m.group(1)), m.group(2), m.group(3), m.group(4)))
+            code.append(Instruction((m.group(1) or "").strip(), m.group(2), m.group(3), m.group(4)))
     return code, labels
 
 
+# global loads and stores, asynchronous copies from global to shared memory, loads from shared
+ACCESSES = ("LDG", "STG", "LDGSTS", "LDS")
+
+
 def wide(instruction):
-    """A 16-byte global load or store: what every access of an unmasked block should be."""
-    return instruction.op in ("LDG", "STG") and instruction.mods.endswith(".128")
+    """A 16-byte access: what every access of an unmasked block should be."""
+    return instruction.op in ACCESSES and instruction.mods.endswith(".128")
+
+
+def access(instruction):
+    """An access and its width: LDG.E.128 -> LDG128, STG.E.U16 -> STGU16, LDS.128 -> LDS128,
+    LDG.E -> LDG (4 bytes)."""
+    last = instruction.mods.split(".")[-1]
+    return instruction.op + (last if last in ("64", "128", "U16", "S16", "U8", "S8") else "")
 
 
 def loop_paths(code, labels):
@@ -154,13 +168,13 @@ def loop_paths(code, labels):
     paths = []
     for start, end in sorted((target(i), i) for i in range(len(code))
                              if target(i) is not None and target(i) <= i):
-        if any(c.op == "LDG" for c in code[start:end + 1]):
+        if any(c.op in ("LDG", "LDGSTS") for c in code[start:end + 1]):
             path, i = [], start
             while i < end:
                 path.append(code[i])
                 t = target(i)
                 jump = t is not None and start < t <= end and (
-                    not code[i].predicated or not any(map(wide, code[i + 1:t])))
+                    not code[i].guard or not any(map(wide, code[i + 1:t])))
                 i = t if jump else i + 1
             paths.append(path + [code[end]])
     assert paths, "no loop with a global load"
@@ -176,28 +190,27 @@ def summary(module, name, config, logits="bf16"):
     last = max(V // block, 1) * block  # as kernels/logprob.py's _blocks, for a row with head 0
     n_inner, n_ends = last // block - 1, 1 + (last < V)
     per_entry = (n_inner * len(inner) + n_ends * len(ends)) / (V / threads)
-    # LDG.E.128 -> LDG128, STG.E.U16 -> STGU16, LDG.E -> LDG (4 bytes)
-    widths = collections.Counter(c.op + (c.mods.split(".")[-1] if c.mods.count(".") > 1 else "")
-                                 for c in inner if c.op in ("LDG", "STG"))
+    widths = collections.Counter(access(c) for c in inner if c.op in ACCESSES and c.guard != "@!PT")
     return dict(regs=regs, inner=len(inner), ends=len(ends), inside=n_inner * block / V,
                 per_entry=per_entry, mufu=sum(c.op == "MUFU" for c in inner) / (block / threads),
                 bar=sum(c.op == "BAR" for c in inner), widths=widths,
                 ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 1e9,
-                inner_ops=[c.op + c.mods for c in inner],
+                inner_ops=[c.op + c.mods for c in inner if c.guard != "@!PT"],  # those that run
                 exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
 
 
 def checks(config_indices=(0, -1), logits="bf16"):
-    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms)}} at some GPU
-    configs, for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
+    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms, STAGES)}} at some
+    GPU configs, for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
     own: Triton's interpreter, once it has run a kernel with helper functions, leaves
     triton.language patched, and compiling fails after that."""
     module = compilable_logprob()
     out = collections.defaultdict(dict)
     for name in KERNELS:
         for i in config_indices:
-            s = summary(module, name, module.GPU_CONFIGS[i], logits)
-            out[name][str(module.GPU_CONFIGS[i])] = (s["inner_ops"], s["exp2"])
+            config = module.GPU_CONFIGS[i]
+            s = summary(module, name, config, logits)
+            out[name][str(config)] = (s["inner_ops"], s["exp2"], config.kwargs["STAGES"])
     return out
 
 
@@ -206,19 +219,19 @@ def test_instruction_counts(logits):
     print(f"\nsm_90 SASS (Triton {triton.__version__}), {logits} logits, rows of V = {V}; ceiling: "
           f"{SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x {CLOCK_HZ / 1e9:.2f} GHz over the "
           f"count an entry, against {COPY_GBS} GB/s of copy bandwidth")
-    print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'regs':>4} {'inner':>5} {'ends':>5} "
-          f"{'inside':>6} {'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  "
-          f"{'loads, stores inside':<21} {'ceiling':>13}")
+    print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'inner':>5} "
+          f"{'ends':>5} {'inside':>6} {'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  "
+          f"{'accesses inside':<34} {'ceiling':>13}")
     module = compilable_logprob()
     for name in KERNELS:
         for config in module.GPU_CONFIGS:
             s = summary(module, name, config, logits)
             widths = " ".join(f"{k}x{v}" for k, v in sorted(s["widths"].items()))
-            print(f"{name:<20} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} {s['regs']:>4} "
-                  f"{s['inner']:>5} {s['ends']:>5} {s['inside']:>6.0%} {s['per_entry']:>11.1f} "
-                  f"{s['mufu']:>10.2f} {s['bar']:>3}  {widths:<21} "
-                  f"{s['ceiling']:>5.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
+            print(f"{name:<20} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} "
+                  f"{config.kwargs['STAGES']:>6} {s['regs']:>4} {s['inner']:>5} {s['ends']:>5} "
+                  f"{s['inside']:>6.0%} {s['per_entry']:>11.1f} {s['mufu']:>10.2f} {s['bar']:>3}  "
+                  f"{widths:<34} {s['ceiling']:>5.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
             # every access of a block inside the row is 16 bytes wide: the alignment of the blocks
-            assert set(s["widths"]) <= {"LDG128", "STG128"}, (name, s["widths"])
+            assert all(w.endswith("128") for w in s["widths"]), (name, s["widths"])
     print("inner, ends: instructions of one iteration over a block inside the row, and over an "
           "end block read without a mask;\ninside: the share of the row in blocks inside it")

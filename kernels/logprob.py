@@ -96,9 +96,10 @@ def entropy_ref(logits):
 # Triton kernels. One program per row; it walks the row in blocks of BLOCK_V entries.
 # The running maximum starts at the lowest float32 rather than -inf, so that m - m_new is never
 # -inf - (-inf) = nan, even when a whole block is padding or masked with -inf.
-# On a GPU each kernel is autotuned over a few block sizes, keyed on V (Triton adds the dtypes to
-# the key). Anywhere else (TRITON_INTERPRET=1 on a CPU) one fixed config runs, with a large block:
-# the interpreter's cost is per block step.
+# On a GPU each kernel is autotuned over a few block sizes and warp counts, with and without
+# pipelining ("Loads that run ahead" below), keyed on V (Triton adds the dtypes to the key).
+# Anywhere else (TRITON_INTERPRET=1 on a CPU) one fixed config runs, with a large block: the
+# interpreter's cost is per block step.
 #
 # Alignment. A GPU streams memory fastest in 16-byte loads and stores (8 bf16 entries), and Triton
 # emits them only where it can prove that each thread's 16 bytes start at a multiple of 16 and that
@@ -133,6 +134,16 @@ def entropy_ref(logits):
 # 2048-entry blocks of 4 warps). The price is an exponential a group for each log-sum-exp (KL's
 # forward has two: 2 per 8 entries of bf16) and the registers of the states.
 #
+# Loads that run ahead. Memory streams at full speed only with enough bytes in flight: its
+# bandwidth times its latency, about 32 KB for each of an H200's 132 SMs (4.2 TB/s, a
+# microsecond). A program that loads a block and then computes on it has nothing in flight while
+# it computes, and KL's forward (95 registers a thread: 5 programs of 4 warps an SM) holds at most
+# 40 KB of blocks an SM. With STAGES > 1, Triton's pipeliner (tl.range's num_stages) turns the loads
+# of the loop over the blocks inside a row into asynchronous copies to shared memory, issued one or
+# two blocks ahead of the one being summed, at the price of two barriers between the program's
+# warps and about 20 more instructions a block (bench/bench_sass.py). The autotuner times configs
+# with and without it. The edges' loop, at most two blocks, is not pipelined.
+#
 # Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
 # tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more
 # instructions. So an entry more than 87 nats below its row's maximum has p = 0 here (103 nats
@@ -145,12 +156,14 @@ LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 ALIGN = tl.constexpr(8)  # blocks start at multiples of 8 entries: 16 bytes of bf16, 32 of float32
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
-GPU_CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in
-               [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]]
+GPU_CONFIGS = [triton.Config({"BLOCK_V": block, "STAGES": stages}, num_warps=warps)
+               for block, warps, stages in [(2048, 4, 1), (4096, 4, 1), (4096, 8, 1), (8192, 8, 1),
+                                            (8192, 16, 1), (16384, 16, 1),
+                                            (2048, 4, 3), (4096, 8, 3), (8192, 16, 3)]]
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     CONFIGS = GPU_CONFIGS
 else:
-    CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=4)]
+    CONFIGS = [triton.Config({"BLOCK_V": 4096, "STAGES": 1}, num_warps=4)]
 # The timings are kept on disk (cache_results), so each new process reuses the first one's tuning.
 
 
@@ -257,6 +270,7 @@ def _logprob_fwd_kernel(
     inv_temperature,  # 1 / T
     IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
@@ -269,7 +283,7 @@ def _logprob_fwd_kernel(
     s = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             x = x * inv_temperature
             m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -301,6 +315,7 @@ def _logprob_bwd_kernel(
     inv_temperature,  # 1 / T
     IGNORE_INDEX: tl.constexpr,  # target value that marks a row to skip
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
@@ -316,7 +331,7 @@ def _logprob_bwd_kernel(
 
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES) * inv_temperature
             p = _exp((x - m) - log_s)
             onehot = tl.where(_offsets(start, BLOCK_V, GROUP) == target_offset, 1.0, 0.0)
@@ -333,6 +348,7 @@ def _entropy_fwd_kernel(
     log_sum_ptr,  # [N] fp32 out: log s, s = sum_v exp(logits - m)
     V,  # vocabulary size
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
@@ -346,7 +362,7 @@ def _entropy_fwd_kernel(
     t = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             x = _load_block(logits_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             alpha = _exp(m - m_new)
@@ -377,6 +393,7 @@ def _entropy_bwd_kernel(
     grad_out_ptr,  # [N] fp32: d loss / d H
     V,  # vocabulary size
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr, head = _row_start(logits_ptr, row * stride)
@@ -391,7 +408,7 @@ def _entropy_bwd_kernel(
     # dH / dx_v = -p_v (log p_v + H)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             x = _load_block(logits_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
             logp = (x - m) - log_s
             p = _exp(logp)
@@ -412,6 +429,7 @@ def _kl_fwd_kernel(
     q_log_sum_ptr,  # [N] fp32 out: log s_q
     V,  # vocabulary size
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     p_ptr, head = _row_start(p_ptr, row * stride)
@@ -428,7 +446,7 @@ def _kl_fwd_kernel(
     u = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             xp = _load_block(p_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             xq = _load_block(q_ptr, start, head, end, float("-inf"), BLOCK_V, GROUP, EDGES)
             m_p_new = tl.maximum(m_p, tl.max(xp, axis=1))
@@ -471,6 +489,7 @@ def _kl_bwd_kernel(
     grad_out_ptr,  # [N] fp32: d loss / d KL
     V,  # vocabulary size
     BLOCK_V: tl.constexpr,  # vocabulary entries per step
+    STAGES: tl.constexpr,  # blocks in flight in the loop over the blocks inside a row (1: no pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
     p_ptr, head = _row_start(p_ptr, row * stride)
@@ -488,7 +507,7 @@ def _kl_bwd_kernel(
     # dKL / dxp_v = p_v (log p_v - log q_v - KL)
     for EDGES in tl.static_range(2):
         lo, hi, step = _blocks(end, BLOCK_V, EDGES)
-        for start in range(lo, hi, step):
+        for start in tl.range(lo, hi, step, num_stages=1 if EDGES else STAGES):
             xp = _load_block(p_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
             xq = _load_block(q_ptr, start, head, end, 0.0, BLOCK_V, GROUP, EDGES)
             logp = (xp - m_p) - log_s_p
