@@ -12,8 +12,9 @@ kernels against the float32 references), then speed and memory.
   the forward reads the logits once (KL reads p and q), the backward reads them once more and
   writes the gradient.
 - every config the autotuner of those kernels chooses from (block size, warps, STAGES), pinned in
-  turn: checked against the float32 reference, then timed at N = 16384 (the autotuner times the
-  configs but does not check them, and a pipelined loop is compiled code no CPU test runs).
+  turn: checked against the float32 reference on short rows (bf16 and float32), then on long ones
+  and timed at N = 16384 (the autotuner times the configs but does not check them, and a
+  pipelined loop is compiled code that no CPU test runs).
 - fused_linear_logprobs in bf16 with C in {768, 4096}, the same N and V: time, model TFLOP/s (2NVC
   forward, 6NVC forward+backward, whatever the implementation recomputes) and peak memory, against
   the naive matmul + log-softmax and torch.compile of it, and the peak memory the kernel saves.
@@ -141,12 +142,14 @@ def check_fused(label, dtype, N, C, V, chunk_bytes):
     return ok
 
 
+TOLS = {torch.float32: ((1e-5, 1e-5), (1e-5, 1e-5)),  # (rtol, atol) of values, of gradients
+        torch.bfloat16: ((1e-4, 1e-4), (2e-2, 1e-4))}  # gradients are rounded to bf16
+
+
 def test_correctness():
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {triton.__version__}")
     print("correctness: Triton kernels against the float32 PyTorch references")
-    tols = {torch.float32: ((1e-5, 1e-5), (1e-5, 1e-5)),  # (rtol, atol) of values, of gradients
-            torch.bfloat16: ((1e-4, 1e-4), (2e-2, 1e-4))}  # gradients are rounded to bf16
     ok = True
     for dtype, N, vocabs in [(torch.float32, 1024, [1000, 50257]),
                              (torch.bfloat16, 4096, VOCABS)]:  # the bench's keys: tunes at N=4096
@@ -162,14 +165,14 @@ def test_correctness():
                      (targets, 0.7)),
                     ("entropy", L.entropy, L.entropy_ref, p, ()),
                     ("kl_div", L.kl_div, L.kl_div_ref, p, (q,))]:
-                ok &= check(f"{label} {name}", op, ref, x, args, *tols[dtype])
+                ok &= check(f"{label} {name}", op, ref, x, args, *TOLS[dtype])
             free()
     huge = torch.randn(256, 50257, device=DEV) * 1e4
     targets = huge.argsort(-1)[:, -2].contiguous()
     ok &= check("token_logprobs |x|~1e4 float32 N=256 V=50257", L.token_logprobs,
-                L.token_logprobs_ref, huge, (targets,), *tols[torch.float32])
+                L.token_logprobs_ref, huge, (targets,), *TOLS[torch.float32])
     ok &= check("entropy |x|~1e4 float32 N=256 V=50257", L.entropy, L.entropy_ref, huge, (),
-                *tols[torch.float32])
+                *TOLS[torch.float32])
     print("fused_linear_logprobs: max abs error against a float32 reference, the kernel and "
           "(torch) PyTorch's path in the same dtype")
     ok &= check_fused("fused_linear float32 N=1024 C=256 V=50257", torch.float32, 1024, 256, 50257,
@@ -178,6 +181,88 @@ def test_correctness():
                       chunk_bytes=L.CHUNK_BYTES)
     free()
     assert ok, "some kernels disagree with their reference: see the FAIL lines above"
+
+
+# -----------------------------------------------------------------------------------------------
+# Every config of the memory-bound kernels, pinned in turn: the autotuner times them, never checks
+
+# op -> (kernel, reference, its forward and backward Triton kernels)
+OPS = {"token_logprobs": (L.token_logprobs, L.token_logprobs_ref, L._logprob_fwd_kernel,
+                          L._logprob_bwd_kernel),
+       "entropy": (L.entropy, L.entropy_ref, L._entropy_fwd_kernel, L._entropy_bwd_kernel),
+       "kl_div": (L.kl_div, L.kl_div_ref, L._kl_fwd_kernel, L._kl_bwd_kernel)}
+
+
+@contextlib.contextmanager
+def pinned(config):
+    """The memory-bound kernels run at config: an autotuner with one config runs it untimed."""
+    kernels = [k for _, _, *pair in OPS.values() for k in pair]
+    saved = [k.configs for k in kernels]
+    for k in kernels:
+        k.configs = [config]
+    try:
+        yield
+    finally:
+        for k, configs in zip(kernels, saved):
+            k.configs = configs
+
+
+def inputs(op, N, V, dtype, stride=None):
+    """(x [N, V] requiring grad, the op's other arguments, an upstream gradient [N]); rows `stride`
+    entries apart when given (a view of wider rows)."""
+    x = (torch.randn(N, stride or V, device=DEV) * 4).to(dtype)[:, :V].requires_grad_()
+    args = {"token_logprobs": (torch.randint(0, V, (N,), device=DEV),), "entropy": (),
+            "kl_div": ((x.detach().float() + torch.randn(N, V, device=DEV)).to(dtype),)}[op]
+    if op == "token_logprobs":
+        args[0][::5] = L.IGNORE_INDEX
+    return x, args, torch.randn(N, device=DEV)
+
+
+def pinned_run(op, config, x, args, g):
+    """(value, gradient of x) of op at config, checking that config is what ran."""
+    fn, _, fwd, bwd = OPS[op]
+    with pinned(config):
+        x.grad = None
+        out = fn(x, *args)
+        (out * g).sum().backward()
+        assert fwd.best_config is config and bwd.best_config is config, (op, str(config))
+    grad, x.grad = x.grad, None
+    return out, grad
+
+
+def reference(op, x, args, g, rows=None):
+    """(value, gradient of x) of the float32 reference, on the first `rows` rows."""
+    x_ref = x.detach()[:rows].clone().requires_grad_()
+    want = OPS[op][1](x_ref, *(a[:rows] for a in args))
+    (want * g[:rows]).sum().backward()
+    return want, x_ref.grad
+
+
+def test_every_config_on_short_rows(N=64):
+    """Each config on rows of 0 to 3 blocks inside them, for each pipelined block size, and rows
+    shorter than a block: a pipelined loop's first copies are issued before it knows whether it
+    has that many blocks, and test_every_config's rows have 5 or more. The rows are a view of wider
+    ones (a row stride that is not a multiple of 8: every row offset), bf16 and float32, against
+    the float32 reference."""
+    blocks = sorted({c.kwargs["BLOCK_V"] for c in L.GPU_CONFIGS if c.kwargs["STAGES"] > 1})
+    vocabs = sorted({1000} | {k * b + 5 for b in blocks for k in range(1, 5)})
+    failed = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for op in OPS:
+            for V in vocabs:
+                torch.manual_seed(V)
+                x, args, g = inputs(op, N, V, dtype, stride=V + 3)
+                want, want_grad = reference(op, x, args, g)
+                for config in L.GPU_CONFIGS:
+                    out, grad = pinned_run(op, config, x, args, g)
+                    (ok_v, err_v), (ok_g, err_g) = (close(out, want, *TOLS[dtype][0]),
+                                                    close(grad, want_grad, *TOLS[dtype][1]))
+                    if not (ok_v and ok_g):
+                        failed.append(f"{op} {str(dtype)[6:]} V={V} {config}: value err {err_v:.1e}, "
+                                      f"grad err {err_g:.1e}")
+    print(f"\nevery config on short rows ({len(vocabs)} vocabulary sizes, 2 dtypes, 3 ops): "
+          f"{len(failed)} failed" + "".join(f"\nFAIL  {f}" for f in failed))
+    assert not failed
 
 
 # -----------------------------------------------------------------------------------------------
@@ -279,23 +364,6 @@ def test_memory_bound():
         print(f"  {kernel_fn.base_fn.__name__}: {tuned}")
 
 
-MEMORY_BOUND = [L._logprob_fwd_kernel, L._logprob_bwd_kernel, L._entropy_fwd_kernel,
-                L._entropy_bwd_kernel, L._kl_fwd_kernel, L._kl_bwd_kernel]
-
-
-@contextlib.contextmanager
-def pinned(config):
-    """The memory-bound kernels run at config: an autotuner with one config runs it untimed."""
-    saved = [k.configs for k in MEMORY_BOUND]
-    for k in MEMORY_BOUND:
-        k.configs = [config]
-    try:
-        yield
-    finally:
-        for k, configs in zip(MEMORY_BOUND, saved):
-            k.configs = configs
-
-
 def test_every_config(N=16384, rows=2048):
     """Each config the autotuner chooses from, pinned in turn for forward and backward: checked
     against the float32 reference on the first 2048 rows (the autotuner times configs, it does not
@@ -309,40 +377,34 @@ def test_every_config(N=16384, rows=2048):
     print(head)
     print("-" * len(head))
     ok, best = True, {}
-    for op, fn, ref in [("token_logprobs", L.token_logprobs, L.token_logprobs_ref),
-                        ("entropy", L.entropy, L.entropy_ref), ("kl_div", L.kl_div, L.kl_div_ref)]:
+    for op in OPS:
+        fn = OPS[op][0]
         for V in VOCABS:
             torch.manual_seed(0)
-            x = (torch.randn(N, V, device=DEV) * 4).bfloat16().requires_grad_()
-            args = {"token_logprobs": (torch.randint(0, V, (N,), device=DEV),), "entropy": (),
-                    "kl_div": ((x.detach().float() + torch.randn(N, V, device=DEV)).bfloat16(),)}[op]
-            g = torch.randn(N, device=DEV)
-            x_ref = x.detach()[:rows].clone().requires_grad_()
-            want = ref(x_ref, *(a[:rows] for a in args))
-            (want * g[:rows]).sum().backward()
+            x, args, g = inputs(op, N, V, torch.bfloat16)
+            want, want_grad = reference(op, x, args, g, rows)
             fwd_bytes, both_bytes = ideal_bytes(op, N, V)
             for config in L.GPU_CONFIGS:
+                out, grad = pinned_run(op, config, x, args, g)
+                ok_v, err_v = close(out[:rows], want, *TOLS[torch.bfloat16][0])
+                ok_g, err_g = close(grad[:rows], want_grad, *TOLS[torch.bfloat16][1])
+                del out, grad
                 with pinned(config):
-                    x.grad = None
-                    out = fn(x, *args)
-                    (out * g).sum().backward()
-                    ok_v, err_v = close(out[:rows], want, 1e-4, 1e-4)
-                    ok_g, err_g = close(x.grad[:rows], x_ref.grad, 2e-2, 1e-4)
-                    x.grad = None
                     fwd = bench_ms(lambda: fn(x, *args))
                     both = bench_ms(lambda: fn(x, *args).backward(g), grad_to_none=[x])
                 ok &= ok_v and ok_g
                 pct = (100 * fwd_bytes / fwd / 1e6 / copy, 100 * both_bytes / both / 1e6 / copy)
-                block, stages = config.kwargs["BLOCK_V"], config.kwargs["STAGES"]
-                name = f"BLOCK_V {block}, {config.num_warps} warps, STAGES {stages}"
-                best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
-                print(f"{op:<15}{V:>7} {config.kwargs['BLOCK_V']:>7}{config.num_warps:>6}"
-                      f"{config.kwargs['STAGES']:>7} | {fwd:>8.3f}{pct[0]:>6.0f} | {both:>8.3f}"
-                      f"{pct[1]:>6.0f} | {'PASS' if ok_v and ok_g else 'FAIL'} "
+                block, stages, warps = config.kwargs["BLOCK_V"], config.kwargs["STAGES"], config.num_warps
+                if ok_v and ok_g:
+                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}"
+                    best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
+                print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7} | {fwd:>8.3f}{pct[0]:>6.0f} | "
+                      f"{both:>8.3f}{pct[1]:>6.0f} | {'PASS' if ok_v and ok_g else 'FAIL'} "
                       f"(value err {err_v:.1e}, grad err {err_g:.1e})")
-            del x, args, g, x_ref, want
+            del x, args, g, want, want_grad
             free()
-    print("the fastest forward of each op: % of copy, forward / forward+backward, at its config")
+    print("the fastest forward of each op that passed: % of copy, forward / forward+backward, "
+          "at its config")
     for (op, V), (fwd_pct, both_pct, name) in best.items():
         print(f"  {op:<15} V={V:<7} {fwd_pct:3.0f}% / {both_pct:3.0f}%  {name}")
     assert ok, "a config disagrees with the reference: see the FAIL lines above"

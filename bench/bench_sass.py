@@ -15,8 +15,8 @@ end loop's). Where a loop has branches, it follows the path that skips every if-
 (commit c4499d7 and earlier) a block inside the row. A masked last block issues more, so a row's
 count is a lower bound. It also counts exponentials (MUFU) and barriers between warps, and the
 width of the accesses. A pipelined loop (STAGES > 1) reads its blocks from shared memory (LDS),
-where asynchronous copies (LDGSTS) put them one or two blocks ahead; its barriers keep a program's
-warps from overwriting a block that another warp still reads.
+where asynchronous copies (LDGSTS) put them one or two blocks ahead; Triton puts two barriers a
+block around those buffers, though each thread reads back only what it copied.
 
 Why instructions: these kernels read 2 bytes an entry of bf16 (KL's forward 4, from two tensors),
 so at the copy bandwidth of an H200 (about 4.2 TB/s in BENCHMARKS.md's runs) each of its 132 SMs

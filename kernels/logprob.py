@@ -137,12 +137,15 @@ def entropy_ref(logits):
 # Loads that run ahead. Memory streams at full speed only with enough bytes in flight: its
 # bandwidth times its latency, about 32 KB for each of an H200's 132 SMs (4.2 TB/s, a
 # microsecond). A program that loads a block and then computes on it has nothing in flight while
-# it computes, and KL's forward (95 registers a thread: 5 programs of 4 warps an SM) holds at most
-# 40 KB of blocks an SM. With STAGES > 1, Triton's pipeliner (tl.range's num_stages) turns the loads
-# of the loop over the blocks inside a row into asynchronous copies to shared memory, issued one or
-# two blocks ahead of the one being summed, at the price of two barriers between the program's
-# warps and about 20 more instructions a block (bench/bench_sass.py). The autotuner times configs
-# with and without it. The edges' loop, at most two blocks, is not pipelined.
+# it computes, and KL's forward (95 registers a thread under Triton 3.6, the GPU image's: 5
+# programs of 4 warps an SM) holds at most 40 KB of blocks an SM. With STAGES > 1, Triton's
+# pipeliner (tl.range's num_stages) turns the loads of the loop over the blocks inside a row into
+# asynchronous copies to shared memory, issued one or two blocks ahead of the one being summed.
+# The price: 19-49 more instructions a block (bench/bench_sass.py), two of them barriers between
+# the program's warps, which Triton puts around the buffers though each thread reads back only
+# what it copied. The autotuner times configs with and without it; one whose buffers do not fit in
+# shared memory (float64 KL at 8192 x 16) fails to compile, and the autotuner passes it over. The
+# edges' loop, at most two blocks, is not pipelined.
 #
 # Exponentials are exp2(x * log2(e)): tl.exp2 is one MUFU.EX2 instruction (ex2.approx.ftz), where
 # tl.exp compiles to ex2.approx.f32, which keeps results below 2^-126 at the cost of three more

@@ -18,6 +18,22 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    """The interpreters of Triton 3.5 and 3.6 take int() of 1-element arrays for the bounds of a loop,
+    which recent NumPy (2.4 here) refuses: every kernel test would fail with a TypeError. Say so once."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton
+    try:
+        int(np.ones(1))
+    except TypeError:
+        if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+            pytest.exit(f"the kernel tests run in Triton's interpreter, and that of Triton {triton.__version__} "
+                        f"fails with NumPy {np.__version__}: pip install 'triton>=3.7'", returncode=4)
+
+
 TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
 
 
