@@ -367,13 +367,13 @@ def test_memory_bound():
 def test_every_config(N=16384, rows=2048):
     """Each config the autotuner chooses from, pinned in turn for forward and backward: checked
     against the float32 reference on the first 2048 rows (the autotuner times configs, it does not
-    check them), then timed at N = 16384, bf16. Shows what pipelining (STAGES > 1) and the block
-    size do to each kernel."""
+    check them), then timed at N = 16384, bf16. Shows what the block size, pipelining (STAGES > 1)
+    and a cap on registers (regs) do to each kernel."""
     copy = copy_bandwidth()
     print(f"\nevery config, bf16, N={N} (copy bandwidth {copy:.0f} GB/s); PASS/FAIL: the first "
           f"{rows} rows against the float32 reference")
-    head = (f"{'op':<15}{'V':>7} {'BLOCK_V':>7}{'warps':>6}{'stages':>7} | {'fwd ms':>8}{'%copy':>6} | "
-            f"{'f+b ms':>8}{'%copy':>6} | check")
+    head = (f"{'op':<15}{'V':>7} {'BLOCK_V':>7}{'warps':>6}{'stages':>7}{'regs':>5} | {'fwd ms':>8}"
+            f"{'%copy':>6} | {'f+b ms':>8}{'%copy':>6} | check")
     print(head)
     print("-" * len(head))
     ok, best = True, {}
@@ -395,11 +395,13 @@ def test_every_config(N=16384, rows=2048):
                 ok &= ok_v and ok_g
                 pct = (100 * fwd_bytes / fwd / 1e6 / copy, 100 * both_bytes / both / 1e6 / copy)
                 block, stages, warps = config.kwargs["BLOCK_V"], config.kwargs["STAGES"], config.num_warps
+                cap = config.maxnreg or "-"  # the config's cap on registers a thread
                 if ok_v and ok_g:
-                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}"
+                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}, registers at most {cap}"
                     best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
-                print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7} | {fwd:>8.3f}{pct[0]:>6.0f} | "
-                      f"{both:>8.3f}{pct[1]:>6.0f} | {'PASS' if ok_v and ok_g else 'FAIL'} "
+                verdict = "PASS" if ok_v and ok_g else "FAIL"
+                print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7}{cap:>5} | {fwd:>8.3f}"
+                      f"{pct[0]:>6.0f} | {both:>8.3f}{pct[1]:>6.0f} | {verdict} "
                       f"(value err {err_v:.1e}, grad err {err_g:.1e})")
             del x, args, g, want, want_grad
             free()

@@ -104,8 +104,10 @@ def compile_sm90(kernel, config, logits="bf16"):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     # FMA fusion on: Triton 3.6-3.9's default, with which the kernels launch (3.10 turns it off)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": config.num_warps, "enable_fp_fusion": True})
+    options = {"num_warps": config.num_warps, "enable_fp_fusion": True}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -194,14 +196,16 @@ def summary(module, name, config, logits="bf16"):
     return dict(regs=regs, inner=len(inner), ends=len(ends), inside=n_inner * block / V,
                 per_entry=per_entry, mufu=sum(c.op == "MUFU" for c in inner) / (block / threads),
                 bar=sum(c.op == "BAR" for c in inner), widths=widths,
+                local=sum(c.op in ("LDL", "STL") for c in inner),  # spilled registers, in the loop
                 ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 1e9,
                 inner_ops=[c.op + c.mods for c in inner if c.guard != "@!PT"],  # those that run
                 exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
 
 
 def checks(config_indices=(0, -1), logits="bf16"):
-    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms, STAGES)}} at some
-    GPU configs, for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
+    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms, STAGES, registers
+    a thread, the config's cap on them or None)}} at some GPU configs, for logits of one dtype, for
+    tests/test_logprob.py. It calls this in a process of its
     own: Triton's interpreter, once it has run a kernel with helper functions, leaves
     triton.language patched, and compiling fails after that."""
     module = compilable_logprob()
@@ -210,7 +214,8 @@ def checks(config_indices=(0, -1), logits="bf16"):
         for i in config_indices:
             config = module.GPU_CONFIGS[i]
             s = summary(module, name, config, logits)
-            out[name][str(config)] = (s["inner_ops"], s["exp2"], config.kwargs["STAGES"])
+            out[name][str(config)] = (s["inner_ops"], s["exp2"], config.kwargs["STAGES"], s["regs"],
+                                      config.maxnreg)
     return out
 
 
@@ -219,19 +224,21 @@ def test_instruction_counts(logits):
     print(f"\nsm_90 SASS (Triton {triton.__version__}), {logits} logits, rows of V = {V}; ceiling: "
           f"{SMS} SMs x {ISSUE_PER_CLOCK} instructions a clock x {CLOCK_HZ / 1e9:.2f} GHz over the "
           f"count an entry, against {COPY_GBS} GB/s of copy bandwidth")
-    print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'inner':>5} "
-          f"{'ends':>5} {'inside':>6} {'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3}  "
-          f"{'accesses inside':<34} {'ceiling':>13}")
+    print(f"{'kernel':<20} {'BLOCK_V':>7} {'warps':>5} {'stages':>6} {'cap':>4} {'regs':>4} "
+          f"{'inner':>5} {'ends':>5} {'inside':>6} {'instr/entry':>11} {'MUFU/entry':>10} {'BAR':>3} "
+          f"{'local':>5}  {'accesses inside':<34} {'ceiling':>13}")
     module = compilable_logprob()
     for name in KERNELS:
         for config in module.GPU_CONFIGS:
             s = summary(module, name, config, logits)
             widths = " ".join(f"{k}x{v}" for k, v in sorted(s["widths"].items()))
             print(f"{name:<20} {config.kwargs['BLOCK_V']:>7} {config.num_warps:>5} "
-                  f"{config.kwargs['STAGES']:>6} {s['regs']:>4} {s['inner']:>5} {s['ends']:>5} "
-                  f"{s['inside']:>6.0%} {s['per_entry']:>11.1f} {s['mufu']:>10.2f} {s['bar']:>3}  "
-                  f"{widths:<34} {s['ceiling']:>5.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
+                  f"{config.kwargs['STAGES']:>6} {config.maxnreg or '-':>4} {s['regs']:>4} "
+                  f"{s['inner']:>5} {s['ends']:>5} {s['inside']:>6.0%} {s['per_entry']:>11.1f} "
+                  f"{s['mufu']:>10.2f} {s['bar']:>3} {s['local']:>5}  {widths:<34} "
+                  f"{s['ceiling']:>5.0f} ({s['ceiling'] / COPY_GBS:>4.0%})")
             # every access of a block inside the row is 16 bytes wide: the alignment of the blocks
             assert all(w.endswith("128") for w in s["widths"]), (name, s["widths"])
-    print("inner, ends: instructions of one iteration over a block inside the row, and over an "
-          "end block read without a mask;\ninside: the share of the row in blocks inside it")
+    print("cap: the config's maxnreg; inner, ends: instructions of one iteration over a block inside "
+          "the row, and over an end block read without a mask;\ninside: the share of the row in blocks "
+          "inside it; local: accesses to spilled registers in the inner loop")

@@ -461,34 +461,35 @@ def test_dispatch_passes_the_temperature(monkeypatch, mode):
 
 def test_sm90_code_of_a_block_inside_a_row():
     """Compiled ahead of time for an H100/H200 (no GPU needed: bench/bench_sass.py prints the whole
-    table), at the smallest and the largest block the autotuner tries and at a pipelined config,
-    every kernel's loop over the blocks inside a row has no branch but its own and reads and writes
-    16 bytes at a time, at V = 50257, whose rows start anywhere; it has no shuffle between threads
-    (each thread sums its own groups), and no barrier unless pipelined, for bf16 logits and (at the
-    smallest block) float32 ones; a pipelined loop loads by asynchronous copies to shared memory
-    (STAGES reaches the compiler); and its exponentials are the flushing ex2.approx.ftz (one
-    instruction each). A mask in that loop turns
-    each access into 2-byte ones (64-75% of the copy bandwidth on an H200, where 16-byte ones gave
-    81-98%). The non-flushing ex2 cost the KL forward 102 of its 590 instructions a pass, the masks
-    computed on every pass about 54, and its five reductions across the block 104 of the 434 left
-    (15 of them barriers)."""
+    table), at the smallest and the largest block the autotuner tries, at a pipelined config and at
+    a capped one, every kernel's loop over the blocks inside a row has no branch but its own and
+    reads and writes 16 bytes at a time, at V = 50257, whose rows start anywhere; it has no shuffle
+    between threads (each thread sums its own groups), and no barrier unless pipelined, for bf16
+    logits and (at the smallest block) float32 ones; a pipelined loop loads by asynchronous copies
+    to shared memory (STAGES reaches the compiler), and a config's cap on registers holds (KL's
+    forward takes more without it); and its exponentials are the flushing ex2.approx.ftz (one
+    instruction each). A mask in that loop turns each access into 2-byte ones (64-75% of the copy
+    bandwidth on an H200, where 16-byte ones gave 81-98%). The non-flushing ex2 cost the KL forward
+    102 of its 590 instructions a pass, the masks computed on every pass about 54, and its five
+    reductions across the block 104 of the 434 left (15 of them barriers)."""
     from bench import bench_sass
     if not bench_sass.HAVE_TOOLS:
         pytest.skip(f"needs the NVIDIA tools of Triton's wheel in {bench_sass.BIN}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    plain = [i for i, c in enumerate(logprob.GPU_CONFIGS) if c.kwargs["STAGES"] == 1]  # by block size
+    plain = [i for i, c in enumerate(logprob.GPU_CONFIGS) if c.kwargs["STAGES"] == 1 and not c.maxnreg]
     piped = [i for i, c in enumerate(logprob.GPU_CONFIGS) if c.kwargs["STAGES"] > 1]
-    picks = (plain[0], plain[-1], piped[-1])  # the smallest and largest blocks, and a pipelined loop
+    capped = [i for i, c in enumerate(logprob.GPU_CONFIGS) if c.maxnreg]
+    picks = (plain[0], plain[-1], piped[0], capped[0])  # smallest and largest blocks, pipelined, capped
     code = ("import json; from bench import bench_sass; "
             f"print(json.dumps([bench_sass.checks({picks}), bench_sass.checks(({plain[0]},), 'fp32')]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     bf16, fp32 = json.loads(out.splitlines()[-1])  # float32 logits at the smallest block alone
-    assert len(bf16["_kl_fwd_kernel"]) == 3
+    assert len(bf16["_kl_fwd_kernel"]) == 4
     for seen in (bf16, fp32):
         assert set(seen) == set(bench_sass.KERNELS)
         for name, by_config in seen.items():
-            for config, (loop, exp2, stages) in by_config.items():
+            for config, (loop, exp2, stages, regs, cap) in by_config.items():
                 assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
                 accesses = [op for op in loop if op.split(".")[0] in bench_sass.ACCESSES]
                 assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
@@ -500,6 +501,7 @@ def test_sm90_code_of_a_block_inside_a_row():
                     assert any(op.startswith("LDGSTS") for op in loop), (name, config)
                     assert any(op.startswith("LDS") for op in loop), (name, config)
                 assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
+                assert regs <= (cap or 255), (name, config, regs)  # the cap reaches the compiler
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
