@@ -199,13 +199,14 @@ def summary(module, name, config, logits="bf16"):
                 local=sum(c.op in ("LDL", "STL") for c in inner),  # spilled registers, in the loop
                 ceiling=ISSUE_PER_CLOCK * SMS * CLOCK_HZ / per_entry * KERNELS[name] * BYTES[logits] / 1e9,
                 inner_ops=[c.op + c.mods for c in inner if c.guard != "@!PT"],  # those that run
-                exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))))
+                exp2=sorted(set(re.findall(r"ex2\.approx[.\w]*", ptx))),
+                maxnreg=[int(n) for n in re.findall(r"\.maxnreg (\d+)", ptx)])  # the cap, in the PTX
 
 
 def checks(config_indices=(0, -1), logits="bf16"):
     """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms, STAGES, registers
-    a thread, the config's cap on them or None)}} at some GPU configs, for logits of one dtype, for
-    tests/test_logprob.py. It calls this in a process of its
+    a thread, the config's cap on them or None, the PTX's .maxnreg directives)}} at some GPU configs,
+    for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
     own: Triton's interpreter, once it has run a kernel with helper functions, leaves
     triton.language patched, and compiling fails after that."""
     module = compilable_logprob()
@@ -215,7 +216,7 @@ def checks(config_indices=(0, -1), logits="bf16"):
             config = module.GPU_CONFIGS[i]
             s = summary(module, name, config, logits)
             out[name][str(config)] = (s["inner_ops"], s["exp2"], config.kwargs["STAGES"], s["regs"],
-                                      config.maxnreg)
+                                      config.maxnreg, s["maxnreg"])
     return out
 
 

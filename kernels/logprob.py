@@ -162,7 +162,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 # (BLOCK_V, warps, STAGES, registers a thread at most): six plain configs, three pipelined ones, and
 # two that cap the registers at 64: KL's forward takes 95 at 2048 x 4 under Triton 3.6, which fits
 # 5 programs of 4 warps an SM, where 64 (without spilling, in bf16) fit 8, with as many more bytes
-# in flight (a cap above what a kernel takes changes little; float32 KL spills at 64 and is slow)
+# in flight (a cap above what a kernel takes changes little; float32 KL spills at 64, in its loop)
 GPU_CONFIGS = [triton.Config({"BLOCK_V": block, "STAGES": stages}, num_warps=warps, maxnreg=regs)
                for block, warps, stages, regs in [
                    (2048, 4, 1, None), (4096, 4, 1, None), (4096, 8, 1, None), (8192, 8, 1, None),

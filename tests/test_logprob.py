@@ -459,6 +459,24 @@ def test_dispatch_passes_the_temperature(monkeypatch, mode):
                                logprobs64(hidden.double() @ weight.double().t(), targets, 0.7), rtol=1e-5, atol=1e-5)
 
 
+def test_the_short_rows_of_the_gpu_bench():
+    """bench/bench_logprob.py checks every GPU config on short rows, the pipelined loops' only check
+    (the interpreter ignores num_stages): for each pipelined block size, its rows must give the loop
+    over the blocks inside a row 0, 1, 2 and 3 iterations (as _blocks counts them) at each of the 8
+    offsets a row can start at from an aligned entry, and some must be shorter than any block.
+    With 8 rows or more (it takes 64), an odd stride starts them at every offset."""
+    from bench import bench_logprob
+    rows = bench_logprob.short_rows()
+    piped = {c.kwargs["BLOCK_V"] for c in logprob.GPU_CONFIGS if c.kwargs["STAGES"] > 1}
+    for V, stride in rows:
+        assert stride >= V and {r * stride % 8 for r in range(8)} == set(range(8)), (V, stride)
+    for block in piped:
+        for head in range(8):
+            trips = {len(range(block, head + V - block + 1, block)) for V, _ in rows}
+            assert {0, 1, 2, 3} <= trips, (block, head, trips)
+    assert min(V for V, _ in rows) < min(c.kwargs["BLOCK_V"] for c in logprob.GPU_CONFIGS)
+
+
 def test_sm90_code_of_a_block_inside_a_row():
     """Compiled ahead of time for an H100/H200 (no GPU needed: bench/bench_sass.py prints the whole
     table), at the smallest and the largest block the autotuner tries, at a pipelined config and at
@@ -489,7 +507,7 @@ def test_sm90_code_of_a_block_inside_a_row():
     for seen in (bf16, fp32):
         assert set(seen) == set(bench_sass.KERNELS)
         for name, by_config in seen.items():
-            for config, (loop, exp2, stages, regs, cap) in by_config.items():
+            for config, (loop, exp2, stages, regs, cap, ptx_cap) in by_config.items():
                 assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
                 accesses = [op for op in loop if op.split(".")[0] in bench_sass.ACCESSES]
                 assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
@@ -501,7 +519,7 @@ def test_sm90_code_of_a_block_inside_a_row():
                     assert any(op.startswith("LDGSTS") for op in loop), (name, config)
                     assert any(op.startswith("LDS") for op in loop), (name, config)
                 assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
-                assert regs <= (cap or 255), (name, config, regs)  # the cap reaches the compiler
+                assert ptx_cap == ([cap] if cap else []) and regs <= (cap or 255), (name, config, regs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
