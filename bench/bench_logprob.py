@@ -4,17 +4,18 @@ kernels against the float32 references), then speed and memory.
 
     python -m pytest bench/bench_logprob.py -s
 
-- token_logprobs, entropy, kl_div in bf16, N in {4096, 16384, 32768} tokens, V in {50257, 128256}:
-  time forward and forward+backward, the bandwidth they achieve, as a share of the card's copy
+- every config the autotuner of token_logprobs, entropy and kl_div chooses from (block size,
+  warps, STAGES, a cap on registers), pinned in turn: checked against the float32 reference on
+  short rows (bf16 and float32), then on long ones and timed at N = 16384, bf16 (the autotuner
+  times the configs but does not check them, and a pipelined loop is compiled code that no CPU
+  test runs).
+- the autotuned kernels in bf16, N in {4096, 16384, 32768} tokens, V in {50257, 128256}: time
+  forward and forward+backward, the bandwidth they achieve, as a share of the card's copy
   bandwidth measured in the same run, and the peak memory of forward+backward, for the Triton
   kernel, the naive PyTorch reference and torch.compile of the reference.
   GB/s counts the bytes the ideal fused kernel must move, the same for every implementation:
   the forward reads the logits once (KL reads p and q), the backward reads them once more and
   writes the gradient.
-- every config the autotuner of those kernels chooses from (block size, warps, STAGES), pinned in
-  turn: checked against the float32 reference on short rows (bf16 and float32), then on long ones
-  and timed at N = 16384 (the autotuner times the configs but does not check them, and a
-  pipelined loop is compiled code that no CPU test runs).
 - fused_linear_logprobs in bf16 with C in {768, 4096}, the same N and V: time, model TFLOP/s (2NVC
   forward, 6NVC forward+backward, whatever the implementation recomputes) and peak memory, against
   the naive matmul + log-softmax and torch.compile of it, and the peak memory the kernel saves.
@@ -184,6 +185,44 @@ def test_correctness():
 
 
 # -----------------------------------------------------------------------------------------------
+# Memory-bound kernels: token_logprobs, entropy, kl_div
+
+def copy_bandwidth():
+    """GB/s of a large device-to-device copy, counting the bytes read and written."""
+    src = torch.empty(2**31, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    free()
+    return 2 * 2**31 / ms / 1e6
+
+
+def ideal_bytes(op, N, V):
+    """(forward, forward+backward) bytes of bf16 logits [N, V] read and written by a fused op."""
+    reads = 2 if op == "kl_div" else 1  # logits tensors read by the forward
+    return reads * N * V * 2, (2 * reads + 1) * N * V * 2
+
+
+def measure(fn, x, g):
+    """(fwd ms, fwd+bwd ms, peak GB) of fn(x), or 'OOM' for what did not fit."""
+    def step():
+        fn(x).backward(g)
+
+    out = []
+    try:
+        step()  # compiles, autotunes, and warms the allocator
+        x.grad = None
+        peak = peak_gb(step)
+        x.grad = None
+        out = [bench_ms(lambda: fn(x)), bench_ms(step, grad_to_none=[x]), peak]
+    except torch.cuda.OutOfMemoryError:
+        out = ["OOM"] * 3
+    x.grad = None
+    free()
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
 # Every config of the memory-bound kernels, pinned in turn: the autotuner times them, never checks
 
 # op -> (kernel, reference, its forward and backward Triton kernels)
@@ -273,43 +312,56 @@ def test_every_config_on_short_rows(N=64):
     assert not failed
 
 
+def test_every_config(N=16384, rows=2048):
+    """Each config the autotuner chooses from, pinned in turn for forward and backward: checked
+    against the float32 reference on the first 2048 rows (the autotuner times configs, it does not
+    check them), then timed at N = 16384, bf16. Shows what the block size, pipelining (STAGES > 1)
+    and a cap on registers (regs) do to each kernel."""
+    copy = copy_bandwidth()
+    print(f"\nevery config, bf16, N={N} (copy bandwidth {copy:.0f} GB/s); PASS/FAIL: the first "
+          f"{rows} rows against the float32 reference")
+    head = (f"{'op':<15}{'V':>7} {'BLOCK_V':>7}{'warps':>6}{'stages':>7}{'regs':>5} | {'fwd ms':>8}"
+            f"{'%copy':>6} | {'f+b ms':>8}{'%copy':>6} | check")
+    print(head)
+    print("-" * len(head))
+    ok, best = True, {}
+    for op in OPS:
+        fn = OPS[op][0]
+        for V in VOCABS:
+            torch.manual_seed(0)
+            x, args, g = inputs(op, N, V, torch.bfloat16)
+            want, want_grad = reference(op, x, args, g, rows)
+            fwd_bytes, both_bytes = ideal_bytes(op, N, V)
+            for config in L.GPU_CONFIGS:
+                out, grad = pinned_run(op, config, x, args, g)
+                ok_v, err_v = close(out[:rows], want, *TOLS[torch.bfloat16][0])
+                ok_g, err_g = close(grad[:rows], want_grad, *TOLS[torch.bfloat16][1])
+                del out, grad
+                with pinned(config):
+                    fwd = bench_ms(lambda: fn(x, *args))
+                    both = bench_ms(lambda: fn(x, *args).backward(g), grad_to_none=[x])
+                ok &= ok_v and ok_g
+                pct = (100 * fwd_bytes / fwd / 1e6 / copy, 100 * both_bytes / both / 1e6 / copy)
+                block, stages, warps = config.kwargs["BLOCK_V"], config.kwargs["STAGES"], config.num_warps
+                cap = config.maxnreg or "-"  # the config's cap on registers a thread
+                if ok_v and ok_g:
+                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}, registers at most {cap}"
+                    best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
+                verdict = "PASS" if ok_v and ok_g else "FAIL"
+                print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7}{cap:>5} | {fwd:>8.3f}"
+                      f"{pct[0]:>6.0f} | {both:>8.3f}{pct[1]:>6.0f} | {verdict} "
+                      f"(value err {err_v:.1e}, grad err {err_g:.1e})")
+            del x, args, g, want, want_grad
+            free()
+    print("the fastest forward of each op that passed: % of copy, forward / forward+backward, "
+          "at its config")
+    for (op, V), (fwd_pct, both_pct, name) in best.items():
+        print(f"  {op:<15} V={V:<7} {fwd_pct:3.0f}% / {both_pct:3.0f}%  {name}")
+    assert ok, "a config disagrees with the reference: see the FAIL lines above"
+
+
 # -----------------------------------------------------------------------------------------------
-# Memory-bound kernels: token_logprobs, entropy, kl_div
-
-def copy_bandwidth():
-    """GB/s of a large device-to-device copy, counting the bytes read and written."""
-    src = torch.empty(2**31, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    del src, dst
-    free()
-    return 2 * 2**31 / ms / 1e6
-
-
-def ideal_bytes(op, N, V):
-    """(forward, forward+backward) bytes of bf16 logits [N, V] read and written by a fused op."""
-    reads = 2 if op == "kl_div" else 1  # logits tensors read by the forward
-    return reads * N * V * 2, (2 * reads + 1) * N * V * 2
-
-
-def measure(fn, x, g):
-    """(fwd ms, fwd+bwd ms, peak GB) of fn(x), or 'OOM' for what did not fit."""
-    def step():
-        fn(x).backward(g)
-
-    out = []
-    try:
-        step()  # compiles, autotunes, and warms the allocator
-        x.grad = None
-        peak = peak_gb(step)
-        x.grad = None
-        out = [bench_ms(lambda: fn(x)), bench_ms(step, grad_to_none=[x]), peak]
-    except torch.cuda.OutOfMemoryError:
-        out = ["OOM"] * 3
-    x.grad = None
-    free()
-    return out
-
+# The autotuned kernels against PyTorch and torch.compile, at every N and V
 
 def test_memory_bound():
     copy = copy_bandwidth()
@@ -370,54 +422,6 @@ def test_memory_bound():
         tuned = {key[0]: str(cfg) for key, cfg in kernel_fn.cache.items()
                  if any("bfloat16" in str(k) for k in key)}
         print(f"  {kernel_fn.base_fn.__name__}: {tuned}")
-
-
-def test_every_config(N=16384, rows=2048):
-    """Each config the autotuner chooses from, pinned in turn for forward and backward: checked
-    against the float32 reference on the first 2048 rows (the autotuner times configs, it does not
-    check them), then timed at N = 16384, bf16. Shows what the block size, pipelining (STAGES > 1)
-    and a cap on registers (regs) do to each kernel."""
-    copy = copy_bandwidth()
-    print(f"\nevery config, bf16, N={N} (copy bandwidth {copy:.0f} GB/s); PASS/FAIL: the first "
-          f"{rows} rows against the float32 reference")
-    head = (f"{'op':<15}{'V':>7} {'BLOCK_V':>7}{'warps':>6}{'stages':>7}{'regs':>5} | {'fwd ms':>8}"
-            f"{'%copy':>6} | {'f+b ms':>8}{'%copy':>6} | check")
-    print(head)
-    print("-" * len(head))
-    ok, best = True, {}
-    for op in OPS:
-        fn = OPS[op][0]
-        for V in VOCABS:
-            torch.manual_seed(0)
-            x, args, g = inputs(op, N, V, torch.bfloat16)
-            want, want_grad = reference(op, x, args, g, rows)
-            fwd_bytes, both_bytes = ideal_bytes(op, N, V)
-            for config in L.GPU_CONFIGS:
-                out, grad = pinned_run(op, config, x, args, g)
-                ok_v, err_v = close(out[:rows], want, *TOLS[torch.bfloat16][0])
-                ok_g, err_g = close(grad[:rows], want_grad, *TOLS[torch.bfloat16][1])
-                del out, grad
-                with pinned(config):
-                    fwd = bench_ms(lambda: fn(x, *args))
-                    both = bench_ms(lambda: fn(x, *args).backward(g), grad_to_none=[x])
-                ok &= ok_v and ok_g
-                pct = (100 * fwd_bytes / fwd / 1e6 / copy, 100 * both_bytes / both / 1e6 / copy)
-                block, stages, warps = config.kwargs["BLOCK_V"], config.kwargs["STAGES"], config.num_warps
-                cap = config.maxnreg or "-"  # the config's cap on registers a thread
-                if ok_v and ok_g:
-                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}, registers at most {cap}"
-                    best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
-                verdict = "PASS" if ok_v and ok_g else "FAIL"
-                print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7}{cap:>5} | {fwd:>8.3f}"
-                      f"{pct[0]:>6.0f} | {both:>8.3f}{pct[1]:>6.0f} | {verdict} "
-                      f"(value err {err_v:.1e}, grad err {err_g:.1e})")
-            del x, args, g, want, want_grad
-            free()
-    print("the fastest forward of each op that passed: % of copy, forward / forward+backward, "
-          "at its config")
-    for (op, V), (fwd_pct, both_pct, name) in best.items():
-        print(f"  {op:<15} V={V:<7} {fwd_pct:3.0f}% / {both_pct:3.0f}%  {name}")
-    assert ok, "a config disagrees with the reference: see the FAIL lines above"
 
 
 # -----------------------------------------------------------------------------------------------
