@@ -345,7 +345,8 @@ def test_every_config(N=16384, rows=2048):
                 block, stages, warps = config.kwargs["BLOCK_V"], config.kwargs["STAGES"], config.num_warps
                 cap = config.maxnreg or "-"  # the config's cap on registers a thread
                 if ok_v and ok_g:
-                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}, registers at most {cap}"
+                    name = f"BLOCK_V {block}, {warps} warps, STAGES {stages}" + (
+                        f", at most {cap} registers" if config.maxnreg else "")
                     best[op, V] = max(best.get((op, V), (0, 0, "")), (*pct, name))
                 verdict = "PASS" if ok_v and ok_g else "FAIL"
                 print(f"{op:<15}{V:>7} {block:>7}{warps:>6}{stages:>7}{cap:>5} | {fwd:>8.3f}"

@@ -97,7 +97,8 @@ def entropy_ref(logits):
 # The running maximum starts at the lowest float32 rather than -inf, so that m - m_new is never
 # -inf - (-inf) = nan, even when a whole block is padding or masked with -inf.
 # On a GPU each kernel is autotuned over a few block sizes and warp counts, with and without
-# pipelining ("Loads that run ahead" below), keyed on V (Triton adds the dtypes to the key).
+# pipelining ("Loads that run ahead" below) and a cap on registers (GPU_CONFIGS), keyed on V
+# (Triton adds the dtypes to the key).
 # Anywhere else (TRITON_INTERPRET=1 on a CPU) one fixed config runs, with a large block: the
 # interpreter's cost is per block step.
 #
