@@ -230,19 +230,19 @@ OPS = {"token_logprobs": (L.token_logprobs, L.token_logprobs_ref, L._logprob_fwd
                           L._logprob_bwd_kernel),
        "entropy": (L.entropy, L.entropy_ref, L._entropy_fwd_kernel, L._entropy_bwd_kernel),
        "kl_div": (L.kl_div, L.kl_div_ref, L._kl_fwd_kernel, L._kl_bwd_kernel)}
+TRITON_KERNELS = [k for _, _, *pair in OPS.values() for k in pair]  # the six autotuned kernels
 
 
 @contextlib.contextmanager
 def pinned(config):
     """The memory-bound kernels run at config: an autotuner with one config runs it untimed."""
-    kernels = [k for _, _, *pair in OPS.values() for k in pair]
-    saved = [k.configs for k in kernels]
-    for k in kernels:
+    saved = [k.configs for k in TRITON_KERNELS]
+    for k in TRITON_KERNELS:
         k.configs = [config]
     try:
         yield
     finally:
-        for k, configs in zip(kernels, saved):
+        for k, configs in zip(TRITON_KERNELS, saved):
             k.configs = configs
 
 
@@ -418,8 +418,7 @@ def test_memory_bound():
             both_pct = 100 * both_bytes / r["both"] / 1e6 / copy
             print(f"  {op:<15} V={V:<7} fwd {fwd_pct:.0f}%  fwd+bwd {both_pct:.0f}%")
     print("autotuned configs (bf16), by V:")
-    for kernel_fn in (L._logprob_fwd_kernel, L._logprob_bwd_kernel, L._entropy_fwd_kernel,
-                      L._entropy_bwd_kernel, L._kl_fwd_kernel, L._kl_bwd_kernel):
+    for kernel_fn in TRITON_KERNELS:
         tuned = {key[0]: str(cfg) for key, cfg in kernel_fn.cache.items()
                  if any("bfloat16" in str(k) for k in key)}
         print(f"  {kernel_fn.base_fn.__name__}: {tuned}")

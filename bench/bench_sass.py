@@ -203,20 +203,21 @@ def summary(module, name, config, logits="bf16"):
                 maxnreg=[int(n) for n in re.findall(r"\.maxnreg (\d+)", ptx)])  # the cap, in the PTX
 
 
-def checks(config_indices=(0, -1), logits="bf16"):
-    """{kernel: {config: (its inner loop's opcodes with modifiers, the PTX ex2 forms, STAGES, registers
-    a thread, the config's cap on them or None, the PTX's .maxnreg directives)}} at some GPU configs,
-    for logits of one dtype, for tests/test_logprob.py. It calls this in a process of its
-    own: Triton's interpreter, once it has run a kernel with helper functions, leaves
-    triton.language patched, and compiling fails after that."""
+def checks(config_indices, logits="bf16"):
+    """{kernel: {config: dict(loop: its inner loop's opcodes with modifiers, exp2: the PTX ex2 forms,
+    stages: STAGES, regs: registers a thread, cap: the config's cap on them or None, ptx_cap: the
+    PTX's .maxnreg directives)}} at GPU_CONFIGS[i] for i in config_indices, for logits of one dtype,
+    for tests/test_logprob.py. It calls this in a process of its own: Triton's interpreter, once it
+    has run a kernel with helper functions, leaves triton.language patched, and compiling fails
+    after that."""
     module = compilable_logprob()
     out = collections.defaultdict(dict)
     for name in KERNELS:
         for i in config_indices:
             config = module.GPU_CONFIGS[i]
             s = summary(module, name, config, logits)
-            out[name][str(config)] = (s["inner_ops"], s["exp2"], config.kwargs["STAGES"], s["regs"],
-                                      config.maxnreg, s["maxnreg"])
+            out[name][str(config)] = dict(loop=s["inner_ops"], exp2=s["exp2"], stages=config.kwargs["STAGES"],
+                                          regs=s["regs"], cap=config.maxnreg, ptx_cap=s["maxnreg"])
     return out
 
 

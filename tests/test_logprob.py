@@ -507,19 +507,20 @@ def test_sm90_code_of_a_block_inside_a_row():
     for seen in (bf16, fp32):
         assert set(seen) == set(bench_sass.KERNELS)
         for name, by_config in seen.items():
-            for config, (loop, exp2, stages, regs, cap, ptx_cap) in by_config.items():
+            for config, c in by_config.items():
+                loop, exp2, regs, cap = c["loop"], c["exp2"], c["regs"], c["cap"]
                 assert [op for op in loop if op.startswith("BRA")] == ["BRA"], (name, config)  # the jump back
                 accesses = [op for op in loop if op.split(".")[0] in bench_sass.ACCESSES]
                 assert accesses and all(op.endswith(".128") for op in accesses), (name, config, accesses)
                 assert not [op for op in loop if op.startswith("SHFL")], (name, config)
-                if stages == 1:  # each thread on its own: no barrier
+                if c["stages"] == 1:  # each thread on its own: no barrier
                     assert not [op for op in loop if op.startswith("BAR")], (name, config)
                 else:  # loads run ahead as asynchronous copies to shared memory, read back 16 bytes at a time
                     assert not [op for op in loop if op.split(".")[0] == "LDG"], (name, config)
                     assert any(op.startswith("LDGSTS") for op in loop), (name, config)
                     assert any(op.startswith("LDS") for op in loop), (name, config)
                 assert exp2 == ["ex2.approx.ftz.f32"], (name, config, exp2)
-                assert ptx_cap == ([cap] if cap else []) and regs <= (cap or 255), (name, config, regs)
+                assert c["ptx_cap"] == ([cap] if cap else []) and regs <= (cap or 255), (name, config, regs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
